@@ -1,0 +1,159 @@
+"""Command line: ``python -m lightning_ac profile --model resnet152 --batch-size 32``.
+
+Captures and profiles one training iteration (forward, backward, optimizer) of a reference
+workload on synthetic data, checks the profile against a real eager step of the same model, and
+writes ``nodes.csv``, ``activations.csv``, ``memory.csv``, ``summary.json``, ``memory.png`` and
+``peak_breakdown.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lightning_ac.zoo import WORKLOADS
+
+_GIB = 2**30
+_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+# Ops present in both the captured graph and eager autograd, to compare per-op runtimes with
+# torch.profiler (eager BatchNorm runs cuDNN kernels the captured graph does not, so it is left out).
+_SPOT_CHECK_OPS = ("convolution", "convolution_backward", "addmm", "mm", "bmm",
+                   "native_layer_norm", "native_layer_norm_backward", "gelu", "relu",
+                   "threshold_backward", "max_pool2d_with_indices")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lightning_ac", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    prof = sub.add_parser("profile", help="profile one training iteration of a named model")
+    prof.add_argument("--model", choices=WORKLOADS, default="resnet152")
+    prof.add_argument("--batch-size", type=int, default=None,
+                      help="default: 32 on GPU, 2 on CPU")
+    prof.add_argument("--seq-len", type=int, default=512, help="tokens per sample (BERT)")
+    prof.add_argument("--optimizer", choices=sorted(_OPTIMIZERS), default="adam")
+    prof.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    prof.add_argument("--runs", type=int, default=3, help="timed runs per node (median kept)")
+    prof.add_argument("--out", type=Path, default=None,
+                      help="output folder (default: reports/profile/<model>)")
+    prof.add_argument("--no-check", action="store_true",
+                      help="skip the eager reference step and the torch.profiler spot check")
+    return p
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def profile_command(args: argparse.Namespace) -> dict:
+    from lightning_ac.profiler import profile_step
+    from lightning_ac.zoo import make_workload
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    batch = args.batch_size or (32 if device.type == "cuda" else 2)
+    if batch < 1:
+        raise SystemExit(f"--batch-size must be positive, got {batch}")
+    out = args.out or Path("reports/profile") / args.model
+    _log(f"[lightning-ac] profiling {args.model} batch {batch} on {device} "
+         f"({args.optimizer}, {args.runs} timed runs per node)")
+    w = make_workload(args.model, batch, device=device, seq_len=args.seq_len)
+    opt = _OPTIMIZERS[args.optimizer](w.model.parameters(), lr=1e-3)
+    t0 = time.perf_counter()
+    prof = profile_step(w.loss, w.inputs, w.model, opt, runs=args.runs)
+    total_s = time.perf_counter() - t0
+    s = prof.summary
+    s.update(title=f"{args.model} batch {batch}, {args.optimizer}", model=args.model,
+             batch_size=batch, optimizer=args.optimizer, capture_profile_s=round(total_s, 2),
+             command="python -m lightning_ac " + " ".join(sys.argv[1:]))
+    if args.model in ("bert", "tiny-bert"):
+        s["seq_len"] = w.inputs[0].shape[1]
+    if device.type == "cuda":
+        s["device_limit_B"] = torch.cuda.get_device_properties(device).total_memory
+    _log(f"  captured {sum(s['n_nodes'].values())} nodes "
+         f"(forward {s['n_nodes']['forward']}, backward {s['n_nodes']['backward']}, "
+         f"optimizer {s['n_nodes']['optimizer']}), {s['n_activations']} activations, "
+         f"capture {s['capture_s']:.1f} s + profile {s['profile_s']:.1f} s")
+    if not args.no_check:
+        _check_against_eager(prof, w, opt, device)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = prof.to_csv(out)
+    prof.to_json(out / "summary.json")
+    paths += [out / "summary.json"] + prof.plot(out)
+    _log(f"  predicted peak {s['predicted_peak_B'] / _GIB:.3f} GiB at {s['peak_node']} "
+         f"({s['peak_phase']}); sum of node runtimes {s['sum_runtime_ms']:.1f} ms")
+    if s.get("eager_peak_B"):
+        _log(f"  eager step: peak {s['eager_peak_B'] / _GIB:.3f} GiB "
+             f"(profile/eager {s['peak_ratio']:.3f}), {s['eager_step_ms']:.1f} ms/step "
+             f"(sum of node runtimes / step time {s['runtime_ratio']:.3f})")
+    elif s.get("eager_step_ms"):
+        _log(f"  eager step: {s['eager_step_ms']:.1f} ms/step "
+             f"(sum of node runtimes / step time {s['runtime_ratio']:.3f})")
+    _log("  wrote " + ", ".join(str(p) for p in paths))
+    return s
+
+
+def _check_against_eager(prof, w, opt, device) -> None:
+    """Add the eager step's measured peak and time, and a torch.profiler spot check."""
+    from lightning_ac.measure import measure_steps
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    m = measure_steps(w.loss, w.inputs, opt, steps=5, warmup=2)
+    s = prof.summary
+    s["eager_step_ms"] = round(m.step_ms, 3)
+    s["runtime_ratio"] = round(s["sum_runtime_ms"] / m.step_ms, 4)
+    if m.peak_B is not None:
+        s["eager_peak_B"] = m.peak_B
+        s["peak_ratio"] = round(s["predicted_peak_B"] / m.peak_B, 4)
+    s["torch_profiler_spot_check"] = _spot_check(prof, w, opt, device)
+
+
+def _spot_check(prof, w, opt, device) -> list[dict]:
+    """Per-op total runtime in our profile vs torch.profiler over one eager step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as p:
+        opt.zero_grad(set_to_none=True)
+        w.loss(*w.inputs).backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    opt.zero_grad(set_to_none=True)
+    theirs = {}
+    for evt in p.key_averages():
+        t = getattr(evt, "device_time_total", 0) if device.type == "cuda" else evt.cpu_time_total
+        theirs[evt.key] = (t / 1e3, evt.count)
+    nodes = prof.nodes
+    rows = []
+    for op in _SPOT_CHECK_OPS:
+        mine = nodes[nodes["op"].str.fullmatch(rf"aten\.{op}\.[\w]+")]
+        key = f"aten::{op}"
+        if mine.empty or key not in theirs:
+            continue
+        ours_ms = float(mine["runtime_ms"].sum())
+        their_ms, count = theirs[key]
+        rows.append({"op": key, "ours_ms": round(ours_ms, 3), "ours_count": len(mine),
+                     "torch_profiler_ms": round(their_ms, 3), "torch_profiler_count": count,
+                     "ratio": round(ours_ms / their_ms, 3) if their_ms else None})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "profile":
+        summary = profile_command(args)
+        if summary.get("torch_profiler_spot_check"):
+            _log("  torch.profiler spot check (total ms per op, ours vs torch.profiler):")
+            for row in summary["torch_profiler_spot_check"]:
+                _log(f"    {row['op']:<36} {row['ours_ms']:>9.3f} vs {row['torch_profiler_ms']:>9.3f}"
+                     f"  (x{row['ratio']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

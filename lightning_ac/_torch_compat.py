@@ -1,0 +1,83 @@
+"""Every private PyTorch API this package touches, in one place.
+
+The capture → profile → plan → rewrite pipeline leans on AOTAutograd internals that are not
+public and that changed between the torch versions we support (2.11 … 2.14). Nothing outside
+this module imports ``torch._*``; ``tests/test_torch_compat.py`` pins the behaviour each function
+relies on, so a torch upgrade that breaks one fails there first, with a clear name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.fx as fx
+
+__all__ = [
+    "aot_backend",
+    "extract_fwd_bwd",
+    "is_backward_node",
+    "real_tensor_mode",
+    "use_boxed_calling_convention",
+]
+
+
+def aot_backend(
+    partition_fn: Callable[..., tuple[fx.GraphModule, fx.GraphModule]],
+    fw_compiler: Callable,
+    bw_compiler: Callable,
+) -> Callable:
+    """Return a dynamo backend that hands the aten-level joint graph to ``partition_fn``.
+
+    ``partition_fn(joint_module, joint_inputs, *, num_fwd_outputs, **kw)`` sees the joint
+    forward+backward graph with FakeTensors in ``node.meta['val']``; placeholders are the primals
+    (in the order of the dynamo graph's example inputs), then the tangents.
+    """
+    from torch._dynamo.backends.common import aot_autograd
+
+    return aot_autograd(fw_compiler=fw_compiler, bw_compiler=bw_compiler, partition_fn=partition_fn)
+
+
+@contextlib.contextmanager
+def real_tensor_mode() -> Iterator[None]:
+    """Leave the FakeTensor mode that AOTAutograd runs partitioners under, so real tensors run."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        yield
+
+
+def is_backward_node(node: fx.Node) -> bool:
+    """True for joint-graph nodes that AOTAutograd tagged as belonging to the backward pass."""
+    return node.meta.get("partitioner_tag") == "is_backward"
+
+
+def extract_fwd_bwd(
+    joint: fx.GraphModule, saved_values: Sequence[fx.Node], num_fwd_outputs: int
+) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Split ``joint`` into forward and backward modules that pass exactly ``saved_values``.
+
+    Backward recomputes every value it needs that is not saved, from saved values and primals.
+    Keyword arguments only: the signature grew extra parameters between torch 2.11 and 2.14.
+    """
+    from torch._functorch import partitioners
+
+    return partitioners._extract_fwd_bwd_modules(
+        joint,
+        saved_values=list(saved_values),
+        saved_sym_nodes=[],
+        num_fwd_outputs=num_fwd_outputs,
+    )
+
+
+def use_boxed_calling_convention(gm: fx.GraphModule) -> fx.GraphModule:
+    """Recompile ``gm`` to take its arguments as one list that it empties as it goes.
+
+    AOTAutograd calls compiled graphs "boxed": the runtime hands over the list of saved
+    tensors, and a boxed graph drops each one at its last use. With plain calling, every saved
+    activation stays alive until backward returns (1.5 GiB more on ResNet-152, DESIGN.md).
+    """
+    gm.graph.set_codegen(torch.fx.graph._BoxedCodeGen())
+    gm.recompile()
+    return gm

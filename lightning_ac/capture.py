@@ -1,0 +1,347 @@
+"""Capture one training iteration as aten-level FX graphs.
+
+Two graphs make the iteration graph:
+
+* the **joint graph**: forward and backward of ``fn(*args)`` (a model's forward, or forward plus
+  loss), one ``fx.GraphModule`` from AOTAutograd. Its placeholders are the primals (parameters,
+  buffers and batch tensors, lifted by dynamo) and then the tangents; every node is tagged
+  forward or backward. The profiler, the planner and the rewriter all work on this one object.
+* the **optimizer graph**: ``optimizer.step()`` traced with ``make_fx`` over parameters,
+  gradients and optimizer state as inputs.
+
+Capturing runs nothing: the dynamo backend stops as soon as AOTAutograd has built the joint graph,
+so parameters, buffers (BatchNorm running statistics) and RNG state are left untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import traceback
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from lightning_ac import _torch_compat as compat
+
+__all__ = [
+    "CaptureError",
+    "JointGraph",
+    "OptimizerGraph",
+    "PrimalRole",
+    "capture_joint",
+    "capture_optimizer_step",
+]
+
+
+class CaptureError(RuntimeError):
+    """The step cannot be captured as one graph; the message says why and where."""
+
+
+@dataclass(frozen=True)
+class PrimalRole:
+    """What a joint-graph primal is in the user's program."""
+
+    kind: str
+    """``"parameter"``, ``"buffer"`` or ``"input"``."""
+    name: str
+    """Qualified name in the module (``"layer1.0.conv1.weight"``) or ``"input<i>"``."""
+
+
+@dataclass
+class JointGraph:
+    """The forward+backward graph of one step, with the real tensors it was captured on."""
+
+    gm: fx.GraphModule
+    primals: list[fx.Node]
+    """Primal placeholders, in call order."""
+    primal_values: list[torch.Tensor]
+    """The real tensors (parameters are the module's own ``nn.Parameter`` objects)."""
+    primal_roles: list[PrimalRole]
+    tangents: list[fx.Node]
+    num_fwd_outputs: int
+    """How many leading outputs belong to the forward (user outputs and mutated buffers)."""
+    grad_of: dict[fx.Node, int] = field(default_factory=dict)
+    """Backward output node → index of the primal whose gradient it is."""
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.gm.graph
+
+    def is_backward(self, node: fx.Node) -> bool:
+        """True for nodes of the backward pass (tangents included)."""
+        return compat.is_backward_node(node)
+
+    def outputs(self) -> list:
+        """The flat list of the joint graph's outputs (forward outputs first, then gradients)."""
+        (out,) = self.gm.graph.find_nodes(op="output")
+        return list(out.args[0])
+
+
+class _Captured(Exception):
+    """Raised inside the backend to stop compilation once the joint graph is in hand."""
+
+    def __init__(self, joint: JointGraph):
+        super().__init__("captured")
+        self.joint = joint
+
+
+def _roles(example_inputs: Sequence, module: nn.Module | None) -> list[PrimalRole]:
+    """Name each dynamo graph input by identity with the module's parameters and buffers."""
+    named: dict[int, PrimalRole] = {}
+    if module is not None:
+        for name, p in module.named_parameters(remove_duplicate=False):
+            named.setdefault(id(p), PrimalRole("parameter", name))
+        for name, b in module.named_buffers(remove_duplicate=False):
+            named.setdefault(id(b), PrimalRole("buffer", name))
+    roles, n_inputs = [], 0
+    for t in example_inputs:
+        role = named.get(id(t))
+        if role is None:
+            role = PrimalRole("input", f"input{n_inputs}")
+            n_inputs += 1
+        roles.append(role)
+    return roles
+
+
+def _build_joint(joint_gm: fx.GraphModule, example_inputs: list, roles: list[PrimalRole],
+                 num_fwd_outputs: int) -> JointGraph:
+    placeholders = list(joint_gm.graph.find_nodes(op="placeholder"))
+    tangents = [p for p in placeholders if compat.is_backward_node(p)]
+    primals = [p for p in placeholders if not compat.is_backward_node(p)]
+    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
+    if len(primals) != len(tensors):
+        raise CaptureError(
+            f"the joint graph has {len(primals)} primal inputs but dynamo passed {len(tensors)} "
+            "tensors; inputs that are not tensors (or duplicated inputs) are not supported yet"
+        )
+    for node, t in zip(primals, tensors):
+        val = node.meta.get("val")
+        if val is not None and tuple(val.shape) != tuple(t.shape):
+            raise CaptureError(f"primal {node.name} has shape {tuple(val.shape)} but the example "
+                               f"input has {tuple(t.shape)}: inputs were reordered")
+    joint = JointGraph(gm=joint_gm, primals=primals, primal_values=tensors,
+                       primal_roles=[r for r, t in zip(roles, example_inputs)
+                                     if isinstance(t, torch.Tensor)],
+                       tangents=tangents, num_fwd_outputs=num_fwd_outputs)
+    grads = joint.outputs()[num_fwd_outputs:]
+    # AOTAutograd returns one gradient slot per primal, or one per primal that requires grad.
+    if len(grads) == len(tensors):
+        owners = list(range(len(tensors)))
+    else:
+        owners = [i for i, t in enumerate(tensors) if t.requires_grad]
+    if len(owners) != len(grads):
+        raise CaptureError(f"cannot align {len(grads)} gradient outputs with {len(tensors)} primals")
+    joint.grad_of = {g: i for g, i in zip(grads, owners) if isinstance(g, fx.Node)}
+    return joint
+
+
+def _find_captured(exc: BaseException) -> _Captured | None:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, _Captured):
+            return exc
+        exc = getattr(exc, "inner_exception", None) or exc.__cause__ or exc.__context__
+    return None
+
+
+def capture_joint(fn: Callable, args: Sequence, module: nn.Module | None = None) -> JointGraph:
+    """Capture ``fn(*args)``'s forward and backward as one aten-level joint graph.
+
+    Args:
+        fn: the function to capture: a module's forward, or a closure computing the loss.
+        args: example arguments; tensors of the real batch, on the real device.
+        module: the module whose parameters and buffers ``fn`` uses, to name the primals.
+
+    Raises:
+        CaptureError: ``fn`` does not trace as one graph (graph break, data-dependent control
+            flow, unsupported op), or nothing in it requires a gradient.
+    """
+
+    def backend(gm: fx.GraphModule, example_inputs: list):
+        roles = _roles(example_inputs, module)
+
+        def partition_fn(joint_gm, joint_inputs, *, num_fwd_outputs, **kwargs):
+            raise _Captured(_build_joint(joint_gm, example_inputs, roles, num_fwd_outputs))
+
+        def no_compile(gm, _inputs):  # never reached: partition_fn stops first
+            return gm
+
+        return compat.aot_backend(partition_fn, no_compile, no_compile)(gm, example_inputs)
+
+    compiled = torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)
+    try:
+        compiled(*args)
+    except Exception as exc:  # dynamo wraps backend errors; find ours underneath
+        captured = _find_captured(exc)
+        if captured is not None:
+            return captured.joint
+        if isinstance(exc, CaptureError):
+            raise
+        where = _user_frame(exc)
+        raise CaptureError(
+            f"could not capture {getattr(fn, '__qualname__', fn)!r} as one graph"
+            f"{' at ' + where if where else ''}: {type(exc).__name__}: {_first_lines(exc)}"
+        ) from exc
+    raise CaptureError(
+        "no joint graph was produced: nothing in the step requires a gradient "
+        "(are the parameters frozen, or is this running under torch.no_grad()?)"
+    )
+
+
+def _first_lines(exc: BaseException, n: int = 6) -> str:
+    return "\n".join(str(exc).strip().splitlines()[:n])
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The innermost traceback frame outside torch, as 'file:line in func'."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f"{f.filename}:{f.lineno} in {f.name}"
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer step
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OptimizerGraph:
+    """``optimizer.step()`` traced over (parameters, gradients, state tensors) as inputs."""
+
+    gm: fx.GraphModule
+    params: list[fx.Node]
+    grads: list[fx.Node]
+    states: list[fx.Node]
+    param_values: list[torch.Tensor]
+    """Shadow copies of the parameters: running the graph updates these, never the model."""
+    state_values: list[torch.Tensor]
+    param_index: list[int]
+    """For each parameter placeholder, the index in the ``params`` list passed at capture."""
+    note: str = ""
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.gm.graph
+
+
+@contextlib.contextmanager
+def _swapped_into(optimizer: torch.optim.Optimizer, groups: list[list[torch.Tensor]],
+                  state: dict) -> Iterator[None]:
+    """Point ``optimizer`` at other parameter tensors and state for the duration."""
+    saved = [g["params"] for g in optimizer.param_groups], optimizer.state
+    try:
+        for g, ps in zip(optimizer.param_groups, groups):
+            g["params"] = ps
+        optimizer.state = state
+        yield
+    finally:
+        for g, ps in zip(optimizer.param_groups, saved[0]):
+            g["params"] = ps
+        optimizer.state = saved[1]
+
+
+def _is_state_tensor(v) -> bool:
+    # 0-dim step counters stay Python-side constants: the single-tensor Adam reads them with
+    # .item(), which make_fx cannot trace when they are graph inputs.
+    return isinstance(v, torch.Tensor) and v.dim() > 0
+
+
+def capture_optimizer_step(optimizer: torch.optim.Optimizer,
+                           params: Sequence[torch.Tensor]) -> OptimizerGraph:
+    """Trace one ``optimizer.step()`` as an aten graph over parameters, gradients and state.
+
+    Works on shadow copies: parameters are cloned and the optimizer state is initialised on the
+    clones by one real step, so neither the model nor the optimizer's state changes. The step is
+    traced as the optimizer is configured; if that cannot be traced (the single-tensor Adam reads
+    its step counter on the host), it is traced with ``foreach=True`` and ``note`` says so.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer``.
+        params: the tensors that will get gradients, in order (the joint graph's primals);
+            parameters of the optimizer not in this list are left out.
+    """
+    index_of = {id(p): i for i, p in enumerate(params)}
+    groups = [[p for p in g["params"] if id(p) in index_of] for g in optimizer.param_groups]
+    flat = [p for g in groups for p in g]
+    if not flat:
+        raise CaptureError("the optimizer holds none of the captured parameters")
+    shadows = [p.detach().clone() for p in flat]
+    grads = [torch.ones_like(p) for p in flat]
+    shadow_groups, k = [], 0
+    for g in groups:
+        shadow_groups.append(shadows[k:k + len(g)])
+        k += len(g)
+
+    shadow_state: dict = defaultdict(dict)
+    with _swapped_into(optimizer, shadow_groups, shadow_state), torch.no_grad():
+        for s, g in zip(shadows, grads):
+            s.grad = g
+        optimizer.step()  # initialises the state (on the shadows) as a first real step would
+        for s in shadows:
+            s.grad = None
+    state_keys = [(i, key) for i, s in enumerate(shadows)
+                  for key, v in shadow_state[s].items() if _is_state_tensor(v)]
+    state_values = [shadow_state[shadows[i]][key] for i, key in state_keys]
+
+    def step(ps, gs, ss):
+        state: dict = defaultdict(dict)
+        for i, p in enumerate(ps):  # constants (step counters, flags) carried over as they are
+            state[p].update({k: v for k, v in shadow_state[shadows[i]].items()
+                             if not _is_state_tensor(v)})
+        for (i, key), t in zip(state_keys, ss):
+            state[ps[i]][key] = t
+        pg, j = [], 0
+        for g in groups:
+            pg.append(list(ps[j:j + len(g)]))
+            j += len(g)
+        with _swapped_into(optimizer, pg, state):
+            for p, g in zip(ps, gs):
+                p.grad = g
+            optimizer.step()
+            for p in ps:
+                p.grad = None
+
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    note = ""
+    try:
+        gm = make_fx(step)(shadows, grads, state_values)
+    except RuntimeError as exc:
+        if "foreach" not in optimizer.defaults:
+            raise CaptureError(f"cannot trace {type(optimizer).__name__}.step(): {exc}") from exc
+        saved = [g.get("foreach") for g in optimizer.param_groups]
+        try:
+            for g in optimizer.param_groups:
+                g["foreach"] = True
+            gm = make_fx(step)(shadows, grads, state_values)
+        finally:
+            for g, f in zip(optimizer.param_groups, saved):
+                g["foreach"] = f
+        note = ("traced with foreach=True: the configured single-tensor step reads its step "
+                "counter on the host and cannot be traced")
+    _drop_profiler_markers(gm)
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    n = len(flat)
+    return OptimizerGraph(
+        gm=gm, params=placeholders[:n], grads=placeholders[n:2 * n],
+        states=placeholders[2 * n:], param_values=shadows, state_values=state_values,
+        param_index=[index_of[id(p)] for p in flat], note=note,
+    )
+
+
+def _drop_profiler_markers(gm: fx.GraphModule) -> None:
+    """Remove ``record_function`` enter/exit nodes that ``optimizer.step()`` leaves in a trace.
+
+    Walking backwards erases each exit node before the enter node it consumes.
+    """
+    for node in reversed(list(gm.graph.nodes)):
+        if node.op == "call_function" and "profiler" in str(node.target) and not node.users:
+            gm.graph.erase_node(node)
+    gm.recompile()

@@ -1,0 +1,528 @@
+"""Profile every node of a captured training iteration on the real device.
+
+:class:`GraphProfiler` is an ``fx.Interpreter`` that runs the joint graph and then the optimizer
+graph on real tensors, and for every node records its runtime (median of several runs after a
+warm-up; CUDA events on GPU, ``perf_counter`` on CPU), the memory it allocates, and the storages
+its outputs live in. Memory is accounted per *storage*, not per node: a view, a ``detach`` or a
+``getitem`` shares its base's storage and costs nothing, and a storage lives from the node that
+allocates it to the last use of any node that aliases it.
+
+:func:`profile_iteration` turns that record into a :class:`Profile`: a ``nodes`` table (one row per
+node, keyed by ``fx.Node``), an ``activations`` table (one row per forward storage that backward
+reads: lifetime, recompute sources and cost, swap cost), and a summary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.fx as fx
+from torch import nn
+
+from lightning_ac.capture import JointGraph, OptimizerGraph, capture_joint, capture_optimizer_step
+
+__all__ = [
+    "CATEGORIES",
+    "PHASES",
+    "GraphProfiler",
+    "Profile",
+    "is_random_op",
+    "measure_host_device_bandwidth",
+    "profile_iteration",
+    "profile_step",
+]
+
+PHASES = ("forward", "backward", "optimizer")
+CATEGORIES = ("parameter", "gradient", "activation", "optimizer_state", "other")
+_CUDA_BLOCK = 512  # the CUDA caching allocator rounds every allocation up to this many bytes
+
+
+def is_random_op(node: fx.Node) -> bool:
+    """True for nodes whose result depends on the RNG (dropout, rand, bernoulli …)."""
+    tags = getattr(node.target, "tags", ())
+    return torch.Tag.nondeterministic_seeded in tags
+
+
+@dataclass(eq=False)
+class _Storage:
+    """One allocation, and every node whose output lives in it."""
+
+    nbytes: int
+    creator: fx.Node
+    aliases: list[fx.Node] = field(default_factory=list)
+    persistent: bool = False
+    """Alive for the whole iteration (parameters, buffers, batch, optimizer state)."""
+    mirror: bool = False
+    """Stands for memory counted elsewhere (the optimizer graph's parameter copies)."""
+    category: str = "other"
+
+
+class GraphProfiler(fx.Interpreter):
+    """Run a graph on real tensors and measure each node.
+
+    After :meth:`run`, ``runtime_ms[node]`` is the median runtime, ``peak_delta[node]`` the
+    allocator peak during the node above what was allocated before it (CUDA only), and
+    ``storages`` / ``storage_of[node]`` say which allocations each node's outputs live in.
+    Storages are shared across the graphs run with the same ``registry`` (gradients made by the
+    joint graph are the optimizer graph's inputs).
+    """
+
+    def __init__(self, gm: fx.GraphModule, *, runs: int = 3,
+                 registry: dict[int, tuple[_Storage, list]] | None = None):
+        super().__init__(gm, garbage_collect_values=True)
+        self.runs = max(1, runs)
+        self.runtime_ms: dict[fx.Node, float] = {}
+        self.peak_delta: dict[fx.Node, int] = {}
+        self.storage_of: dict[fx.Node, list[_Storage]] = {}
+        self.storages: list[_Storage] = []
+        # data_ptr -> (storage, weakrefs to tensors seen in it). A pointer is an alias of a known
+        # storage only while one of those tensors lives: allocators hand freed addresses out again.
+        self._registry = {} if registry is None else registry
+        self._measuring = False
+
+    def run(self, *args, measure: bool = True):
+        """Run on flat arguments (one per placeholder) and return the flat list of outputs."""
+        self._measuring = measure
+        try:
+            return super().run(*args, enable_io_processing=False)
+        finally:
+            self._measuring = False
+
+    def run_node(self, n: fx.Node):
+        if not self._measuring:
+            return super().run_node(n)
+        if n.op in ("placeholder", "get_attr", "output"):
+            out = super().run_node(n)
+            self.runtime_ms[n] = 0.0
+        else:
+            out = self._measure(n)
+        if n.op != "output":
+            self._register(n, out)
+        return out
+
+    def _measure(self, n: fx.Node):
+        cuda = _on_cuda(n, self.env)
+        times, out = [], None
+        for i in range(self.runs):
+            out = None  # drop the previous result first, so a re-run does not double memory
+            if cuda:
+                torch.cuda.synchronize()
+                if i == 0:
+                    before = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = super().run_node(n)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+                if i == 0:
+                    self.peak_delta[n] = torch.cuda.max_memory_allocated() - before
+            else:
+                t0 = time.perf_counter()
+                out = super().run_node(n)
+                times.append((time.perf_counter() - t0) * 1e3)
+        self.runtime_ms[n] = statistics.median(times)
+        return out
+
+    def _register(self, n: fx.Node, out) -> None:
+        found: list[_Storage] = []
+        for t in _tensors(out):
+            st = t.untyped_storage()
+            ptr, nbytes = st.data_ptr(), st.nbytes()
+            if ptr == 0 or nbytes == 0:
+                continue
+            if t.is_cuda:
+                nbytes = -(-nbytes // _CUDA_BLOCK) * _CUDA_BLOCK
+            entry = self._registry.get(ptr)
+            if entry is not None and any(r() is not None for r in entry[1]):
+                storage = entry[0]
+                entry[1].append(weakref.ref(t))
+            else:
+                storage = _Storage(nbytes=nbytes, creator=n)
+                self.storages.append(storage)
+                self._registry[ptr] = (storage, [weakref.ref(t)])
+            if n not in storage.aliases:
+                storage.aliases.append(n)
+            if storage not in found:
+                found.append(storage)
+        self.storage_of[n] = found
+
+
+def _tensors(value) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def _on_cuda(n: fx.Node, env: dict) -> bool:
+    for inp in n.all_input_nodes:
+        for t in _tensors(env.get(inp)):
+            return t.is_cuda
+    val = n.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.device.type == "cuda"
+
+
+def measure_host_device_bandwidth(device: torch.device, nbytes: int = 256 << 20) -> float | None:
+    """Measured pinned host↔device copy bandwidth in bytes/ms (slower direction); None on CPU."""
+    if device.type != "cuda":
+        return None
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    times = []
+    for src, dst in ((host, dev), (dev, host)):
+        dst.copy_(src, non_blocking=True)  # warm-up
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            dst.copy_(src, non_blocking=True)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 3)
+    return nbytes / max(times)
+
+
+@dataclass
+class Profile:
+    """What one profiled training iteration looks like.
+
+    ``nodes`` has one row per node of the joint graph then the optimizer graph, in execution
+    order (``rank``), with the ``fx.Node`` itself in column ``node``; ``activations`` has one row
+    per activation storage; ``memory`` has the live bytes per category after each node.
+    """
+
+    nodes: pd.DataFrame
+    activations: pd.DataFrame
+    memory: pd.DataFrame
+    summary: dict
+    joint: JointGraph
+    optimizer: OptimizerGraph | None = None
+    rank: dict[fx.Node, int] = field(default_factory=dict)
+    """``fx.Node`` → row of ``nodes``."""
+
+    @property
+    def peak_bytes(self) -> int:
+        return int(self.summary["predicted_peak_B"])
+
+    def node_row(self, node: fx.Node) -> pd.Series:
+        return self.nodes.loc[self.rank[node]]
+
+    def to_csv(self, directory) -> list:
+        """Write ``nodes.csv``, ``activations.csv`` and ``memory.csv`` into ``directory``."""
+        from lightning_ac.report import write_csv
+
+        return write_csv(self, directory)
+
+    def to_json(self, path) -> None:
+        """Write the summary (and the peak-memory breakdown) as JSON."""
+        from lightning_ac.report import write_json
+
+        write_json(self, path)
+
+    def plot(self, directory) -> list:
+        """Write the memory-over-the-iteration and peak-breakdown PNGs into ``directory``."""
+        from lightning_ac.report import plot_profile
+
+        return plot_profile(self, directory)
+
+
+@contextlib.contextmanager
+def _preserved_rng(device: torch.device) -> Iterator[None]:
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+        yield
+
+
+def profile_iteration(joint: JointGraph, optimizer: OptimizerGraph | None = None, *,
+                      runs: int = 3, warmup: bool = True) -> Profile:
+    """Run and measure the captured iteration; nothing of the model or optimizer changes.
+
+    Args:
+        joint: the captured forward+backward graph (its real primals are used as inputs).
+        optimizer: the captured optimizer step, if any; it runs on its own shadow copies.
+        runs: timed runs per node (the median is kept); at least 3 for reported figures.
+        warmup: run each graph once, unmeasured, first (cuDNN/cuBLAS set-up, allocator growth).
+    """
+    t_start = time.perf_counter()
+    device = joint.primal_values[0].device
+    tangents = [torch.ones(t.meta["val"].shape, dtype=t.meta["val"].dtype, device=device)
+                for t in joint.tangents]
+    registry: dict = {}
+    with torch.no_grad(), _preserved_rng(device):
+        jp = GraphProfiler(joint.gm, runs=runs, registry=registry)
+        if warmup:
+            jp.run(*joint.primal_values, *tangents, measure=False)
+        outs = jp.run(*joint.primal_values, *tangents)
+        grads_by_primal = {joint.grad_of[node]: val for node, val in zip(joint.outputs(), outs)
+                           if node in joint.grad_of}
+        op = None
+        if optimizer is not None:
+            grads = [grads_by_primal.get(i) for i in optimizer.param_index]
+            grads = [g if g is not None else torch.zeros_like(p)
+                     for g, p in zip(grads, optimizer.param_values)]
+            # make_fx flattens its list arguments into one placeholder per tensor
+            args = (*optimizer.param_values, *grads, *optimizer.state_values)
+            op = GraphProfiler(optimizer.gm, runs=runs, registry=registry)
+            if warmup:
+                op.run(*args, measure=False)
+            op.run(*args)
+        del outs, grads_by_primal
+    bandwidth = measure_host_device_bandwidth(device)
+    profile = _assemble(joint, optimizer, jp, op, bandwidth)
+    profile.summary.update(device=str(device), device_name=_device_name(device),
+                           torch_version=torch.__version__, runs_per_node=runs,
+                           profile_s=round(time.perf_counter() - t_start, 3),
+                           optimizer_note=optimizer.note if optimizer else "")
+    return profile
+
+
+def profile_step(fn: Callable, inputs: Sequence, module: nn.Module,
+                 optimizer: torch.optim.Optimizer | None = None, *, runs: int = 3) -> Profile:
+    """Capture and profile one training iteration of ``fn(*inputs)`` → loss, plus ``optimizer``.
+
+    ``module`` is the model whose parameters ``fn`` uses; ``inputs`` are tensors on the device
+    the step should be profiled on.
+    """
+    t0 = time.perf_counter()
+    joint = capture_joint(fn, inputs, module)
+    opt = None
+    if optimizer is not None:
+        opt = capture_optimizer_step(optimizer, joint.primal_values)
+    capture_s = time.perf_counter() - t0
+    profile = profile_iteration(joint, opt, runs=runs)
+    profile.summary["capture_s"] = round(capture_s, 3)
+    return profile
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+# --------------------------------------------------------------------------------------------
+# From the measured run to tables
+# --------------------------------------------------------------------------------------------
+
+
+def _classify(joint: JointGraph, optimizer: OptimizerGraph | None, storages: list[_Storage],
+              phase: dict[fx.Node, str]) -> None:
+    """Give every storage a category and mark the ones that live through the iteration."""
+    role = dict(zip(joint.primals, joint.primal_roles))
+    opt_params = set(optimizer.params) if optimizer else set()
+    opt_states = set(optimizer.states) if optimizer else set()
+    grads = set(joint.grad_of)
+    for s in storages:
+        c = s.creator
+        if c.op == "placeholder":
+            if c in role:  # joint-graph primal
+                s.persistent = True
+                s.category = "parameter" if role[c].kind == "parameter" else "other"
+            elif c in opt_params:
+                s.persistent, s.mirror, s.category = True, True, "parameter"
+            elif c in opt_states:
+                s.persistent, s.category = True, "optimizer_state"
+            else:  # tangents; the optimizer's gradient inputs alias backward storages
+                s.category = "other"
+        elif c.op == "get_attr":  # constants lifted by make_fx: the optimizer's step counters
+            s.persistent, s.category = True, ("optimizer_state" if c in phase and
+                                              phase[c] == "optimizer" else "other")
+        elif phase[c] == "forward":
+            reads_in_bwd = any(phase.get(u) == "backward" for a in s.aliases for u in a.users)
+            s.category = "activation" if reads_in_bwd else "other"
+        elif phase[c] == "backward":
+            s.category = "gradient" if any(a in grads for a in s.aliases) else "other"
+        else:
+            s.category = "other"  # optimizer temporaries
+
+
+def _assemble(joint: JointGraph, optimizer: OptimizerGraph | None, jp: GraphProfiler,
+              op: GraphProfiler | None, bandwidth: float | None) -> Profile:
+    profilers = [jp] + ([op] if op else [])
+    # Execution order of the iteration: forward, then backward (tangents first: the gradient of
+    # the output appears when backward starts), then the optimizer step. Forward nodes never
+    # depend on backward ones, so this is a topological order of the joint graph.
+    phase: dict[fx.Node, str] = {}
+    for node in joint.graph.nodes:
+        if node.op != "output":
+            phase[node] = "backward" if joint.is_backward(node) else "forward"
+    order = [n for n in phase if phase[n] == "forward"] + joint.tangents + \
+        [n for n in phase if phase[n] == "backward" and n.op != "placeholder"]
+    if optimizer is not None:
+        for node in optimizer.graph.nodes:
+            if node.op != "output":
+                order.append(node)
+                phase[node] = "optimizer"
+    rank = {n: i for i, n in enumerate(order)}
+    n_joint = sum(1 for n in order if phase[n] != "optimizer")
+    end = len(order) - 1
+    storages = [s for p in profilers for s in p.storages]
+    storage_of = {n: s for p in profilers for n, s in p.storage_of.items()}
+    runtime = {n: t for p in profilers for n, t in p.runtime_ms.items()}
+    peak_delta = {n: d for p in profilers for n, d in p.peak_delta.items()}
+    _classify(joint, optimizer, storages, phase)
+    grads = set(joint.grad_of)
+
+    def last_use(n: fx.Node) -> int:
+        users = [rank[u] for u in n.users if u in rank]
+        if any(u.op == "output" for u in n.users):  # a graph output
+            if n in grads:
+                users.append(end)  # gradients live until the optimizer has used them
+            else:
+                users.append(n_joint - 1 if phase[n] != "optimizer" else end)
+        return max(users, default=rank[n])
+
+    # Storage lifetimes [start, stop]: a storage is allocated by its creator and freed after the
+    # last use of any node that aliases it.
+    n_nodes = len(order)
+    cats = {c: np.zeros(n_nodes + 1, dtype=np.int64) for c in CATEGORIES}    # live after node
+    during = {c: np.zeros(n_nodes + 1, dtype=np.int64) for c in CATEGORIES}  # live during node
+    base = {c: 0 for c in CATEGORIES}
+    created_B = np.zeros(n_nodes, dtype=np.int64)
+    lifetime: dict[int, tuple[int, int]] = {}
+    for s in storages:
+        if s.persistent:
+            if not s.mirror:
+                base[s.category] += s.nbytes
+            continue
+        c = s.creator
+        start = rank[c]
+        stop = max(last_use(a) for a in s.aliases)
+        lifetime[id(s)] = (start, stop)
+        created_B[rank[c]] += s.nbytes
+        during[s.category][start] += s.nbytes
+        during[s.category][stop + 1] -= s.nbytes
+        cats[s.category][start] += s.nbytes
+        cats[s.category][stop] -= s.nbytes
+    memory = pd.DataFrame({c: np.cumsum(cats[c])[:n_nodes] + base[c] for c in CATEGORIES})
+    active = memory.sum(axis=1).to_numpy()
+    live_during = {c: np.cumsum(during[c])[:n_nodes] + base[c] for c in CATEGORIES}
+    live_during_total = sum(live_during.values())
+
+    rows = []
+    for n in order:
+        r = rank[n]
+        own = storage_of.get(n, [])
+        workspace = max(0, peak_delta.get(n, 0) - int(created_B[r]))
+        largest = max(own, key=lambda s: s.nbytes, default=None)
+        val = n.meta.get("val")
+        rows.append({
+            "rank": r, "name": n.name, "phase": phase[n], "op": _op_name(n),
+            "node": n,
+            "runtime_ms": runtime.get(n, 0.0),
+            "active_mem_B": int(active[r]),
+            "peak_mem_B": int(live_during_total[r]) + workspace,
+            "out_B": int(created_B[r]),
+            "workspace_B": workspace,
+            "category": largest.category if largest else
+            ("other" if isinstance(val, torch.Tensor) else None),
+            "aliases": largest.creator.name if largest and largest.creator is not n else "",
+            "last_use_rank": last_use(n),
+        })
+    nodes = pd.DataFrame(rows).set_index("rank", drop=False)
+    nodes.index.name = None
+
+    activations = _activation_table(storages, phase, rank, runtime, last_use, nodes, bandwidth)
+    peak_rank = int(nodes["peak_mem_B"].idxmax())
+    phase_ms = nodes.groupby("phase")["runtime_ms"].sum()
+    summary = {
+        "predicted_peak_B": int(nodes.at[peak_rank, "peak_mem_B"]),
+        "peak_rank": peak_rank,
+        "peak_node": nodes.at[peak_rank, "name"],
+        "peak_phase": nodes.at[peak_rank, "phase"],
+        # what is live while the peak node runs; its scratch space (workspace) counts as other
+        "peak_breakdown_B": {c: int(live_during[c][peak_rank]) + (
+            int(nodes.at[peak_rank, "workspace_B"]) if c == "other" else 0) for c in CATEGORIES},
+        "persistent_B": {c: int(v) for c, v in base.items() if v},
+        "activation_B": int(activations["bytes"].sum()) if len(activations) else 0,
+        "n_nodes": {p: int((nodes["phase"] == p).sum()) for p in PHASES},
+        "n_activations": len(activations),
+        "runtime_ms": {p: round(float(phase_ms.get(p, 0.0)), 3) for p in PHASES},
+        "sum_runtime_ms": round(float(nodes["runtime_ms"].sum()), 3),
+        "host_device_bandwidth_GBps": round(bandwidth / 1e6, 2) if bandwidth else None,
+    }
+    return Profile(nodes=nodes, activations=activations, memory=memory, summary=summary,
+                   joint=joint, optimizer=optimizer, rank=rank)
+
+
+def _op_name(n: fx.Node) -> str:
+    if n.op == "call_function":
+        name = getattr(n.target, "__name__", str(n.target))
+        return str(n.target) if hasattr(n.target, "_schema") else name
+    return n.op
+
+
+def _activation_table(storages, phase, rank, runtime, last_use, nodes, bandwidth) -> pd.DataFrame:
+    acts = [s for s in storages if s.category == "activation"]
+    # Values that stay available when an activation is dropped: other activations (kept unless
+    # the planner says otherwise), and anything persistent or a view of it (parameters, batch).
+    kept = {a: s for s in storages if s.category == "activation" or s.persistent
+            for a in s.aliases}
+    cum_ms = np.concatenate([[0.0], np.cumsum(nodes["runtime_ms"].to_numpy())])
+    rows = []
+    for s in acts:
+        tensor_nodes = [a for a in s.aliases if isinstance(a.meta.get("val"), torch.Tensor)]
+        node = tensor_nodes[0] if tensor_nodes else s.aliases[0]
+        fwd_users = [rank[u] for a in s.aliases for u in a.users if phase.get(u) == "forward"]
+        bwd_users = [rank[u] for a in s.aliases for u in a.users if phase.get(u) == "backward"]
+        last_fwd = max(fwd_users, default=rank[s.creator])
+        first_bwd, last_bwd = min(bwd_users), max(bwd_users)
+        sources, chain, random = _recompute_sources(s.creator, s, kept)
+        recompute_ms = sum(runtime.get(n, 0.0) for n in chain)
+        rows.append({
+            "name": node.name, "node": node, "creator": s.creator.name,
+            "bytes": s.nbytes,
+            "created_rank": rank[s.creator],
+            "last_fwd_use_rank": last_fwd,
+            "first_bwd_use_rank": first_bwd,
+            "last_bwd_use_rank": last_bwd,
+            "inactive_ms": float(cum_ms[first_bwd] - cum_ms[last_fwd + 1]),
+            "recompute_sources": " ".join(n.name for n in sources),
+            "recompute_nodes": len(chain),
+            "recompute_ms": recompute_ms,
+            "recompute_ratio_B_per_ms": s.nbytes / max(recompute_ms, 1e-6),
+            "recomputable": not random,
+            "swap_ms": s.nbytes / bandwidth if bandwidth else float("nan"),
+            "aliases": " ".join(a.name for a in s.aliases if a is not node),
+        })
+    columns = ["name", "node", "creator", "bytes", "created_rank", "last_fwd_use_rank",
+               "first_bwd_use_rank", "last_bwd_use_rank", "inactive_ms", "recompute_sources",
+               "recompute_nodes", "recompute_ms", "recompute_ratio_B_per_ms", "recomputable",
+               "swap_ms", "aliases"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _recompute_sources(creator: fx.Node, storage: _Storage,
+                       kept: dict[fx.Node, _Storage]) -> tuple[list[fx.Node], list[fx.Node], bool]:
+    """Walk back from ``creator`` to the kept values it can be rebuilt from.
+
+    Returns the sources, the nodes to re-run (``creator`` included) and whether any of them is
+    random (then it cannot be recomputed without replaying the RNG).
+    """
+    sources: dict[fx.Node, None] = {}
+    chain: dict[fx.Node, None] = {creator: None}
+    stack = [creator]
+    while stack:
+        n = stack.pop()
+        for inp in n.all_input_nodes:
+            if inp in chain or inp in sources:
+                continue
+            owner = kept.get(inp)
+            if (owner is not None and owner is not storage) or inp.op == "placeholder":
+                sources[inp] = None
+            else:
+                chain[inp] = None
+                stack.append(inp)
+    return list(sources), list(chain), any(is_random_op(n) for n in chain)

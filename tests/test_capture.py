@@ -1,0 +1,90 @@
+import pytest
+import torch
+from torch import nn
+
+from lightning_ac.capture import CaptureError, capture_joint, capture_optimizer_step
+from lightning_ac.zoo import make_workload
+
+
+def _state_snapshot(model, optimizer=None):
+    snap = {k: v.clone() for k, v in model.state_dict().items()}
+    if optimizer is not None:
+        for i, s in enumerate(optimizer.state.values()):
+            for k, v in s.items():
+                snap[f"opt{i}.{k}"] = v.clone() if torch.is_tensor(v) else v
+    return snap
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if torch.is_tensor(a[k]):
+            assert torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+def test_primals_are_named_by_identity_not_order():
+    w = make_workload("cnn", 2)
+    joint = capture_joint(w.loss, w.inputs, w.model)
+    params = dict(w.model.named_parameters())
+    buffers = dict(w.model.named_buffers())
+    for role, value in zip(joint.primal_roles, joint.primal_values):
+        if role.kind == "parameter":
+            assert value is params[role.name]
+        elif role.kind == "buffer":
+            assert value is buffers[role.name]
+    assert sum(r.kind == "input" for r in joint.primal_roles) == 2  # images and labels
+    assert {r.name for r in joint.primal_roles if r.kind == "parameter"} == set(params)
+    # every parameter has exactly one gradient output
+    assert sorted(joint.grad_of.values()) == [
+        i for i, r in enumerate(joint.primal_roles) if r.kind == "parameter"]
+
+
+def test_capture_changes_nothing():
+    w = make_workload("cnn", 4)  # BatchNorm: a forward run would update running statistics
+    before = _state_snapshot(w.model)
+    capture_joint(w.loss, w.inputs, w.model)
+    _assert_same(before, _state_snapshot(w.model))
+    assert all(p.grad is None for p in w.model.parameters())
+
+
+def test_graph_break_raises_a_clear_error():
+    model = nn.Linear(4, 4)
+
+    def step(x):
+        y = model(x)
+        if y.sum() > 0:  # data-dependent branch: no single graph
+            y = y * 2
+        return y.sum()
+
+    with pytest.raises(CaptureError, match=r"could not capture .*step.* as one graph"):
+        capture_joint(step, (torch.randn(2, 4),), model)
+
+
+def test_nothing_requiring_grad_raises():
+    model = nn.Linear(4, 4).requires_grad_(False)
+    with pytest.raises(CaptureError, match="nothing in the step requires a gradient"):
+        capture_joint(lambda x: model(x).sum(), (torch.randn(2, 4),), model)
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    lambda p: torch.optim.Adam(p, lr=1e-3),
+    lambda p: torch.optim.AdamW(p, lr=1e-3, foreach=False),
+])
+def test_optimizer_capture_leaves_model_and_optimizer_alone(make_opt):
+    w = make_workload("mlp", 4)
+    opt = make_opt(w.model.parameters())
+    # a real step first, so that the optimizer has state that must survive the capture
+    w.loss(*w.inputs).backward()
+    opt.step()
+    before = _state_snapshot(w.model, opt)
+    joint = capture_joint(w.loss, w.inputs, w.model)
+    og = capture_optimizer_step(opt, joint.primal_values)
+    _assert_same(before, _state_snapshot(w.model, opt))
+    assert len(og.params) == len(og.grads) == 6
+    assert all(joint.primal_roles[i].kind == "parameter" for i in og.param_index)
+    n_state = {torch.optim.SGD: 1, torch.optim.Adam: 2, torch.optim.AdamW: 2}[type(opt)]
+    assert len(og.states) == 6 * n_state
+    assert all(opt.param_groups[0]["params"][i] is p for i, p in enumerate(w.model.parameters()))

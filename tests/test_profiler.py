@@ -1,0 +1,189 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_ac.profiler import CATEGORIES, profile_step
+from lightning_ac.zoo import make_workload
+
+aten = torch.ops.aten
+
+
+def _profile(name, optimizer="adam", batch=4):
+    w = make_workload(name, batch, seq_len=16)
+    params = w.model.parameters()
+    opt = torch.optim.Adam(params, lr=0.01) if optimizer == "adam" else \
+        torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    return w, opt, profile_step(w.loss, w.inputs, w.model, opt)
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    return _profile("mlp")
+
+
+def test_mlp_has_three_forward_and_three_weight_gradient_matmuls(mlp):
+    _, _, prof = mlp
+    nodes = prof.nodes
+    fwd_mm = nodes[(nodes.phase == "forward") & nodes.op.isin(["aten.addmm.default", "aten.mm.default"])]
+    assert len(fwd_mm) == 3
+    bwd_mm = nodes[(nodes.phase == "backward") & (nodes.op == "aten.mm.default")]
+    weight_grads = bwd_mm[bwd_mm.category == "gradient"]
+    assert len(weight_grads) == 3
+    # each weight-gradient matmul has the shape of a weight
+    shapes = {tuple(n.meta["val"].shape) for n in weight_grads.node}
+    assert shapes == {(10, 64), (64, 64), (64, 32)} or shapes == {(64, 10), (64, 64), (32, 64)}
+
+
+def test_phases_are_ordered(mlp):
+    _, _, prof = mlp
+    phases = prof.nodes.phase.tolist()
+    call = prof.nodes[prof.nodes.op != "placeholder"].phase.tolist()
+    assert call == sorted(call, key=["forward", "backward", "optimizer"].index)
+    assert set(phases) == {"forward", "backward", "optimizer"}
+
+
+def test_memory_rises_through_forward_and_falls_through_backward(mlp):
+    _, _, prof = mlp
+    act = prof.memory["activation"].to_numpy()
+    fwd = (prof.nodes.phase == "forward").to_numpy()
+    bwd = (prof.nodes.phase == "backward").to_numpy()
+    assert np.all(np.diff(act[fwd]) >= 0) and act[fwd][-1] > act[fwd][0]
+    assert np.all(np.diff(act[bwd]) <= 0) and act[bwd][-1] < act[bwd][0]
+    assert act[bwd][-1] == 0  # every activation is freed by the end of backward
+    grads = prof.memory["gradient"].to_numpy()
+    assert grads[fwd].max() == 0 and grads[bwd][-1] > 0  # gradients appear in backward
+    total = prof.nodes.active_mem_B.to_numpy()
+    assert total[fwd][-1] > total[fwd][0]
+
+
+def _manual_uses(prof, node):
+    """Walk the graph by hand: ranks of the nodes that read node or a view of it (views too)."""
+    views = {aten.detach.default, aten.view.default, aten.t.default, aten._unsafe_view.default}
+    aliases, frontier = {node}, [node]
+    while frontier:
+        n = frontier.pop()
+        for u in n.users:
+            if u.op == "call_function" and u.target in views and u not in aliases:
+                aliases.add(u)
+                frontier.append(u)
+    fwd, bwd = [], []
+    for n in prof.joint.graph.nodes:
+        r = prof.rank.get(n)
+        if any(a in n.all_input_nodes for a in aliases):
+            (bwd if n.meta.get("partitioner_tag") == "is_backward" else fwd).append(r)
+    return fwd, bwd
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_first_and_last_use_match_a_manual_walk(name):
+    _, _, prof = _profile(name)
+    acts = prof.activations[prof.activations.bytes > 64]
+    assert len(acts) >= 3
+    for _, row in acts.iterrows():
+        fwd, bwd = _manual_uses(prof, row.node)
+        if not fwd:
+            fwd = [row.created_rank]
+        assert row.first_bwd_use_rank == min(bwd), row["name"]
+        assert row.last_bwd_use_rank == max(bwd), row["name"]
+        assert row.last_fwd_use_rank == max(fwd), row["name"]
+        assert row.created_rank == prof.rank[row.node] or row.creator != row["name"]
+
+
+@pytest.mark.parametrize("name,optimizer", [("mlp", "sgd"), ("cnn", "adam"), ("tiny-bert", "adam")])
+def test_every_tensor_gets_a_category(name, optimizer):
+    _, _, prof = _profile(name, optimizer)
+    tensor_nodes = prof.nodes[[isinstance(n.meta.get("val"), torch.Tensor) or
+                               (n.op == "placeholder") for n in prof.nodes.node]]
+    assert len(tensor_nodes) > 0
+    assert tensor_nodes.category.isin(CATEGORIES).all()
+    assert prof.nodes.category.dropna().isin(CATEGORIES).all()
+    assert set(prof.nodes.category.dropna()) == set(CATEGORIES)
+
+
+def test_categories_are_right():
+    w, opt, prof = _profile("cnn", "adam")
+    nodes = prof.nodes
+    by_name = dict(zip(nodes.name, nodes.category))
+    roles = dict(zip(prof.joint.primals, prof.joint.primal_roles))
+    for node, role in roles.items():
+        expected = "parameter" if role.kind == "parameter" else "other"
+        assert by_name[node.name] == expected, (node.name, role)
+    for node in prof.joint.grad_of:
+        assert by_name[node.name] == "gradient"
+    # Adam's exp_avg / exp_avg_sq are the optimizer graph's state inputs
+    states = prof.nodes[prof.nodes.node.isin(prof.optimizer.states)]
+    assert len(states) == 2 * len(list(w.model.parameters()))
+    assert (states.category == "optimizer_state").all()
+    params = prof.nodes[prof.nodes.node.isin(prof.optimizer.params)]
+    assert (params.category == "parameter").all()
+    # convolution outputs feed BatchNorm's backward: activations
+    convs = nodes[(nodes.op == "aten.convolution.default")]
+    assert (convs.category == "activation").all()
+    # memory: what is persistent is counted once
+    n_param_B = sum(p.numel() * p.element_size() for p in w.model.parameters())
+    assert prof.summary["persistent_B"]["parameter"] == n_param_B
+    assert prof.summary["persistent_B"]["optimizer_state"] >= 2 * n_param_B
+
+
+def test_activation_records_are_sensible():
+    _, _, prof = _profile("tiny-bert")
+    acts = prof.activations
+    assert (acts.first_bwd_use_rank > acts.last_fwd_use_rank).all()
+    assert (acts.last_bwd_use_rank >= acts.first_bwd_use_rank).all()
+    assert (acts.inactive_ms >= 0).all() and (acts.recompute_ms > 0).all()
+    # dropout is random: anything rebuilt through it cannot simply be recomputed
+    dropout = acts[acts.creator.str.contains("native_dropout")]
+    assert len(dropout) > 0 and not dropout.recomputable.any()
+    assert acts.recomputable.any()
+    # sources of a recompute are values that stay available
+    names = set(prof.nodes.name)
+    for src in " ".join(acts.recompute_sources).split():
+        assert src in names
+
+
+def test_profiling_changes_nothing():
+    w = make_workload("cnn", 4)
+    opt = torch.optim.Adam(w.model.parameters(), lr=0.01)
+    w.loss(*w.inputs).backward()
+    opt.step()  # optimizer state exists
+    snap = {k: v.clone() for k, v in w.model.state_dict().items()}
+    grads = [p.grad.clone() for p in w.model.parameters()]
+    state = [v.clone() for s in opt.state.values() for v in s.values()]
+    rng = torch.get_rng_state()
+    profile_step(w.loss, w.inputs, w.model, opt)
+    for k, v in w.model.state_dict().items():
+        assert torch.equal(v, snap[k]), k
+    for p, g in zip(w.model.parameters(), grads):
+        assert torch.equal(p.grad, g)
+    assert all(torch.equal(a, b) for a, b in
+               zip([v for s in opt.state.values() for v in s.values()], state))
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_outputs_are_written(mlp, tmp_path):
+    _, _, prof = mlp
+    paths = prof.to_csv(tmp_path)
+    prof.to_json(tmp_path / "summary.json")
+    pngs = prof.plot(tmp_path)
+    for p in paths + pngs:
+        assert p.exists() and p.stat().st_size > 0
+    import pandas as pd
+
+    nodes = pd.read_csv(tmp_path / "nodes.csv")
+    assert {"rank", "phase", "op", "runtime_ms", "active_mem_B", "peak_mem_B", "category"} <= set(nodes)
+    assert len(nodes) == len(prof.nodes)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["predicted_peak_B"] == prof.peak_bytes > 0
+    assert sum(summary["peak_breakdown_B"].values()) == prof.peak_bytes
+
+
+def test_command_line(tmp_path):
+    from lightning_ac.__main__ import main
+
+    assert main(["profile", "--model", "mlp", "--batch-size", "4", "--device", "cpu",
+                 "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["model"] == "mlp" and summary["eager_step_ms"] > 0
+    assert (tmp_path / "memory.png").exists()

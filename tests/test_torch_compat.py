@@ -1,0 +1,59 @@
+"""Pin the private torch behaviour that lightning_ac._torch_compat relies on."""
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from lightning_ac import _torch_compat as compat
+from lightning_ac.capture import capture_joint
+
+
+def _mlp_joint():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(3, 4)
+    return model, x, capture_joint(lambda x: model(x).sum(), (x,), model)
+
+
+def test_backward_nodes_are_tagged():
+    _, _, joint = _mlp_joint()
+    tags = {compat.is_backward_node(n) for n in joint.graph.nodes if n.op == "call_function"}
+    assert tags == {True, False}
+    assert all(compat.is_backward_node(t) for t in joint.tangents)
+
+
+def test_extract_fwd_bwd_with_a_chosen_saved_set_matches_eager():
+    model, x, joint = _mlp_joint()
+    fwd_nodes = [n for n in joint.graph.nodes if n.op == "call_function"
+                 and not compat.is_backward_node(n)]
+    # Save only the first layer's pre-activation: backward must recompute the ReLU from it.
+    (addmm,) = [n for n in fwd_nodes if n.target == torch.ops.aten.addmm.default][:1]
+    saved = [addmm] + [p for p in joint.primals]
+    fwd, bwd = compat.extract_fwd_bwd(joint.gm, saved, joint.num_fwd_outputs)
+    assert isinstance(fwd, fx.GraphModule) and isinstance(bwd, fx.GraphModule)
+    bwd_ops = {n.target for n in bwd.graph.nodes if n.op == "call_function"}
+    assert torch.ops.aten.relu.default in bwd_ops  # recomputed in backward
+    with torch.no_grad():
+        outs = fwd(*joint.primal_values)
+    grads = bwd(*outs[joint.num_fwd_outputs:], torch.ones(()))
+    model.zero_grad()
+    model(x).sum().backward()
+    ref = [model[0].weight.grad, model[0].bias.grad, model[2].weight.grad, model[2].bias.grad]
+    got = [g for g in grads if g is not None]
+    assert len(got) == 4
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r)
+
+
+def test_boxed_calling_convention_consumes_its_argument_list():
+    gm = fx.symbolic_trace(lambda a, b: a * b + a)
+    compat.use_boxed_calling_convention(gm)
+    args = [torch.ones(2), torch.full((2,), 3.0)]
+    out = gm(args)
+    torch.testing.assert_close(out, torch.full((2,), 4.0))
+    assert args == []  # boxed graphs clear the list so that each input can be freed at last use
+
+
+def test_real_tensor_mode_is_a_context_manager():
+    with compat.real_tensor_mode():
+        assert torch.ones(2).sum().item() == 2.0
