@@ -89,7 +89,14 @@ def profile_command(args: argparse.Namespace) -> dict:
         _log(f"  eager step: peak {s['eager_peak_B'] / _GIB:.3f} GiB "
              f"(profile/eager {s['peak_ratio']:.3f}), {s['eager_step_ms']:.1f} ms/step "
              f"(sum of node runtimes / step time {s['runtime_ratio']:.3f})")
-    elif s.get("eager_step_ms"):
+    if s.get("eager_phases_B"):
+        e, p = s["eager_phases_B"], s["profile_phases_B"]
+        _log("  eager vs profile, GiB: " + ", ".join(
+            f"{k} {e[k] / _GIB:.3f}/{p[k] / _GIB:.3f}" for k in
+            ("after_forward_B", "forward_peak_B", "backward_peak_B", "optimizer_peak_B")
+            if e.get(k) is not None) + f"; saved for backward {e['saved_B'] / _GIB:.3f}/"
+            f"{p['activation_B'] / _GIB:.3f}")
+    if not s.get("eager_peak_B") and s.get("eager_step_ms"):
         _log(f"  eager step: {s['eager_step_ms']:.1f} ms/step "
              f"(sum of node runtimes / step time {s['runtime_ratio']:.3f})")
     _log("  wrote " + ", ".join(str(p) for p in paths))
@@ -110,6 +117,21 @@ def _check_against_eager(prof, w, opt, device) -> None:
         s["eager_peak_B"] = m.peak_B
         s["peak_ratio"] = round(s["predicted_peak_B"] / m.peak_B, 4)
     s["torch_profiler_spot_check"] = _spot_check(prof, w, opt, device)
+    # Where the two agree or not, phase by phase: eager allocator figures and the bytes eager
+    # autograd saves, next to the profile's own figures for the same points of the step.
+    from dataclasses import asdict
+
+    from lightning_ac.measure import measure_phases
+
+    nodes = prof.nodes
+    fwd_end = nodes.index[nodes["phase"] == "forward"][-1]
+    s["eager_phases_B"] = asdict(measure_phases(w.loss, w.inputs, opt))
+    s["profile_phases_B"] = {
+        "activation_B": s["activation_B"],
+        "after_forward_B": int(nodes.at[fwd_end, "active_mem_B"]),
+        **{f"{p}_peak_B": int(nodes.loc[nodes["phase"] == p, "peak_mem_B"].max())
+           for p in ("forward", "backward", "optimizer")},
+    }
 
 
 def _spot_check(prof, w, opt, device) -> list[dict]:

@@ -17,6 +17,7 @@ import torch.fx as fx
 __all__ = [
     "aot_backend",
     "extract_fwd_bwd",
+    "gpu_spin",
     "is_backward_node",
     "real_tensor_mode",
     "use_boxed_calling_convention",
@@ -81,3 +82,13 @@ def use_boxed_calling_convention(gm: fx.GraphModule) -> fx.GraphModule:
     gm.graph.set_codegen(torch.fx.graph._BoxedCodeGen())
     gm.recompile()
     return gm
+
+
+def gpu_spin(cycles: int) -> None:
+    """Enqueue a kernel that keeps the current CUDA stream busy for ``cycles`` clock cycles.
+
+    Timing a single op with CUDA events on an idle GPU also measures how long the host takes to
+    launch it; spinning the GPU first while the host enqueues start event, op and end event leaves
+    only the kernels between the two events.
+    """
+    torch.cuda._sleep(int(cycles))

@@ -230,6 +230,10 @@ class OptimizerGraph:
     def graph(self) -> fx.Graph:
         return self.gm.graph
 
+    def release(self) -> None:
+        """Free the shadow parameters and state (as large as parameters + optimizer state)."""
+        self.param_values, self.state_values = [], []
+
 
 @contextlib.contextmanager
 def _swapped_into(optimizer: torch.optim.Optimizer, groups: list[list[torch.Tensor]],

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["StepMeasurement", "measure_steps"]
+__all__ = ["PhaseMemory", "StepMeasurement", "measure_phases", "measure_steps", "saved_tensor_bytes"]
 
 
 @dataclass
@@ -62,3 +62,69 @@ def measure_steps(loss_fn: Callable[..., torch.Tensor], inputs: Sequence[torch.T
     peak = torch.cuda.max_memory_allocated(device) if cuda else None
     optimizer.zero_grad(set_to_none=True)
     return StepMeasurement(peak_B=peak, step_ms=statistics.median(times), step_ms_all=times)
+
+
+@dataclass
+class PhaseMemory:
+    """Memory of one eager step, phase by phase (bytes; allocator figures are None on CPU)."""
+
+    saved_B: int
+    """Bytes autograd saves for backward, storages counted once, parameters left out."""
+    after_forward_B: int | None
+    forward_peak_B: int | None
+    backward_peak_B: int | None
+    optimizer_peak_B: int | None
+
+
+def saved_tensor_bytes(loss_fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor],
+                       exclude: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, int]:
+    """Run ``loss_fn(*inputs)`` and count the bytes autograd saves for backward.
+
+    Counts each storage once (views share it) and leaves out the storages of ``exclude``
+    (parameters: they are alive anyway). Returns the loss, so that backward can follow.
+    """
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn(*inputs)
+    return loss, sum(seen.values())
+
+
+def measure_phases(loss_fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor],
+                   optimizer: torch.optim.Optimizer) -> PhaseMemory:
+    """One eager training step, with the allocator's peak read after each phase.
+
+    Like :func:`measure_steps`, this trains the model by one step.
+    """
+    device = inputs[0].device
+    cuda = device.type == "cuda"
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def peak_since_last():
+        if not cuda:
+            return None
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak
+
+    optimizer.zero_grad(set_to_none=True)
+    peak_since_last()
+    loss, saved = saved_tensor_bytes(loss_fn, inputs, exclude=params)
+    fwd = peak_since_last()
+    after_fwd = torch.cuda.memory_allocated(device) if cuda else None
+    loss.backward()
+    del loss
+    bwd = peak_since_last()
+    optimizer.step()
+    opt = peak_since_last()
+    optimizer.zero_grad(set_to_none=True)
+    return PhaseMemory(saved_B=saved, after_forward_B=after_fwd, forward_peak_B=fwd,
+                       backward_peak_B=bwd, optimizer_peak_B=opt)

@@ -15,6 +15,7 @@ reads: lifetime, recompute sources and cost, swap cost), and a summary.
 from __future__ import annotations
 
 import contextlib
+import functools
 import statistics
 import time
 import weakref
@@ -27,6 +28,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from lightning_ac import _torch_compat as compat
 from lightning_ac.capture import JointGraph, OptimizerGraph, capture_joint, capture_optimizer_step
 
 __all__ = [
@@ -109,28 +111,41 @@ class GraphProfiler(fx.Interpreter):
         return out
 
     def _measure(self, n: fx.Node):
-        cuda = _on_cuda(n, self.env)
+        if _on_cuda(n, self.env):
+            return self._measure_cuda(n)
         times, out = [], None
-        for i in range(self.runs):
+        for _ in range(self.runs):
             out = None  # drop the previous result first, so a re-run does not double memory
-            if cuda:
-                torch.cuda.synchronize()
-                if i == 0:
-                    before = torch.cuda.memory_allocated()
-                    torch.cuda.reset_peak_memory_stats()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                out = super().run_node(n)
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-                if i == 0:
-                    self.peak_delta[n] = torch.cuda.max_memory_allocated() - before
-            else:
-                t0 = time.perf_counter()
-                out = super().run_node(n)
-                times.append((time.perf_counter() - t0) * 1e3)
+            t0 = time.perf_counter()
+            out = super().run_node(n)
+            times.append((time.perf_counter() - t0) * 1e3)
         self.runtime_ms[n] = statistics.median(times)
+        return out
+
+    def _measure_cuda(self, n: fx.Node):
+        """One untimed run (allocator peak, host launch time), then ``runs`` timed runs.
+
+        Before each timed run the GPU spins for longer than the host takes to launch the op, so
+        the events around the op time its kernels and not the launch latency of an idle GPU.
+        """
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        out = super().run_node(n)
+        launch_ms = (time.perf_counter() - t0) * 1e3
+        self.peak_delta[n] = torch.cuda.max_memory_allocated() - before
+        spin = int(max(0.05, 2.0 * launch_ms) * _spin_cycles_per_ms())
+        events = []
+        for _ in range(self.runs):
+            out = None  # drop the previous result first, so a re-run does not double memory
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            compat.gpu_spin(spin)
+            start.record()
+            out = super().run_node(n)
+            end.record()
+            events.append((start, end))
+        events[-1][1].synchronize()
+        self.runtime_ms[n] = statistics.median(s.elapsed_time(e) for s, e in events)
         return out
 
     def _register(self, n: fx.Node, out) -> None:
@@ -155,6 +170,19 @@ class GraphProfiler(fx.Interpreter):
             if storage not in found:
                 found.append(storage)
         self.storage_of[n] = found
+
+
+@functools.cache
+def _spin_cycles_per_ms() -> float:
+    """How many ``gpu_spin`` cycles the current GPU runs per millisecond (measured once)."""
+    cycles = 2_000_000
+    compat.gpu_spin(cycles // 10)  # warm-up
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    compat.gpu_spin(cycles)
+    end.record()
+    end.synchronize()
+    return cycles / max(start.elapsed_time(end), 1e-3)
 
 
 def _tensors(value) -> Iterator[torch.Tensor]:
@@ -249,7 +277,8 @@ def profile_iteration(joint: JointGraph, optimizer: OptimizerGraph | None = None
 
     Args:
         joint: the captured forward+backward graph (its real primals are used as inputs).
-        optimizer: the captured optimizer step, if any; it runs on its own shadow copies.
+        optimizer: the captured optimizer step, if any; it runs on its own shadow copies, which
+            stay allocated until ``optimizer.release()``.
         runs: timed runs per node (the median is kept); at least 3 for reported figures.
         warmup: run each graph once, unmeasured, first (cuDNN/cuBLAS set-up, allocator growth).
     """
@@ -300,6 +329,8 @@ def profile_step(fn: Callable, inputs: Sequence, module: nn.Module,
         opt = capture_optimizer_step(optimizer, joint.primal_values)
     capture_s = time.perf_counter() - t0
     profile = profile_iteration(joint, opt, runs=runs)
+    if opt is not None:
+        opt.release()  # the shadow copies were only needed to run the step once
     profile.summary["capture_s"] = round(capture_s, 3)
     return profile
 

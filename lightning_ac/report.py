@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["plot_profile", "write_csv", "write_json"]
+__all__ = ["load", "plot_profile", "write_csv", "write_json"]
 
+# stacking order of the plots: what lives through the iteration at the bottom
+_STACK = ("parameter", "optimizer_state", "other", "gradient", "activation")
 _UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1))
 
 
@@ -72,15 +74,17 @@ def plot_profile(profile, directory, device_limit_B: int | None = None) -> list[
     # categories go at the bottom of the stack and the ones that come and go on top.
     ran = nodes["op"].ne("placeholder").to_numpy()
     x = range(int(ran.sum()))
-    unit, scale = _unit(max(nodes["peak_mem_B"].max(), device_limit_B or 0))
-    order = ["parameter", "optimizer_state", "other", "gradient", "activation"]
+    peak = nodes["peak_mem_B"].max()
+    # a limit far above the peak would flatten the hump: then it is named, not drawn
+    limit_in_view = bool(device_limit_B) and device_limit_B <= 2 * peak
+    unit, scale = _unit(max(peak, device_limit_B if limit_in_view else 0))
     fig, ax = plt.subplots(figsize=(11, 5))
-    ax.stackplot(x, *[mem[c].to_numpy()[ran] / scale for c in order],
-                 labels=[c.replace("_", " ") for c in order],
-                 colors=[_COLORS[c] for c in order], alpha=0.85)
+    ax.stackplot(x, *[mem[c].to_numpy()[ran] / scale for c in _STACK],
+                 labels=[c.replace("_", " ") for c in _STACK],
+                 colors=[_COLORS[c] for c in _STACK], alpha=0.85)
     ax.plot(x, nodes["peak_mem_B"].to_numpy()[ran] / scale, color="black", lw=0.6,
             label="peak during op")
-    ymax = max(nodes["peak_mem_B"].max(), device_limit_B or 0) / scale * 1.12
+    ymax = max(peak, device_limit_B if limit_in_view else 0) / scale * 1.15
     ax.set_ylim(0, ymax)
     phases = nodes["phase"].to_numpy()[ran]
     for i, phase in enumerate(("forward", "backward", "optimizer")):
@@ -89,9 +93,12 @@ def plot_profile(profile, directory, device_limit_B: int | None = None) -> list[
             if i:
                 ax.axvline(idx[0], color="grey", ls="--", lw=1)
             ax.text(idx[0], ymax * 0.98, f" {phase} →", va="top", fontsize=9)
-    if device_limit_B:
+    if limit_in_view:
         ax.axhline(device_limit_B / scale, color="red", lw=1.2,
                    label=f"device limit {device_limit_B / scale:.1f} {unit}")
+    elif device_limit_B:
+        ax.text(0.99, 0.91, f"device limit {device_limit_B / 2**30:.1f} GiB (above this scale)",
+                transform=ax.transAxes, ha="right", va="top", fontsize=9, color="red")
     pr = int(ran[: summary["peak_rank"]].sum())
     ax.annotate(f"peak {summary['predicted_peak_B'] / scale:.2f} {unit}\n({summary['peak_node']})",
                 xy=(pr, summary["predicted_peak_B"] / scale), xytext=(-20, 12),
@@ -111,15 +118,32 @@ def plot_profile(profile, directory, device_limit_B: int | None = None) -> list[
     unit, scale = _unit(sum(breakdown.values()))
     fig, ax = plt.subplots(figsize=(4.5, 5))
     bottom = 0.0
-    for cat, value in breakdown.items():
+    for cat in _STACK:
+        value = breakdown.get(cat, 0)
         ax.bar(["at peak"], [value / scale], bottom=bottom, color=_COLORS[cat],
                label=f"{cat.replace('_', ' ')}: {value / scale:.2f} {unit}")
         bottom += value / scale
     ax.set_ylabel(f"memory ({unit})")
     ax.set_title(f"Peak-memory breakdown\n{title}", fontsize=10)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.05))
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles[::-1], labels[::-1], fontsize=8, loc="upper center",
+              bbox_to_anchor=(0.5, -0.05))
     fig.tight_layout()
     paths.append(out / "peak_breakdown.png")
     fig.savefig(paths[1], dpi=120)
     plt.close(fig)
     return paths
+
+
+def load(directory):
+    """Read back what :func:`write_csv` and :func:`write_json` wrote, enough to re-plot it.
+
+    Returns an object with ``nodes``, ``activations``, ``memory`` (DataFrames) and ``summary``.
+    """
+    from types import SimpleNamespace
+
+    d = Path(directory)
+    memory = pd.read_csv(d / "memory.csv").drop(columns=["rank", "phase"])
+    return SimpleNamespace(nodes=pd.read_csv(d / "nodes.csv"),
+                           activations=pd.read_csv(d / "activations.csv"), memory=memory,
+                           summary=json.loads((d / "summary.json").read_text()))
