@@ -20,6 +20,7 @@ __all__ = [
     "gpu_spin",
     "is_backward_node",
     "real_tensor_mode",
+    "reorder_backward",
     "use_boxed_calling_convention",
 ]
 
@@ -92,3 +93,14 @@ def gpu_spin(cycles: int) -> None:
     only the kernels between the two events.
     """
     torch.cuda._sleep(int(cycles))
+
+
+def reorder_backward(bwd: fx.GraphModule) -> fx.GraphModule:
+    """Move each recomputed forward node of ``bwd`` to just before its first use.
+
+    ``extract_fwd_bwd`` puts recomputation at the start of backward, where everything it rebuilds
+    would be live at once; this is the pass AOTAutograd's own min-cut partitioner applies.
+    """
+    from torch._functorch import partitioners
+
+    return partitioners.reordering_to_mimic_autograd_engine(bwd)

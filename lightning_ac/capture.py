@@ -29,6 +29,9 @@ from lightning_ac import _torch_compat as compat
 
 __all__ = [
     "CaptureError",
+    "compile_joint",
+    "describe_capture_failure",
+    "unwrap_compile_error",
     "JointGraph",
     "OptimizerGraph",
     "PrimalRole",
@@ -66,6 +69,8 @@ class JointGraph:
     """How many leading outputs belong to the forward (user outputs and mutated buffers)."""
     grad_of: dict[fx.Node, int] = field(default_factory=dict)
     """Backward output node → index of the primal whose gradient it is."""
+    pinned: list[fx.Node] = field(default_factory=list)
+    """Forward copies of buffers, always saved for backward (see :func:`pin_buffers`)."""
 
     @property
     def graph(self) -> fx.Graph:
@@ -136,21 +141,86 @@ def _build_joint(joint_gm: fx.GraphModule, example_inputs: list, roles: list[Pri
     if len(owners) != len(grads):
         raise CaptureError(f"cannot align {len(grads)} gradient outputs with {len(tensors)} primals")
     joint.grad_of = {g: i for g, i in zip(grads, owners) if isinstance(g, fx.Node)}
+    pin_buffers(joint)
     return joint
 
 
-def _find_captured(exc: BaseException) -> _Captured | None:
+def pin_buffers(joint: JointGraph) -> None:
+    """Make forward nodes read a copy of each buffer instead of the buffer itself.
+
+    AOTAutograd writes updated buffers (BatchNorm's running statistics) back into the module in
+    place after forward. A node that backward re-runs would read such a buffer after the update,
+    and autograd rejects a saved input that was modified. Reading a copy taken in forward (a few
+    floats per BatchNorm) lets BatchNorm be recomputed; the copies are always saved.
+    """
+    graph = joint.gm.graph
+    buffers = [p for p, r in zip(joint.primals, joint.primal_roles) if r.kind == "buffer"]
+    anchor = joint.tangents[-1] if joint.tangents else joint.primals[-1]
+    for buf in buffers:
+        users = [u for u in buf.users if u.op == "call_function" and not compat.is_backward_node(u)]
+        if not users:
+            continue
+        with graph.inserting_after(anchor):
+            copy = graph.call_function(torch.ops.aten.clone.default, (buf,))
+        copy.meta.update(buf.meta)
+        copy.meta["partitioner_tag"] = "is_forward"
+        for u in users:
+            u.replace_input_with(buf, copy)
+        joint.pinned.append(copy)
+        anchor = copy
+    if joint.pinned:
+        joint.gm.recompile()
+
+
+def compile_joint(fn: Callable, module: nn.Module | None,
+                  partition: Callable[[JointGraph], tuple[fx.GraphModule, fx.GraphModule]]
+                  ) -> Callable:
+    """``torch.compile`` ``fn`` so that ``partition(joint)`` decides its forward/backward split.
+
+    On the first call, dynamo traces ``fn`` with the real arguments, AOTAutograd builds the joint
+    graph, and ``partition`` receives it as a :class:`JointGraph` (with the real primals) and
+    returns the forward and backward modules to run, compiled with the boxed calling convention.
+    Later calls with the same shapes run those modules. A graph break raises at the first call.
+    """
+
+    def backend(gm: fx.GraphModule, example_inputs: list):
+        roles = _roles(example_inputs, module)
+
+        def partition_fn(joint_gm, joint_inputs, *, num_fwd_outputs, **kwargs):
+            return partition(_build_joint(joint_gm, example_inputs, roles, num_fwd_outputs))
+
+        def already_compiled(gm, _inputs):  # partition returns ready-to-run boxed modules
+            return gm
+
+        return compat.aot_backend(partition_fn, already_compiled, already_compiled)(gm, example_inputs)
+
+    return torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)
+
+
+def unwrap_compile_error(exc: BaseException, types: tuple[type, ...]) -> BaseException | None:
+    """The first exception of one of ``types`` in the chain under a dynamo/compile error."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, _Captured):
+        if isinstance(exc, types):
             return exc
         exc = getattr(exc, "inner_exception", None) or exc.__cause__ or exc.__context__
     return None
 
 
+def describe_capture_failure(fn: Callable, exc: BaseException) -> CaptureError:
+    """A :class:`CaptureError` that says which function could not be captured, where and why."""
+    where = _user_frame(exc)
+    return CaptureError(
+        f"could not capture {getattr(fn, '__qualname__', fn)!r} as one graph"
+        f"{' at ' + where if where else ''}: {type(exc).__name__}: {_first_lines(exc)}"
+    )
+
+
 def capture_joint(fn: Callable, args: Sequence, module: nn.Module | None = None) -> JointGraph:
     """Capture ``fn(*args)``'s forward and backward as one aten-level joint graph.
+
+    Nothing runs: compilation stops as soon as the joint graph exists.
 
     Args:
         fn: the function to capture: a module's forward, or a closure computing the loss.
@@ -162,31 +232,18 @@ def capture_joint(fn: Callable, args: Sequence, module: nn.Module | None = None)
             flow, unsupported op), or nothing in it requires a gradient.
     """
 
-    def backend(gm: fx.GraphModule, example_inputs: list):
-        roles = _roles(example_inputs, module)
+    def stop(joint: JointGraph):
+        raise _Captured(joint)
 
-        def partition_fn(joint_gm, joint_inputs, *, num_fwd_outputs, **kwargs):
-            raise _Captured(_build_joint(joint_gm, example_inputs, roles, num_fwd_outputs))
-
-        def no_compile(gm, _inputs):  # never reached: partition_fn stops first
-            return gm
-
-        return compat.aot_backend(partition_fn, no_compile, no_compile)(gm, example_inputs)
-
-    compiled = torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)
     try:
-        compiled(*args)
+        compile_joint(fn, module, stop)(*args)
     except Exception as exc:  # dynamo wraps backend errors; find ours underneath
-        captured = _find_captured(exc)
-        if captured is not None:
-            return captured.joint
-        if isinstance(exc, CaptureError):
-            raise
-        where = _user_frame(exc)
-        raise CaptureError(
-            f"could not capture {getattr(fn, '__qualname__', fn)!r} as one graph"
-            f"{' at ' + where if where else ''}: {type(exc).__name__}: {_first_lines(exc)}"
-        ) from exc
+        found = unwrap_compile_error(exc, (_Captured, CaptureError))
+        if isinstance(found, _Captured):
+            return found.joint
+        if found is not None:
+            raise found from exc
+        raise describe_capture_failure(fn, exc) from exc
     raise CaptureError(
         "no joint graph was produced: nothing in the step requires a gradient "
         "(are the parameters frozen, or is this running under torch.no_grad()?)"

@@ -37,6 +37,8 @@ __all__ = [
     "GraphProfiler",
     "Profile",
     "is_random_op",
+    "is_tensor_node",
+    "live_bytes",
     "measure_host_device_bandwidth",
     "profile_iteration",
     "profile_step",
@@ -45,6 +47,11 @@ __all__ = [
 PHASES = ("forward", "backward", "optimizer")
 CATEGORIES = ("parameter", "gradient", "activation", "optimizer_state", "other")
 _CUDA_BLOCK = 512  # the CUDA caching allocator rounds every allocation up to this many bytes
+
+
+def is_tensor_node(node: fx.Node) -> bool:
+    """True for nodes whose value is one tensor (not a tuple of them, not a scalar)."""
+    return isinstance(node.meta.get("val"), torch.Tensor)
 
 
 def is_random_op(node: fx.Node) -> bool:
@@ -185,6 +192,23 @@ def _spin_cycles_per_ms() -> float:
     return cycles / max(start.elapsed_time(end), 1e-3)
 
 
+def live_bytes(start, stop, nbytes, n_nodes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bytes live after and during each of ``n_nodes`` nodes, for allocations live [start, stop].
+
+    An allocation counts *during* every node from ``start`` to ``stop`` and *after* every node
+    from ``start`` to ``stop - 1`` (it is freed once node ``stop`` has run).
+    """
+    start, stop = np.asarray(start, dtype=np.int64), np.asarray(stop, dtype=np.int64)
+    nbytes = np.asarray(nbytes, dtype=np.int64)
+    after = np.zeros(n_nodes + 1, dtype=np.int64)
+    during = np.zeros(n_nodes + 1, dtype=np.int64)
+    np.add.at(after, start, nbytes)
+    np.add.at(after, stop, -nbytes)
+    np.add.at(during, start, nbytes)
+    np.add.at(during, stop + 1, -nbytes)
+    return np.cumsum(after)[:n_nodes], np.cumsum(during)[:n_nodes]
+
+
 def _tensors(value) -> Iterator[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         yield value
@@ -237,6 +261,11 @@ class Profile:
     optimizer: OptimizerGraph | None = None
     rank: dict[fx.Node, int] = field(default_factory=dict)
     """``fx.Node`` → row of ``nodes``."""
+    storages: pd.DataFrame | None = None
+    """Every non-persistent allocation: creator node, alias nodes, bytes, category, and the ranks
+    ``start``/``stop`` between which it is live (the simulator replays these with a plan)."""
+    persistent_B: int = 0
+    """Bytes live through the whole iteration (parameters, buffers, batch, optimizer state)."""
 
     @property
     def peak_bytes(self) -> int:
@@ -355,6 +384,7 @@ def _classify(joint: JointGraph, optimizer: OptimizerGraph | None, storages: lis
     opt_params = set(optimizer.params) if optimizer else set()
     opt_states = set(optimizer.states) if optimizer else set()
     grads = set(joint.grad_of)
+    pinned = set(joint.pinned)
     for s in storages:
         c = s.creator
         if c.op == "placeholder":
@@ -367,6 +397,8 @@ def _classify(joint: JointGraph, optimizer: OptimizerGraph | None, storages: lis
                 s.persistent, s.category = True, "optimizer_state"
             else:  # tangents; the optimizer's gradient inputs alias backward storages
                 s.category = "other"
+        elif c in pinned:  # buffer copies saved for the whole step: tiny, counted as persistent
+            s.persistent, s.category = True, "other"
         elif c.op == "get_attr":  # constants lifted by make_fx: the optimizer's step counters
             s.persistent, s.category = True, ("optimizer_state" if c in phase and
                                               phase[c] == "optimizer" else "other")
@@ -416,30 +448,30 @@ def _assemble(joint: JointGraph, optimizer: OptimizerGraph | None, jp: GraphProf
         return max(users, default=rank[n])
 
     # Storage lifetimes [start, stop]: a storage is allocated by its creator and freed after the
-    # last use of any node that aliases it.
+    # last use of any node that aliases it. Persistent storages form the base under everything.
     n_nodes = len(order)
-    cats = {c: np.zeros(n_nodes + 1, dtype=np.int64) for c in CATEGORIES}    # live after node
-    during = {c: np.zeros(n_nodes + 1, dtype=np.int64) for c in CATEGORIES}  # live during node
     base = {c: 0 for c in CATEGORIES}
     created_B = np.zeros(n_nodes, dtype=np.int64)
-    lifetime: dict[int, tuple[int, int]] = {}
+    records = []
     for s in storages:
         if s.persistent:
             if not s.mirror:
                 base[s.category] += s.nbytes
             continue
-        c = s.creator
-        start = rank[c]
-        stop = max(last_use(a) for a in s.aliases)
-        lifetime[id(s)] = (start, stop)
-        created_B[rank[c]] += s.nbytes
-        during[s.category][start] += s.nbytes
-        during[s.category][stop + 1] -= s.nbytes
-        cats[s.category][start] += s.nbytes
-        cats[s.category][stop] -= s.nbytes
-    memory = pd.DataFrame({c: np.cumsum(cats[c])[:n_nodes] + base[c] for c in CATEGORIES})
+        start, stop = rank[s.creator], max(last_use(a) for a in s.aliases)
+        created_B[start] += s.nbytes
+        records.append({"node": _representative(s), "creator": s.creator,
+                        "aliases": tuple(s.aliases), "bytes": s.nbytes,
+                        "category": s.category, "start": start, "stop": stop})
+    table = pd.DataFrame(records, columns=["node", "creator", "aliases", "bytes", "category",
+                                           "start", "stop"])
+    after, during = {}, {}
+    for c in CATEGORIES:
+        sel = table[table["category"] == c]
+        after[c], during[c] = live_bytes(sel["start"], sel["stop"], sel["bytes"], n_nodes)
+    memory = pd.DataFrame({c: after[c] + base[c] for c in CATEGORIES})
     active = memory.sum(axis=1).to_numpy()
-    live_during = {c: np.cumsum(during[c])[:n_nodes] + base[c] for c in CATEGORIES}
+    live_during = {c: during[c] + base[c] for c in CATEGORIES}
     live_during_total = sum(live_during.values())
 
     rows = []
@@ -465,7 +497,10 @@ def _assemble(joint: JointGraph, optimizer: OptimizerGraph | None, jp: GraphProf
     nodes = pd.DataFrame(rows).set_index("rank", drop=False)
     nodes.index.name = None
 
-    activations = _activation_table(storages, phase, rank, runtime, last_use, nodes, bandwidth)
+    # Buffers may be written back in place after forward (BatchNorm's running statistics), so a
+    # value rebuilt from one in backward would read the new value: such values are never dropped.
+    mutable = {p for p, r in zip(joint.primals, joint.primal_roles) if r.kind == "buffer"}
+    activations = _activation_table(storages, phase, rank, runtime, nodes, bandwidth, mutable)
     peak_rank = int(nodes["peak_mem_B"].idxmax())
     phase_ms = nodes.groupby("phase")["runtime_ms"].sum()
     summary = {
@@ -485,7 +520,8 @@ def _assemble(joint: JointGraph, optimizer: OptimizerGraph | None, jp: GraphProf
         "host_device_bandwidth_GBps": round(bandwidth / 1e6, 2) if bandwidth else None,
     }
     return Profile(nodes=nodes, activations=activations, memory=memory, summary=summary,
-                   joint=joint, optimizer=optimizer, rank=rank)
+                   joint=joint, optimizer=optimizer, rank=rank, storages=table,
+                   persistent_B=sum(base.values()))
 
 
 def _op_name(n: fx.Node) -> str:
@@ -495,17 +531,18 @@ def _op_name(n: fx.Node) -> str:
     return n.op
 
 
-def _activation_table(storages, phase, rank, runtime, last_use, nodes, bandwidth) -> pd.DataFrame:
+def _activation_table(storages, phase, rank, runtime, nodes, bandwidth, mutable) -> pd.DataFrame:
     acts = [s for s in storages if s.category == "activation"]
     # Values that stay available when an activation is dropped: other activations (kept unless
     # the planner says otherwise), and anything persistent or a view of it (parameters, batch).
+    # Only tensor-valued nodes can be saved: a multi-output op is re-run even when some of its
+    # outputs are kept (its getitems are what is saved).
     kept = {a: s for s in storages if s.category == "activation" or s.persistent
-            for a in s.aliases}
+            for a in s.aliases if is_tensor_node(a)}
     cum_ms = np.concatenate([[0.0], np.cumsum(nodes["runtime_ms"].to_numpy())])
     rows = []
     for s in acts:
-        tensor_nodes = [a for a in s.aliases if isinstance(a.meta.get("val"), torch.Tensor)]
-        node = tensor_nodes[0] if tensor_nodes else s.aliases[0]
+        node = _representative(s)
         fwd_users = [rank[u] for a in s.aliases for u in a.users if phase.get(u) == "forward"]
         bwd_users = [rank[u] for a in s.aliases for u in a.users if phase.get(u) == "backward"]
         last_fwd = max(fwd_users, default=rank[s.creator])
@@ -524,7 +561,7 @@ def _activation_table(storages, phase, rank, runtime, last_use, nodes, bandwidth
             "recompute_nodes": len(chain),
             "recompute_ms": recompute_ms,
             "recompute_ratio_B_per_ms": s.nbytes / max(recompute_ms, 1e-6),
-            "recomputable": not random,
+            "recomputable": not random and not any(src in mutable for src in sources),
             "swap_ms": s.nbytes / bandwidth if bandwidth else float("nan"),
             "aliases": " ".join(a.name for a in s.aliases if a is not node),
         })
@@ -533,6 +570,12 @@ def _activation_table(storages, phase, rank, runtime, last_use, nodes, bandwidth
                "recompute_nodes", "recompute_ms", "recompute_ratio_B_per_ms", "recomputable",
                "swap_ms", "aliases"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def _representative(s: _Storage) -> fx.Node:
+    """The node that stands for a storage: its first alias with a tensor value (the creator,
+    or for a multi-output op the ``getitem`` that extracts this output)."""
+    return next((a for a in s.aliases if isinstance(a.meta.get("val"), torch.Tensor)), s.aliases[0])
 
 
 def _recompute_sources(creator: fx.Node, storage: _Storage,

@@ -1,0 +1,179 @@
+"""μ-TWO's greedy choice of activations to recompute under a memory budget.
+
+Candidates are the profiled activations that can be rebuilt without replaying the RNG. Each has
+a *recompute ratio*: bytes freed per millisecond of recomputation, where the recomputation is the
+chain of forward nodes between the activation and the values it is rebuilt from (its sources).
+The planner repeatedly drops the candidate with the best ratio, then
+
+* updates the others: a candidate whose source was just dropped is now rebuilt from that
+  source's own sources, so its chain (and its cost) grows; nodes that are already being re-run
+  for an earlier pick cost nothing more (backward runs each node once);
+* replays the iteration with :func:`~lightning_ac.simulator.simulate` and stops as soon as the
+  simulated peak of the whole step is within the budget.
+
+It never drops a candidate whose chain contains a random op (dropout), and it stops with
+``"infeasible"`` when no candidate is left; ``Plan.min_peak_B`` then says how low it got.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from lightning_ac.profiler import Profile
+from lightning_ac.simulator import _index, simulate
+
+__all__ = ["Plan", "plan"]
+
+
+@dataclass
+class Plan:
+    """Which activations to keep and which to recompute, and what that is predicted to cost."""
+
+    budget_B: int | None
+    """The budget planned for (None: no limit)."""
+    baseline_peak_B: int
+    """Simulated peak with every activation kept (the profile's peak)."""
+    predicted_peak_B: int
+    predicted_extra_ms: float
+    """Runtime added to each step by recomputation."""
+    stop_reason: str
+    """``"fits"`` (reached the budget), ``"already fits"`` (nothing to do) or ``"infeasible"``
+    (then the plan is the one with the lowest peak found, and ``predicted_peak_B`` is that peak)."""
+    recomputed: list[fx.Node] = field(default_factory=list)
+    """Activations dropped after forward and rebuilt in backward, in the order they were picked."""
+    kept: list[fx.Node] = field(default_factory=list)
+    """Activations saved for backward."""
+    recomputed_nodes: list[fx.Node] = field(default_factory=list)
+    """Every forward node backward re-runs (the dropped activations and their chains)."""
+    recomputed_B: int = 0
+    """Bytes of the dropped activations."""
+    planning_s: float = 0.0
+    steps: list[dict] = field(default_factory=list)
+    """One entry per pick: the activation, its bytes and marginal ms, and the simulated peak
+    after it (None where no simulation was needed: the budget was out of reach)."""
+
+
+    def summary(self) -> str:
+        gib = 2**30
+        budget = "none" if self.budget_B is None else f"{self.budget_B / gib:.2f} GiB"
+        return (f"budget {budget}, baseline peak {self.baseline_peak_B / gib:.2f} GiB, "
+                f"predicted peak {self.predicted_peak_B / gib:.2f} GiB, "
+                f"{len(self.recomputed)} activations recomputed "
+                f"({self.recomputed_B / gib:.2f} GiB), predicted overhead "
+                f"{self.predicted_extra_ms:.1f} ms/step, planned in {self.planning_s:.2f} s "
+                f"[{self.stop_reason}]")
+
+
+def _chain(node: fx.Node, available) -> tuple[frozenset, frozenset]:
+    """Forward nodes to re-run to rebuild ``node`` and the available values they read."""
+    chain, sources, stack = {node}, set(), [node]
+    while stack:
+        n = stack.pop()
+        for inp in n.all_input_nodes:
+            if inp in chain or inp in sources:
+                continue
+            if available(inp):
+                sources.add(inp)
+            else:
+                chain.add(inp)
+                stack.append(inp)
+    return frozenset(chain), frozenset(sources)
+
+
+def plan(profile: Profile, budget_B: int | None) -> Plan:
+    """Choose activations to recompute so that the simulated peak is at most ``budget_B``."""
+    t0 = time.perf_counter()
+    ix = _index(profile)
+    acts = profile.activations
+    baseline = simulate(profile)
+    if budget_B is None or baseline.peak_B <= budget_B:
+        return Plan(budget_B=budget_B, baseline_peak_B=baseline.peak_B,
+                    predicted_peak_B=baseline.peak_B, predicted_extra_ms=0.0,
+                    stop_reason="already fits", kept=list(acts["node"]),
+                    planning_s=time.perf_counter() - t0)
+
+    size = dict(zip(acts["node"], acts["bytes"]))
+    dropped_rows: set[int] = set()
+    available = ix.available(dropped_rows)  # reads dropped_rows as it grows
+
+    creators = profile.storages["creator"].to_list()
+
+    def creator(n: fx.Node) -> fx.Node:
+        return creators[ix.activation_row[n]]
+
+    # A candidate's chain starts at the node that makes its storage (for a getitem of a
+    # multi-output op, the op itself).
+    chains: dict[fx.Node, frozenset] = {}
+    sources: dict[fx.Node, frozenset] = {}
+    users_of: dict[fx.Node, set[fx.Node]] = {}    # chain node -> candidates whose chain has it
+    dependents: dict[int, set[fx.Node]] = {}      # storage row -> candidates rebuilt from it
+    rerun: set[fx.Node] = set()
+    cost: dict[fx.Node, float] = {}
+
+    def set_chain(n: fx.Node, chain: frozenset, srcs: frozenset) -> None:
+        chains[n], sources[n] = chain, srcs
+        for c in chain:
+            users_of.setdefault(c, set()).add(n)
+        for x in srcs:
+            if x in ix.storage_of:
+                dependents.setdefault(ix.storage_of[x], set()).add(n)
+        cost[n] = sum(ix.runtime.get(c, 0.0) for c in chain - rerun)
+
+    for n, ok in zip(acts["node"], acts["recomputable"]):
+        if ok and size[n] > 0:
+            set_chain(n, *_chain(creator(n), available))
+    dropped: list[fx.Node] = []
+    steps = []
+    sim = baseline
+    freed_since_sim = 0
+    while chains:
+        best = max(chains, key=lambda n: size[n] / max(cost[n], 1e-6))
+        marginal = cost.pop(best)
+        chain, best_sources = chains.pop(best), sources.pop(best)
+        row = ix.activation_row[best]
+        dropped.append(best)
+        dropped_rows.add(row)
+        new_nodes = chain - rerun
+        rerun |= chain
+        # μ-TWO's update: a candidate rebuilt from `best` is now rebuilt from best's sources, so
+        # its chain takes in best's chain (and the views it read best through). Candidates that
+        # share nodes now re-run anyway get cheaper.
+        grown = [n for n in dependents.pop(row, ()) if n in chains]
+        for n in grown:
+            via = frozenset(x for x in sources[n] if ix.storage_of.get(x) == row)
+            set_chain(n, chains[n] | chain | via, (sources[n] - via) | best_sources)
+        for n in {u for c in new_nodes for u in users_of.get(c, ())} - set(grown):
+            if n in chains:
+                cost[n] = sum(ix.runtime.get(c, 0.0) for c in chains[n] - rerun)
+        freed_since_sim += int(size[best])
+        # Dropping activations of X bytes lowers the peak by X at most: simulate only when the
+        # budget is within reach, or when nothing is left to drop.
+        if sim.peak_B - freed_since_sim <= budget_B or not chains:
+            sim = simulate(profile, dropped)
+            freed_since_sim = 0
+        steps.append({"activation": best.name, "bytes": int(size[best]),
+                      "marginal_ms": round(marginal, 4),
+                      "peak_B": sim.peak_B if freed_since_sim == 0 else None})
+        if freed_since_sim == 0 and sim.peak_B <= budget_B:
+            break
+    reason = "fits" if sim.peak_B <= budget_B else "infeasible"
+    if reason == "infeasible":
+        # Long chains can make the full plan worse than a partial one: report the lowest peak
+        # among evenly spaced prefixes of the picks (what the smallest-peak plan looks like).
+        k = len(dropped)
+        best_k = min({max(1, round(k * i / 20)) for i in range(1, 21)},
+                     key=lambda m: simulate(profile, dropped[:m]).peak_B)
+        dropped = dropped[:best_k]
+        sim = simulate(profile, dropped)
+    dropped_set = set(dropped)
+    return Plan(
+        budget_B=budget_B, baseline_peak_B=baseline.peak_B, predicted_peak_B=sim.peak_B,
+        predicted_extra_ms=sim.extra_ms, stop_reason=reason, recomputed=dropped,
+        kept=[n for n in acts["node"] if n not in dropped_set],
+        recomputed_nodes=sim.recomputed_nodes,
+        recomputed_B=int(sum(size[n] for n in dropped)),
+        planning_s=time.perf_counter() - t0, steps=steps,
+    )

@@ -1,0 +1,50 @@
+"""Apply a plan: partition the profiled joint graph by it and run the result as the forward.
+
+:func:`partition` splits the *same* joint graph the profiler measured and the planner planned on:
+the forward saves the kept activations (and whatever primals backward reads), the backward
+re-runs the forward nodes it needs to rebuild the dropped ones, each just before its first use.
+:func:`compile_with_plan` wraps a function so that on its first call the joint graph is captured,
+handed to a planning function, and partitioned by the plan it returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch.fx as fx
+from torch import nn
+
+from lightning_ac import _torch_compat as compat
+from lightning_ac.capture import JointGraph, compile_joint
+from lightning_ac.planner import Plan
+
+__all__ = ["compile_with_plan", "partition", "saved_values"]
+
+
+def saved_values(joint: JointGraph, plan: Plan) -> list[fx.Node]:
+    """What the forward hands to backward: the kept activations, the pinned buffer copies and
+    the primals.
+
+    Saved values that backward does not read are dropped by the partition itself; views of kept
+    values (``detach``, ``t``) are recomputed for free.
+    """
+    return list(dict.fromkeys([*plan.kept, *joint.pinned, *joint.primals]))
+
+
+def partition(joint: JointGraph, plan: Plan) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Forward and backward modules for ``plan``, compiled with the boxed calling convention."""
+    fwd, bwd = compat.extract_fwd_bwd(joint.gm, saved_values(joint, plan), joint.num_fwd_outputs)
+    if plan.recomputed:
+        bwd = compat.reorder_backward(bwd)
+    return compat.use_boxed_calling_convention(fwd), compat.use_boxed_calling_convention(bwd)
+
+
+def compile_with_plan(fn: Callable, module: nn.Module | None,
+                      make_plan: Callable[[JointGraph], Plan]) -> Callable:
+    """Compile ``fn``; its first call captures the joint graph, plans it, and partitions it.
+
+    ``make_plan(joint)`` runs inside compilation with the real primals at hand (use
+    :func:`lightning_ac._torch_compat.real_tensor_mode` to run them); errors it raises come out of
+    the first call (under dynamo's wrapper; :func:`lightning_ac.capture.unwrap_compile_error`).
+    """
+    return compile_joint(fn, module, lambda joint: partition(joint, make_plan(joint)))

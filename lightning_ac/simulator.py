@@ -1,0 +1,215 @@
+"""Replay a profiled iteration with a recomputation plan: peak memory and added time.
+
+The simulator uses the profile's own memory model (``Profile.storages``: every allocation with
+the ranks between which it is live, plus the persistent bytes) and changes what a plan changes:
+
+* an activation that is dropped dies after its last *forward* use instead of its last backward
+  use;
+* backward re-runs the forward nodes needed to rebuild it from values that are kept (saved
+  activations, parameters, the batch). Each re-run node is placed just before its first consumer
+  in backward (what ``reordering_to_mimic_autograd_engine`` does to the rewritten backward) and
+  its output lives until its last consumer there. A node needed by several dropped activations
+  runs once;
+* a kept value that a re-run node reads stays alive until that node has run.
+
+With nothing dropped it reproduces the profile's peak exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch.fx as fx
+
+from lightning_ac.profiler import Profile, is_tensor_node
+
+__all__ = ["Simulation", "recompute_closure", "simulate"]
+
+
+@dataclass
+class Simulation:
+    """The iteration's memory and time under a plan."""
+
+    peak_B: int
+    peak_rank: int
+    extra_ms: float
+    """Runtime of the forward nodes that backward re-runs."""
+    recomputed_nodes: list[fx.Node] = field(default_factory=list)
+    """Forward nodes that backward re-runs, in forward order."""
+    placement: dict[fx.Node, int] = field(default_factory=dict)
+    """Re-run node → rank of the backward node it runs just before."""
+    during_B: np.ndarray | None = None
+    """Bytes live at each point of the refined timeline (scratch space included)."""
+
+
+class _Index:
+    """Per-profile lookups the simulator and the planner share (built once per profile)."""
+
+    def __init__(self, profile: Profile):
+        self.profile = profile
+        st = profile.storages
+        self.storage_of: dict[fx.Node, int] = {a: i for i, aliases in enumerate(st["aliases"])
+                                                for a in aliases if is_tensor_node(a)}
+        self.multi_output = {a for aliases in st["aliases"] for a in aliases
+                             if a.op == "call_function" and not is_tensor_node(a)}
+        self.activation_row = {n: i for i, n in enumerate(st["node"])
+                               if st.at[i, "category"] == "activation"}
+        self.activation_rows = frozenset(self.activation_row.values())
+        self.rank = profile.rank
+        self.phase = dict(zip(profile.nodes["node"], profile.nodes["phase"]))
+        self.runtime = dict(zip(profile.nodes["node"], profile.nodes["runtime_ms"]))
+        self.workspace = profile.nodes["workspace_B"].to_numpy()
+        self.n_nodes = len(profile.nodes)
+
+    def available(self, dropped_rows: set[int]):
+        """Predicate: is a forward value there for backward without re-running anything?
+
+        True for inputs (placeholders, constants), views of persistent memory (parameters, the
+        batch) and activations that are kept; false for dropped activations and for forward
+        temporaries, which are freed during forward.
+        """
+        activation_rows = self.activation_rows
+
+        def available(n: fx.Node) -> bool:  # reads dropped_rows live: the planner grows it
+            if n.op in ("placeholder", "get_attr"):
+                return True
+            if n in self.multi_output:  # only its getitems can be saved
+                return False
+            row = self.storage_of.get(n)
+            return row is None or (row in activation_rows and row not in dropped_rows)
+
+        return available
+
+    def is_backward(self, n: fx.Node) -> bool:
+        return self.phase.get(n) == "backward"
+
+    def needed_by_backward(self, row: int) -> list[fx.Node]:
+        """The aliases of storage ``row`` that backward nodes read directly."""
+        return [a for a in self.profile.storages.at[row, "aliases"]
+                if any(self.is_backward(u) for u in a.users)]
+
+
+def _index(profile: Profile) -> _Index:
+    cached = getattr(profile, "_sim_index", None)
+    if cached is None:
+        cached = _Index(profile)
+        profile._sim_index = cached
+    return cached
+
+
+def recompute_closure(profile: Profile, dropped: Iterable[fx.Node],
+                      index: _Index | None = None) -> tuple[set[fx.Node], set[fx.Node]]:
+    """The forward nodes backward must re-run when ``dropped`` activations are not saved.
+
+    Returns (nodes to re-run, kept values they read). A node is available without re-running if
+    it is an input (placeholder), aliases persistent memory (a view of a parameter), or aliases a
+    kept activation.
+    """
+    ix = index or _index(profile)
+    dropped_rows = {ix.activation_row[n] for n in dropped}
+    available = ix.available(dropped_rows)
+
+    rerun: set[fx.Node] = set()
+    sources: set[fx.Node] = set()
+    stack = [a for r in dropped_rows for a in ix.needed_by_backward(r)]
+    while stack:
+        n = stack.pop()
+        if n in rerun:
+            continue
+        rerun.add(n)
+        for inp in n.all_input_nodes:
+            if available(inp):
+                sources.add(inp)
+            elif inp not in rerun:
+                stack.append(inp)
+    return rerun, sources
+
+
+def _sweep(begin: np.ndarray, end: np.ndarray, nbytes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bytes live at each event time, for allocations live over closed intervals [begin, end].
+
+    Returns the running total after each event and the event times. Allocations at a time are
+    counted before frees at that time, so what is used and what is made at a node overlap.
+    """
+    eps = 1e-7  # below the refined timeline's spacing
+    t = np.concatenate([begin, end + eps])
+    d = np.concatenate([nbytes, -nbytes])
+    order = np.lexsort((-d, t))  # by time, allocations first
+    return np.cumsum(d[order]), t[order]
+
+
+def simulate(profile: Profile, dropped: Iterable[fx.Node] = ()) -> Simulation:
+    """Peak memory and added runtime of the iteration when ``dropped`` activations are recomputed.
+
+    Args:
+        profile: the profiled iteration.
+        dropped: nodes from ``profile.activations["node"]`` that are not saved for backward.
+    """
+    ix = _index(profile)
+    dropped = list(dropped)
+    st = profile.storages
+    starts, stops, nbytes = st["start"].to_numpy().copy(), st["stop"].to_numpy().copy(), \
+        st["bytes"].to_numpy()
+    rerun, _ = recompute_closure(profile, dropped, ix)
+    rank = ix.rank
+
+    # Each re-run node goes just before its first consumer in backward; a re-run node consumed
+    # only by other re-run nodes goes before the earliest of them (users first: reverse order).
+    placement: dict[fx.Node, int] = {}
+    for n in sorted(rerun, key=rank.__getitem__, reverse=True):
+        needs = [rank[u] for u in n.users if ix.is_backward(u)] + \
+                [placement[u] for u in n.users if u in placement]
+        placement[n] = min(needs)
+
+    # Dropped activations die after their last forward use.
+    for node in dropped:
+        row = ix.activation_row[node]
+        fwd_uses = [rank[u] for a in st.at[row, "aliases"] for u in a.users
+                    if ix.phase.get(u) == "forward"]
+        stops[row] = max(fwd_uses, default=starts[row])
+
+    # A refined timeline: original node r at position r; the m nodes re-run before backward node
+    # P get positions inside (P - 1, P), in forward order, so a recomputed chain runs one node at
+    # a time and each intermediate dies once its consumer has run.
+    pos: dict[fx.Node, float] = {}
+    by_slot: dict[int, list[fx.Node]] = {}
+    for n in sorted(placement, key=rank.__getitem__):
+        by_slot.setdefault(placement[n], []).append(n)
+    for slot, group in by_slot.items():
+        for k, n in enumerate(group):
+            pos[n] = slot - 1 + (k + 1) / (len(group) + 1)
+
+    begin = starts.astype(np.float64)
+    end = stops.astype(np.float64)
+    rerun_rows = {ix.storage_of[n] for n in rerun if n in ix.storage_of}
+    extra_begin, extra_end, extra_bytes = [], [], []
+    for row in rerun_rows:
+        aliases = [a for a in st.at[row, "aliases"] if a in rerun]
+        b = min(pos[a] for a in aliases)
+        uses = [rank[u] for a in aliases for u in a.users if ix.is_backward(u)] + \
+               [pos[u] for a in aliases for u in a.users if u in pos]
+        extra_begin.append(b)
+        extra_end.append(max(uses + [b]))
+        extra_bytes.append(nbytes[row])
+    # Kept values that a re-run node reads stay alive until it has run.
+    for n, where in pos.items():
+        for inp in n.all_input_nodes:
+            row = ix.storage_of.get(inp)
+            if row is not None and row not in rerun_rows and end[row] < where:
+                end[row] = where
+
+    ranks = np.arange(ix.n_nodes, dtype=np.float64)
+    times = np.concatenate([begin, extra_begin, ranks])
+    until = np.concatenate([end, extra_end, ranks])
+    amount = np.concatenate([nbytes, extra_bytes, ix.workspace]).astype(np.int64)
+    during, at = _sweep(times, until, amount)
+    during = during + profile.persistent_B
+    i = int(np.argmax(during))
+    return Simulation(
+        peak_B=int(during[i]), peak_rank=int(np.ceil(at[i])),
+        extra_ms=float(sum(ix.runtime.get(n, 0.0) for n in rerun)),
+        recomputed_nodes=sorted(rerun, key=rank.__getitem__), placement=placement,
+        during_B=during,
+    )
