@@ -11,8 +11,11 @@ The planner repeatedly drops the candidate with the best ratio, then
 * replays the iteration with :func:`~lightning_ac.simulator.simulate` and stops as soon as the
   simulated peak of the whole step is within the budget.
 
-It never drops a candidate whose chain contains a random op (dropout), and it stops with
-``"infeasible"`` when no candidate is left; ``Plan.min_peak_B`` then says how low it got.
+Only activations idle across the current simulated peak (made before it, first needed by backward
+after it) are considered: dropping anything else cannot lower that peak. It never drops a
+candidate whose chain contains a random op (dropout) or reads a buffer that is updated in place,
+nor one smaller than 0.1% of the largest activation. When nothing qualifies and the budget is not
+met it stops with ``"infeasible"`` and returns the lowest-peak plan it found.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from lightning_ac.profiler import Profile
 from lightning_ac.simulator import _index, simulate
 
 __all__ = ["Plan", "plan"]
+
+_MIN_SHARE = 1e-3  # candidates below this share of the largest activation are left alone
 
 
 @dataclass
@@ -57,14 +62,15 @@ class Plan:
 
 
     def summary(self) -> str:
-        gib = 2**30
-        budget = "none" if self.budget_B is None else f"{self.budget_B / gib:.2f} GiB"
-        return (f"budget {budget}, baseline peak {self.baseline_peak_B / gib:.2f} GiB, "
-                f"predicted peak {self.predicted_peak_B / gib:.2f} GiB, "
-                f"{len(self.recomputed)} activations recomputed "
-                f"({self.recomputed_B / gib:.2f} GiB), predicted overhead "
-                f"{self.predicted_extra_ms:.1f} ms/step, planned in {self.planning_s:.2f} s "
-                f"[{self.stop_reason}]")
+        """One line: budget, baseline and predicted peak, what is recomputed and its cost."""
+        from lightning_ac.report import format_bytes as fb
+
+        budget = "none" if self.budget_B is None else fb(self.budget_B)
+        return (f"budget {budget}, baseline peak {fb(self.baseline_peak_B)}, "
+                f"predicted peak {fb(self.predicted_peak_B)}, "
+                f"{len(self.recomputed)} activations recomputed ({fb(self.recomputed_B)}), "
+                f"predicted overhead {self.predicted_extra_ms:.1f} ms/step, "
+                f"planned in {self.planning_s:.2f} s [{self.stop_reason}]")
 
 
 def _chain(node: fx.Node, available) -> tuple[frozenset, frozenset]:
@@ -122,15 +128,32 @@ def plan(profile: Profile, budget_B: int | None) -> Plan:
                 dependents.setdefault(ix.storage_of[x], set()).add(n)
         cost[n] = sum(ix.runtime.get(c, 0.0) for c in chain - rerun)
 
+    # Activations far smaller than the largest ones (BatchNorm's per-channel statistics) free
+    # nothing that matters, and dropping them drags whole ops back into backward.
+    floor = acts["bytes"].max() * _MIN_SHARE if len(acts) else 0
     for n, ok in zip(acts["node"], acts["recomputable"]):
-        if ok and size[n] > 0:
+        if ok and size[n] > floor:
             set_chain(n, *_chain(creator(n), available))
+    last_fwd = dict(zip(acts["node"], acts["last_fwd_use_rank"]))
+    first_bwd = dict(zip(acts["node"], acts["first_bwd_use_rank"]))
     dropped: list[fx.Node] = []
     steps = []
     sim = baseline
     freed_since_sim = 0
     while chains:
-        best = max(chains, key=lambda n: size[n] / max(cost[n], 1e-6))
+        # Only an activation idle across the current peak (made before it, first needed by
+        # backward after it) lowers that peak when dropped.
+        at = sim.peak_rank
+        idle = [n for n in chains if last_fwd[n] < at < first_bwd[n]]
+        if not idle:
+            if freed_since_sim == 0:
+                break  # nothing left that can lower this peak
+            sim = simulate(profile, dropped)  # the peak may have moved
+            freed_since_sim = 0
+            if sim.peak_B <= budget_B:
+                break
+            continue
+        best = max(idle, key=lambda n: size[n] / max(cost[n], 1e-6))
         marginal = cost.pop(best)
         chain, best_sources = chains.pop(best), sources.pop(best)
         row = ix.activation_row[best]
@@ -159,6 +182,8 @@ def plan(profile: Profile, budget_B: int | None) -> Plan:
                       "peak_B": sim.peak_B if freed_since_sim == 0 else None})
         if freed_since_sim == 0 and sim.peak_B <= budget_B:
             break
+    if freed_since_sim:
+        sim = simulate(profile, dropped)
     reason = "fits" if sim.peak_B <= budget_B else "infeasible"
     if reason == "infeasible":
         # Long chains can make the full plan worse than a partial one: report the lowest peak

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["load", "plot_profile", "write_csv", "write_json"]
+__all__ = ["format_bytes", "load", "plot_profile", "write_csv", "write_json"]
 
 # stacking order of the plots: what lives through the iteration at the bottom
 _STACK = ("parameter", "optimizer_state", "other", "gradient", "activation")
@@ -17,6 +17,12 @@ _UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1))
 def _unit(nbytes: float) -> tuple[str, int]:
     """The largest binary unit in which ``nbytes`` is at least 1."""
     return next((u for u in _UNITS if nbytes >= u[1]), _UNITS[-1])
+
+
+def format_bytes(nbytes: float) -> str:
+    """``nbytes`` in the largest binary unit that keeps it at least 1: "6.10 GiB", "812 B"."""
+    unit, scale = _unit(abs(nbytes))
+    return f"{nbytes / scale:.2f} {unit}" if scale > 1 else f"{int(nbytes)} B"
 _COLORS = {"parameter": "#4c72b0", "gradient": "#dd8452", "optimizer_state": "#8172b3",
            "activation": "#55a868", "other": "#937860"}
 

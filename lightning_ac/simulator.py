@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch.fx as fx
 
-from lightning_ac.profiler import Profile, is_tensor_node
+from lightning_ac.profiler import CATEGORIES, Profile, is_tensor_node
 
-__all__ = ["Simulation", "recompute_closure", "simulate"]
+__all__ = ["Simulation", "peak_breakdown", "recompute_closure", "simulate"]
 
 
 @dataclass
@@ -140,18 +140,16 @@ def _sweep(begin: np.ndarray, end: np.ndarray, nbytes: np.ndarray) -> tuple[np.n
     return np.cumsum(d[order]), t[order]
 
 
-def simulate(profile: Profile, dropped: Iterable[fx.Node] = ()) -> Simulation:
-    """Peak memory and added runtime of the iteration when ``dropped`` activations are recomputed.
+def _timeline(profile: Profile, dropped: list[fx.Node]):
+    """Allocations of the iteration under a plan, on the refined timeline.
 
-    Args:
-        profile: the profiled iteration.
-        dropped: nodes from ``profile.activations["node"]`` that are not saved for backward.
+    Returns (begin, end, bytes, category) arrays, the nodes re-run and their placement.
     """
     ix = _index(profile)
-    dropped = list(dropped)
     st = profile.storages
     starts, stops, nbytes = st["start"].to_numpy().copy(), st["stop"].to_numpy().copy(), \
         st["bytes"].to_numpy()
+    category = st["category"].to_numpy()
     rerun, _ = recompute_closure(profile, dropped, ix)
     rank = ix.rank
 
@@ -200,16 +198,45 @@ def simulate(profile: Profile, dropped: Iterable[fx.Node] = ()) -> Simulation:
             if row is not None and row not in rerun_rows and end[row] < where:
                 end[row] = where
 
+    # scratch space of each node counts as "other" while it runs
     ranks = np.arange(ix.n_nodes, dtype=np.float64)
     times = np.concatenate([begin, extra_begin, ranks])
     until = np.concatenate([end, extra_end, ranks])
     amount = np.concatenate([nbytes, extra_bytes, ix.workspace]).astype(np.int64)
+    cats = np.concatenate([category, ["activation"] * len(extra_bytes),
+                           ["other"] * ix.n_nodes])
+    return times, until, amount, cats, rerun, placement
+
+
+def simulate(profile: Profile, dropped: Iterable[fx.Node] = ()) -> Simulation:
+    """Peak memory and added runtime of the iteration when ``dropped`` activations are recomputed.
+
+    Args:
+        profile: the profiled iteration.
+        dropped: nodes from ``profile.activations["node"]`` that are not saved for backward.
+    """
+    ix = _index(profile)
+    times, until, amount, _, rerun, placement = _timeline(profile, list(dropped))
     during, at = _sweep(times, until, amount)
     during = during + profile.persistent_B
     i = int(np.argmax(during))
     return Simulation(
         peak_B=int(during[i]), peak_rank=int(np.ceil(at[i])),
         extra_ms=float(sum(ix.runtime.get(n, 0.0) for n in rerun)),
-        recomputed_nodes=sorted(rerun, key=rank.__getitem__), placement=placement,
+        recomputed_nodes=sorted(rerun, key=ix.rank.__getitem__), placement=placement,
         during_B=during,
     )
+
+
+def peak_breakdown(profile: Profile, dropped: Iterable[fx.Node] = ()) -> dict[str, int]:
+    """Bytes per category live at the simulated peak under a plan (scratch space is "other")."""
+    times, until, amount, cats, _, _ = _timeline(profile, list(dropped))
+    during, at = _sweep(times, until, amount)
+    t = at[int(np.argmax(during))]
+    live = (times <= t) & (until >= t)
+    out = {c: 0 for c in CATEGORIES}
+    for c, b in profile.summary["persistent_B"].items():
+        out[c] += int(b)
+    for c in CATEGORIES:
+        out[c] += int(amount[live & (cats == c)].sum())
+    return out

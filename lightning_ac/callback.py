@@ -1,0 +1,294 @@
+"""``MuTwoAC``: automatic activation checkpointing as a one-line Lightning callback."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from typing_extensions import override
+
+from lightning_ac import _torch_compat as compat
+from lightning_ac.capture import (
+    JointGraph,
+    capture_optimizer_step,
+    describe_capture_failure,
+    unwrap_compile_error,
+)
+from lightning_ac.planner import Plan, plan
+from lightning_ac.profiler import Profile, profile_iteration
+from lightning_ac.report import format_bytes
+from lightning_ac.rewriter import compile_with_plan
+from lightning_ac.simulator import peak_breakdown
+
+__all__ = ["BudgetError", "MuTwoAC", "device_memory_limit", "parse_budget"]
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_BUDGET_FORMS = ('an int number of bytes, or a string such as "6GB", "5.5GiB", "800MB" '
+                 '(GB = 10^9 bytes, GiB = 2^30), or None for the device\'s memory limit')
+
+
+class BudgetError(RuntimeError):
+    """The memory budget cannot be met even by recomputing every activation that can be."""
+
+
+def parse_budget(budget: int | str | None) -> int | None:
+    """Bytes of a budget given as an int, a string with a unit, or None (no explicit budget).
+
+    Raises:
+        MisconfigurationException: for anything else, or a budget that is not positive.
+    """
+    if budget is None:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, (int, str)):
+        raise MisconfigurationException(
+            f"MuTwoAC(budget={budget!r}) is not a valid budget: expected {_BUDGET_FORMS}.")
+    if isinstance(budget, int):
+        value = budget
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", budget)
+        unit = m.group(2).upper() if m else None
+        if m is None or unit not in _UNITS:
+            raise MisconfigurationException(
+                f"MuTwoAC(budget={budget!r}) is not a valid budget: expected {_BUDGET_FORMS}.")
+        value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise MisconfigurationException(
+            f"MuTwoAC(budget={budget!r}) must be positive: expected {_BUDGET_FORMS}.")
+    return value
+
+
+def device_memory_limit(device: torch.device, margin: float = 0.05) -> int | None:
+    """Bytes this process may allocate on ``device``, less a safety margin; None on the CPU.
+
+    The smaller of the per-process memory fraction's share of the card and what the card has
+    left once other processes' memory is taken out; ``margin`` leaves room for fragmentation
+    (the allocator reserves more than it hands out).
+    """
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    others = max(0, (total - free) - torch.cuda.memory_reserved(device))
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    fraction = get_fraction(device) if get_fraction else 1.0
+    return int(min(total * fraction, total - others) * (1.0 - margin))
+
+
+class MuTwoAC(Callback):
+    r"""Train within a memory budget by recomputing the activations that are cheapest to rebuild.
+
+    On the first training step the module's forward and backward are captured as one aten graph,
+    every node is profiled on the device (with the optimizer step), the μ-TWO planner picks the
+    activations to recompute so that the simulated peak of the whole step is within ``budget``,
+    and the module's forward is replaced by the rewritten graph. Validation, test and predict
+    (and any call without gradients) use the original forward. ``state_dict()`` and the
+    parameters are untouched.
+
+    Args:
+        budget: peak memory of a training step, in bytes (int) or as a string with a unit:
+            ``"6GB"``, ``"5.5GiB"``, ``"800MB"`` (GB = 10^9 bytes, GiB = 2^30). ``None``: the
+            device's limit (see :func:`device_memory_limit`); on the CPU there is none, so AC
+            turns itself off.
+        margin: share of the device limit left free when ``budget`` is None.
+        verbose: print the plan summary.
+
+    Logged at the end of every training epoch (through the trainer's loggers):
+
+    - ``mutwo/peak_memory_B``: ``torch.cuda.max_memory_allocated`` over the epoch's training
+      steps, the planning step left out (CUDA only)
+    - ``mutwo/step_time_ms``: mean training step time (batch start to batch end), planning step
+      left out
+    - ``mutwo/predicted_peak_B``: the plan's simulated peak
+    - ``mutwo/recomputed_B``: bytes of the activations recomputed
+    - ``mutwo/recompute_overhead_ms``: predicted time added to each step by recomputation
+    - ``mutwo/active``: 1 while the rewritten forward is in use, 0 otherwise
+
+    Raises:
+        MisconfigurationException: for an invalid ``budget`` or ``margin``.
+        BudgetError: on the first step, if no plan reaches the budget; the message gives the
+            smallest peak found and what it consists of.
+    """
+
+    def __init__(self, budget: int | str | None = None, *, margin: float = 0.05,
+                 verbose: bool = True) -> None:
+        super().__init__()
+        self.budget_B = parse_budget(budget)
+        if not 0.0 <= margin < 1.0:
+            raise MisconfigurationException(
+                f"MuTwoAC(margin={margin!r}) must be in [0, 1): the share of the device limit "
+                "kept free.")
+        self.margin = margin
+        self.verbose = verbose
+        self.plan: Plan | None = None
+        self.profile: Profile | None = None
+        self.state = "idle"
+        """``idle`` (not installed yet), ``planning``, ``active``, ``off`` (the step fits, or
+        capture failed)."""
+        self._module: LightningModule | None = None
+        self._planned_shapes: tuple | None = None
+        self._step_start: Any = None
+        self._step_ms: list[float] = []
+        self._step_events: list = []
+        self._epoch_peak = 0
+        self._planning_step = False
+
+    # -- installing the rewritten forward ------------------------------------------------------
+
+    def _budget_for(self, device: torch.device) -> int | None:
+        return self.budget_B if self.budget_B is not None else \
+            device_memory_limit(device, self.margin)
+
+    def _make_plan(self, trainer: Trainer, device: torch.device, joint: JointGraph) -> Plan:
+        t0 = time.perf_counter()
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        # the joint graph already holds the casts autocast chose; running it under autocast again
+        # would cast twice
+        with compat.real_tensor_mode(), torch.autocast(device.type, enabled=False):
+            opt_graph = capture_optimizer_step(optimizer, joint.primal_values) \
+                if optimizer is not None else None
+            profile = profile_iteration(joint, opt_graph)
+            if opt_graph is not None:
+                opt_graph.release()
+        budget = self._budget_for(device)
+        result = plan(profile, budget)
+        result.planning_s = time.perf_counter() - t0
+        self.plan, self.profile = result, profile
+        if result.stop_reason == "infeasible":
+            parts = peak_breakdown(profile, result.recomputed)
+            raise BudgetError(
+                f"MuTwoAC cannot meet the budget of {format_bytes(budget)}: the smallest peak "
+                f"the planner reaches is {format_bytes(result.predicted_peak_B)} ("
+                + ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in parts.items())
+                + f") with {len(result.recomputed)} activations recomputed. Raise the budget, "
+                "lower the batch size, or use an optimizer with less state.")
+        return result
+
+    def _install(self, trainer: Trainer, module: LightningModule) -> None:
+        original = module.forward
+        device = module.device
+        compiled = compile_with_plan(original, module,
+                                     lambda joint: self._make_plan(trainer, device, joint))
+        callback = self
+
+        def forward(*args, **kwargs):
+            if callback.state in ("planning", "active") and module.training and \
+                    torch.is_grad_enabled():
+                shapes = _shapes(args, kwargs)
+                if callback.state == "active" and shapes != callback._planned_shapes:
+                    return original(*args, **kwargs)  # another shape (last batch): plain eager
+                try:
+                    out = compiled(*args, **kwargs)
+                except Exception as exc:
+                    if callback.state != "planning":
+                        raise
+                    budget_error = unwrap_compile_error(exc, (BudgetError,))
+                    if budget_error is not None:
+                        raise budget_error from None
+                    callback.state = "off"
+                    rank_zero_warn(f"MuTwoAC: {describe_capture_failure(original, exc)}\n"
+                                   "Training continues without activation checkpointing.")
+                    return original(*args, **kwargs)
+                if callback.state == "planning":
+                    callback._planned_shapes = shapes
+                    callback._announce(device)
+                return out
+            return original(*args, **kwargs)
+
+        module.forward = forward
+        self._module = module
+        self.state = "planning"
+
+    def _announce(self, device: torch.device) -> None:
+        p = self.plan
+        if p is None:
+            return
+        if p.stop_reason == "already fits":
+            self.state = "off"
+            limit = "no limit on the CPU" if p.budget_B is None else \
+                f"the budget of {format_bytes(p.budget_B)}"
+            rank_zero_info(f"MuTwoAC: the step already fits ({format_bytes(p.baseline_peak_B)} "
+                           f"peak, {limit}); activation checkpointing is off.")
+            return
+        self.state = "active"
+        if self.verbose:
+            rank_zero_info(f"MuTwoAC: {p.summary()}")
+
+    def _restore(self) -> None:
+        if self._module is not None and "forward" in self._module.__dict__:
+            del self._module.forward
+        self._module = None
+
+    # -- Lightning hooks -------------------------------------------------------------------------
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.state == "idle":
+            self._install(trainer, pl_module)
+        self._planning_step = self.state == "planning"
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+            self._step_start = torch.cuda.Event(enable_timing=True)
+            self._step_start.record()
+        else:
+            self._step_start = time.perf_counter()
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if self._planning_step or self._step_start is None:
+            return  # the planning step profiles the whole graph: not a training step's figure
+        if pl_module.device.type == "cuda":
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._step_events.append((self._step_start, end))  # read at epoch end: no sync here
+            self._epoch_peak = max(self._epoch_peak,
+                                   torch.cuda.max_memory_allocated(pl_module.device))
+        else:
+            self._step_ms.append((time.perf_counter() - self._step_start) * 1e3)
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._step_ms, self._step_events, self._epoch_peak = [], [], 0
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._step_events:
+            self._step_events[-1][1].synchronize()
+            self._step_ms += [s.elapsed_time(e) for s, e in self._step_events]
+            self._step_events = []
+        metrics = {"mutwo/active": float(self.state == "active")}
+        if self._step_ms:
+            metrics["mutwo/step_time_ms"] = sum(self._step_ms) / len(self._step_ms)
+        if self._epoch_peak:
+            metrics["mutwo/peak_memory_B"] = float(self._epoch_peak)
+        if self.plan is not None:
+            metrics.update({
+                "mutwo/predicted_peak_B": float(self.plan.predicted_peak_B),
+                "mutwo/recomputed_B": float(self.plan.recomputed_B if self.state == "active" else 0),
+                "mutwo/recompute_overhead_ms": float(
+                    self.plan.predicted_extra_ms if self.state == "active" else 0.0),
+            })
+        pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False)
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._restore()
+        if self.state != "off":
+            self.state = "idle"
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"budget_B": self.budget_B}
+
+
+def _shapes(args, kwargs) -> tuple:
+    def shape(v):
+        return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+    return tuple(shape(a) for a in args) + tuple((k, shape(v)) for k, v in sorted(kwargs.items()))

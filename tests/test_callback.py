@@ -1,0 +1,143 @@
+import copy
+
+import lightning.pytorch as L
+import pandas as pd
+import pytest
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_ac import BudgetError, MuTwoAC, parse_budget
+from tests.lit_models import LitWorkload
+
+
+@pytest.mark.parametrize("given,expected", [
+    ("6GB", 6 * 10**9), ("5.5GiB", int(5.5 * 2**30)), ("800MB", 800 * 10**6),
+    ("512 KiB", 512 * 1024), (123456, 123456), ("1000", 1000), (None, None),
+])
+def test_budget_forms(given, expected):
+    assert parse_budget(given) == expected
+
+
+@pytest.mark.parametrize("bad", ["6 gigs", -1, 0, "0GB", "GB", 1.5, True, "-3MB"])
+def test_bad_budgets_are_rejected_with_the_accepted_forms(bad):
+    with pytest.raises(MisconfigurationException, match=r"budget=.*(expected|must be positive)"):
+        MuTwoAC(budget=bad)
+
+
+def test_bad_margin_is_rejected():
+    with pytest.raises(MisconfigurationException, match="margin"):
+        MuTwoAC(margin=1.5)
+
+
+def _trainer(tmp_path, cb=None, epochs=1, **kw):
+    return L.Trainer(accelerator="cpu", max_epochs=epochs, callbacks=[cb] if cb else [],
+                     logger=L.loggers.CSVLogger(tmp_path), enable_progress_bar=False,
+                     enable_model_summary=False, limit_val_batches=1, deterministic=True,
+                     default_root_dir=tmp_path, **kw)
+
+
+def _fit(tmp_path, name, cb=None, steps=4, epochs=1, **kw):
+    torch.manual_seed(0)
+    m = LitWorkload(name)
+    t = _trainer(tmp_path, cb, epochs, **kw)
+    t.fit(m, m.dataloader(steps), m.dataloader(1))
+    return m, t
+
+
+def _baseline_peak(tmp_path, name):
+    cb = MuTwoAC(budget=10**12)
+    _fit(tmp_path / "probe", name, cb, steps=1)
+    return cb.plan.baseline_peak_B
+
+
+@pytest.mark.parametrize("name", ["cnn", "tiny-bert"])
+def test_training_with_ac_matches_training_without(tmp_path, name):
+    budget = int(0.85 * _baseline_peak(tmp_path, name))
+    cb = MuTwoAC(budget=budget)
+    m, t = _fit(tmp_path / "ac", name, cb, steps=4, epochs=2)
+    ref, _ = _fit(tmp_path / "ref", name, None, steps=4, epochs=2)
+    assert cb.plan.stop_reason == "fits" and cb.plan.recomputed
+    assert cb.plan.predicted_peak_B <= budget
+    assert len(m.losses) == len(ref.losses) == 8
+    for a, b in zip(m.losses, ref.losses):
+        assert abs(a - b) <= 1e-6 * abs(b) + 1e-7
+    for p, q in zip(m.parameters(), ref.parameters()):
+        assert (p - q).norm() <= 1e-6 * q.norm() + 1e-7
+    # metrics reach the logger under mutwo/
+    metrics = pd.read_csv(next((tmp_path / "ac").rglob("metrics.csv")))
+    for key in ("mutwo/step_time_ms", "mutwo/predicted_peak_B", "mutwo/recomputed_B",
+                "mutwo/recompute_overhead_ms", "mutwo/active"):
+        assert metrics[key].notna().sum() == 2, key  # once per epoch
+    assert metrics["mutwo/active"].dropna().eq(1).all()
+    assert "forward" not in m.__dict__  # the original forward is back after fit
+
+
+def test_ac_turns_itself_off_when_the_step_fits(tmp_path, caplog):
+    cb = MuTwoAC()  # CPU: no device limit
+    with caplog.at_level("INFO"):
+        _fit(tmp_path, "cnn", cb, steps=3)
+    assert cb.state == "off" and cb.plan.stop_reason == "already fits"
+    said = [r.getMessage() for r in caplog.records if "already fits" in r.getMessage()]
+    assert len(said) == 1  # said once, not every step
+
+
+def test_infeasible_budget_says_what_the_smallest_peak_is(tmp_path):
+    with pytest.raises(BudgetError, match=r"smallest peak .* \(parameter .*activation .*\)"):
+        _fit(tmp_path, "cnn", MuTwoAC(budget=1000))
+
+
+class _Branchy(LitWorkload):
+    def forward(self, x, y):
+        out = self.model(x)
+        if out.sum() > 0:  # data-dependent branch: a graph break
+            out = out * 1.0
+        return out
+
+
+def test_graph_break_falls_back_to_plain_training(tmp_path):
+    cb = MuTwoAC(budget="1MB")
+    torch.manual_seed(0)
+    m = _Branchy("cnn")
+    t = _trainer(tmp_path, cb)
+    with pytest.warns(UserWarning, match="could not capture .* as one graph"):
+        t.fit(m, m.dataloader(3), m.dataloader(1))
+    assert cb.state == "off" and len(m.losses) == 3
+
+
+def test_checkpoint_loads_into_a_plain_model(tmp_path):
+    budget = int(0.85 * _baseline_peak(tmp_path, "cnn"))
+    m, t = _fit(tmp_path / "ac", "cnn", MuTwoAC(budget=budget), steps=3)
+    path = tmp_path / "ac.ckpt"
+    t.save_checkpoint(path)
+    plain = LitWorkload("cnn")
+    state = torch.load(path, weights_only=False)["state_dict"]
+    assert set(state) == set(plain.state_dict())
+    plain.load_state_dict(state)
+    for p, q in zip(plain.parameters(), m.parameters()):
+        assert torch.equal(p, q)
+    assert list(dict(m.named_parameters())) == list(dict(plain.named_parameters()))
+
+
+def test_validation_and_predict_use_the_original_forward(tmp_path):
+    budget = int(0.85 * _baseline_peak(tmp_path, "cnn"))
+    cb = MuTwoAC(budget=budget)
+    m = LitWorkload("cnn")
+    t = _trainer(tmp_path, cb)
+    t.fit(m, m.dataloader(2), m.dataloader(1))
+    plain = copy.deepcopy(m)
+    x = m.w.inputs[0]
+    with torch.no_grad():
+        m.eval(), plain.eval()
+        assert torch.equal(m(x, None), plain(x, None))
+    preds = t.predict(m, m.dataloader(1))
+    with torch.no_grad():
+        assert torch.equal(preds[0], plain(*[b for b in m.w.inputs]))
+    assert "forward" not in m.__dict__
+
+
+def test_bf16_mixed_precision(tmp_path):
+    budget = int(0.85 * _baseline_peak(tmp_path, "cnn"))
+    cb = MuTwoAC(budget=budget)
+    m, _ = _fit(tmp_path / "bf16", "cnn", cb, steps=3, precision="bf16-mixed")
+    assert cb.plan is not None and cb.plan.stop_reason in ("fits", "already fits")
+    assert all(torch.isfinite(torch.tensor(m.losses)))

@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from lightning_ac.planner import plan
+from lightning_ac.profiler import is_random_op, profile_step
+from lightning_ac.simulator import peak_breakdown, recompute_closure, simulate
+from lightning_ac.zoo import make_workload
+
+
+def _profile(name, batch=16):
+    w = make_workload(name, batch, seq_len=32)
+    opt = torch.optim.SGD(w.model.parameters(), lr=0.1, momentum=0.9)
+    return w, profile_step(w.loss, w.inputs, w.model, opt)
+
+
+@pytest.fixture(scope="module", params=["mlp", "cnn", "tiny-bert"])
+def profiled(request):
+    return _profile(request.param)
+
+
+def test_simulating_no_plan_reproduces_the_profile(profiled):
+    _, prof = profiled
+    sim = simulate(prof)
+    assert sim.peak_B == prof.peak_bytes
+    assert sim.extra_ms == 0 and not sim.recomputed_nodes
+    assert sum(peak_breakdown(prof).values()) == prof.peak_bytes
+
+
+def test_budget_already_met(profiled):
+    _, prof = profiled
+    p = plan(prof, prof.peak_bytes)
+    assert p.stop_reason == "already fits" and not p.recomputed and p.predicted_extra_ms == 0
+    assert plan(prof, None).stop_reason == "already fits"
+
+
+@pytest.mark.parametrize("name", ["cnn", "tiny-bert"])
+def test_plan_meets_a_reachable_budget(name):
+    _, prof = _profile(name)
+    floor = plan(prof, 1)  # as low as it goes
+    assert floor.stop_reason == "infeasible" and floor.predicted_peak_B < prof.peak_bytes
+    budget = (floor.predicted_peak_B + prof.peak_bytes) // 2
+    p = plan(prof, budget)
+    assert p.stop_reason == "fits"
+    assert p.predicted_peak_B <= budget < p.baseline_peak_B
+    assert simulate(prof, p.recomputed).peak_B == p.predicted_peak_B
+    assert p.predicted_extra_ms > 0 and p.recomputed_B > 0
+    assert set(p.kept).isdisjoint(p.recomputed)
+    assert set(p.kept) | set(p.recomputed) == set(prof.activations["node"])
+    # nothing random is re-run, and nothing is rebuilt from a buffer updated in place
+    assert not any(is_random_op(n) for n in p.recomputed_nodes)
+    buffers = {n for n, r in zip(prof.joint.primals, prof.joint.primal_roles) if r.kind == "buffer"}
+    assert not any(inp in buffers for n in p.recomputed_nodes for inp in n.all_input_nodes)
+    # every re-run node reads only kept values, inputs, or other re-run nodes
+    rerun, sources = recompute_closure(prof, p.recomputed)
+    assert rerun == set(p.recomputed_nodes)
+    assert sources.isdisjoint(set(p.recomputed))
+
+
+def test_cnn_recomputes_relu_before_convolution():
+    """BN+ReLU outputs are cheap to rebuild from conv outputs: they go first."""
+    _, prof = _profile("cnn")
+    p = plan(prof, 1)
+    ops = [str(n.target) for n in p.recomputed]
+    first_conv = next(i for i, o in enumerate(ops) if "convolution" in o)
+    assert all("relu" in o for o in ops[:first_conv]) and first_conv >= 2
+
+
+def test_dropout_outputs_are_never_dropped():
+    _, prof = _profile("tiny-bert")
+    p = plan(prof, 1)
+    acts = prof.activations.set_index("name")
+    for n in p.recomputed:
+        assert acts.at[n.name, "recomputable"]
+    assert any(not r for r in prof.activations.recomputable)
