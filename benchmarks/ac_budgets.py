@@ -1,0 +1,103 @@
+"""Peak memory and step time of the rewritten step at several budgets, next to eager.
+
+For each model: eager (no AC), the rewritten step with nothing recomputed (parity), and the
+rewritten step planned for each budget. Every configuration trains the same freshly built model
+on the same batch; peaks are ``torch.cuda.max_memory_allocated`` over the measured steps, times
+are medians by CUDA events after warm-up (the first, planning step is a warm-up step).
+
+    PYTHONPATH=. python benchmarks/ac_budgets.py --model resnet152 --batch-size 128 \\
+        --budgets 12GiB 8.55GiB --out reports/ac
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from lightning_ac import _torch_compat as compat
+from lightning_ac.callback import parse_budget
+from lightning_ac.capture import capture_optimizer_step
+from lightning_ac.measure import measure_steps
+from lightning_ac.planner import plan
+from lightning_ac.profiler import profile_iteration
+from lightning_ac.rewriter import compile_with_plan
+from lightning_ac.zoo import make_workload
+
+GIB = 2**30
+
+
+def run_config(model: str, batch: int, seq_len: int, budget: int | None, steps: int,
+               rewrite: bool) -> dict:
+    torch.cuda.empty_cache()
+    w = make_workload(model, batch, device="cuda", seq_len=seq_len)
+    opt = torch.optim.Adam(w.model.parameters(), lr=1e-4)
+    info: dict = {}
+    fn = w.loss
+    if rewrite:
+        def make_plan(joint):
+            t0 = time.perf_counter()
+            with compat.real_tensor_mode():
+                og = capture_optimizer_step(opt, joint.primal_values)
+                prof = profile_iteration(joint, og)
+                og.release()
+            p = plan(prof, budget)
+            info.update(plan=p, profile=prof, first_step_s=time.perf_counter() - t0)
+            return p
+
+        fn = compile_with_plan(w.loss, w.model, make_plan)
+    t0 = time.perf_counter()
+    m = measure_steps(fn, w.inputs, opt, steps=steps, warmup=2)
+    row = {"model": model, "batch": batch, "config": "eager" if not rewrite else
+           ("rewritten, nothing recomputed" if budget is None else "MuTwoAC"),
+           "budget_GiB": round(budget / GIB, 3) if budget else None,
+           "peak_GiB": round(m.peak_B / GIB, 3), "step_ms": round(m.step_ms, 2),
+           "total_s": round(time.perf_counter() - t0, 1)}
+    if rewrite:
+        p = info["plan"]
+        row.update(predicted_peak_GiB=round(p.predicted_peak_B / GIB, 3),
+                   predicted_extra_ms=round(p.predicted_extra_ms, 2),
+                   recomputed=len(p.recomputed), recomputed_GiB=round(p.recomputed_B / GIB, 3),
+                   stop_reason=p.stop_reason, planning_s=round(p.planning_s, 2),
+                   capture_profile_plan_s=round(info["first_step_s"], 1),
+                   profile_peak_GiB=round(info["profile"].peak_bytes / GIB, 3))
+        row["peak_vs_predicted"] = round(m.peak_B / p.predicted_peak_B, 4)
+    torch.compiler.reset()  # drop compiled graphs (and the tensors they hold) between configs
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="resnet152")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--budgets", nargs="*", default=[])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--out", type=Path, default=Path("reports/ac"))
+    args = ap.parse_args()
+    rows = [run_config(args.model, args.batch_size, args.seq_len, None, args.steps, False),
+            run_config(args.model, args.batch_size, args.seq_len, None, args.steps, True)]
+    for b in args.budgets:
+        rows.append(run_config(args.model, args.batch_size, args.seq_len, parse_budget(b),
+                               args.steps, True))
+    eager = rows[0]
+    for r in rows:
+        r["peak_vs_eager"] = round(r["peak_GiB"] / eager["peak_GiB"], 4)
+        r["time_vs_eager"] = round(r["step_ms"] / eager["step_ms"], 4)
+        print(json.dumps(r), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{args.model}_budgets.csv"
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with path.open("w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=keys)
+        wr.writeheader()
+        wr.writerows(rows)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
