@@ -31,6 +31,22 @@ from lightning_ac.zoo import make_workload
 GIB = 2**30
 
 
+def describe_plan(p, prof) -> dict:
+    """What was recomputed, by op, and the first picks with their sizes and costs."""
+    from collections import Counter
+
+    acts = prof.activations.set_index("name")
+    ops = Counter(str(acts.at[n.name, "creator"]).rstrip("_0123456789") for n in p.recomputed)
+    return {"summary": p.summary(), "recomputed_by_creator": dict(ops.most_common()),
+            "rerun_nodes": len(p.recomputed_nodes),
+            "first_picks": p.steps[:12],
+            "kept_largest": [
+                {"name": n.name, "bytes": int(acts.at[n.name, "bytes"]),
+                 "recomputable": bool(acts.at[n.name, "recomputable"]),
+                 "recompute_ms": round(float(acts.at[n.name, "recompute_ms"]), 3)}
+                for n in sorted(p.kept, key=lambda n: -acts.at[n.name, "bytes"])[:8]]}
+
+
 def run_config(model: str, batch: int, seq_len: int, budget: int | None, steps: int,
                rewrite: bool) -> dict:
     torch.cuda.empty_cache()
@@ -66,6 +82,7 @@ def run_config(model: str, batch: int, seq_len: int, budget: int | None, steps: 
                    capture_profile_plan_s=round(info["first_step_s"], 1),
                    profile_peak_GiB=round(info["profile"].peak_bytes / GIB, 3))
         row["peak_vs_predicted"] = round(m.peak_B / p.predicted_peak_B, 4)
+        row["plan"] = describe_plan(p, info["profile"])
     torch.compiler.reset()  # drop compiled graphs (and the tensors they hold) between configs
     return row
 
@@ -85,11 +102,15 @@ def main() -> None:
         rows.append(run_config(args.model, args.batch_size, args.seq_len, parse_budget(b),
                                args.steps, True))
     eager = rows[0]
+    args.out.mkdir(parents=True, exist_ok=True)
+    plans = {}
     for r in rows:
         r["peak_vs_eager"] = round(r["peak_GiB"] / eager["peak_GiB"], 4)
         r["time_vs_eager"] = round(r["step_ms"] / eager["step_ms"], 4)
+        if "plan" in r:
+            plans[f"{r['config']} {r['budget_GiB']}"] = r.pop("plan")
         print(json.dumps(r), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.model}_plans.json").write_text(json.dumps(plans, indent=1) + "\n")
     path = args.out / f"{args.model}_budgets.csv"
     keys = list(dict.fromkeys(k for r in rows for k in r))
     with path.open("w", newline="") as f:

@@ -31,6 +31,7 @@ from lightning_ac.simulator import _index, simulate
 __all__ = ["Plan", "plan"]
 
 _MIN_SHARE = 1e-3  # candidates below this share of the largest activation are left alone
+HEADROOM = 0.01  # plan this share below the budget (measured vs simulated peak, see plan())
 
 
 @dataclass
@@ -89,13 +90,19 @@ def _chain(node: fx.Node, available) -> tuple[frozenset, frozenset]:
     return frozenset(chain), frozenset(sources)
 
 
-def plan(profile: Profile, budget_B: int | None) -> Plan:
-    """Choose activations to recompute so that the simulated peak is at most ``budget_B``."""
+def plan(profile: Profile, budget_B: int | None, headroom: float = HEADROOM) -> Plan:
+    """Choose activations to recompute so that the simulated peak is at most ``budget_B``.
+
+    The planner aims ``headroom`` (a share of the budget) below it: on the H100 the measured
+    peak of the rewritten step came out 0.3 to 0.9% above the simulated one (allocator rounding
+    and cuDNN/cuBLAS workspaces the profile sees only approximately).
+    """
     t0 = time.perf_counter()
+    target = None if budget_B is None else int(budget_B * (1.0 - headroom))
     ix = _index(profile)
     acts = profile.activations
     baseline = simulate(profile)
-    if budget_B is None or baseline.peak_B <= budget_B:
+    if target is None or baseline.peak_B <= target:
         return Plan(budget_B=budget_B, baseline_peak_B=baseline.peak_B,
                     predicted_peak_B=baseline.peak_B, predicted_extra_ms=0.0,
                     stop_reason="already fits", kept=list(acts["node"]),
@@ -150,7 +157,7 @@ def plan(profile: Profile, budget_B: int | None) -> Plan:
                 break  # nothing left that can lower this peak
             sim = simulate(profile, dropped)  # the peak may have moved
             freed_since_sim = 0
-            if sim.peak_B <= budget_B:
+            if sim.peak_B <= target:
                 break
             continue
         best = max(idle, key=lambda n: size[n] / max(cost[n], 1e-6))
@@ -174,17 +181,17 @@ def plan(profile: Profile, budget_B: int | None) -> Plan:
         freed_since_sim += int(size[best])
         # Dropping activations of X bytes lowers the peak by X at most: simulate only when the
         # budget is within reach, or when nothing is left to drop.
-        if sim.peak_B - freed_since_sim <= budget_B or not chains:
+        if sim.peak_B - freed_since_sim <= target or not chains:
             sim = simulate(profile, dropped)
             freed_since_sim = 0
         steps.append({"activation": best.name, "bytes": int(size[best]),
                       "marginal_ms": round(marginal, 4),
                       "peak_B": sim.peak_B if freed_since_sim == 0 else None})
-        if freed_since_sim == 0 and sim.peak_B <= budget_B:
+        if freed_since_sim == 0 and sim.peak_B <= target:
             break
     if freed_since_sim:
         sim = simulate(profile, dropped)
-    reason = "fits" if sim.peak_B <= budget_B else "infeasible"
+    reason = "fits" if sim.peak_B <= target else "infeasible"
     if reason == "infeasible":
         # Long chains can make the full plan worse than a partial one: report the lowest peak
         # among evenly spaced prefixes of the picks (what the smallest-peak plan looks like).

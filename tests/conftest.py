@@ -1,5 +1,10 @@
-import pytest
-import torch
+import os
+
+# deterministic cuBLAS for the GPU tests; it must be set before the first cuBLAS call
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

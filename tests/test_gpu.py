@@ -24,3 +24,61 @@ def test_profile_agrees_with_a_real_step(name, batch):
     ratio = prof.summary["sum_runtime_ms"] / m.step_ms
     assert 0.3 <= ratio <= 1.3, f"sum of node runtimes {prof.summary['sum_runtime_ms']} vs step {m.step_ms}"
     assert prof.summary["host_device_bandwidth_GBps"] > 1
+
+
+@pytest.mark.parametrize("name,batch", [("resnet152", 16), ("bert", 8)])
+def test_rewritten_step_matches_eager_and_stays_under_budget(name, batch):
+    """Deterministic algorithms on: loss and every gradient as eager, measured peak ≤ budget."""
+    from lightning_ac import _torch_compat as compat
+    from lightning_ac.planner import plan
+    from lightning_ac.profiler import profile_iteration
+    from lightning_ac.rewriter import compile_with_plan
+
+    torch.use_deterministic_algorithms(True)
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # fp32 convolutions: compare at fp32 precision
+    try:
+        w = make_workload(name, batch, device="cuda", seq_len=128)
+        ref = make_workload(name, batch, device="cuda", seq_len=128)
+        made = {}
+
+        def make_plan(joint):
+            with compat.real_tensor_mode():
+                prof = profile_iteration(joint)
+            made["budget"] = int(prof.persistent_B + 0.5 * (prof.peak_bytes - prof.persistent_B))
+            made["plan"] = plan(prof, made["budget"])
+            return made["plan"]
+
+        step = compile_with_plan(w.loss, w.model, make_plan)
+        rng = torch.cuda.get_rng_state()
+        loss = step(*w.inputs)
+        loss.backward()
+        torch.cuda.set_rng_state(rng)
+        ref_loss = ref.loss(*ref.inputs)
+        ref_loss.backward()
+        assert made["plan"].recomputed
+        assert abs(loss.item() - ref_loss.item()) <= 1e-6 * abs(ref_loss.item())
+        for (n, p), q in zip(w.model.named_parameters(), ref.model.parameters()):
+            assert (p.grad - q.grad).norm() <= 1e-6 * q.grad.norm() + 1e-7, n
+        for (n, b), c in zip(w.model.named_buffers(), ref.model.buffers()):  # BN statistics
+            assert torch.allclose(b.float(), c.float(), rtol=1e-6, atol=1e-7), n
+        del ref
+        opt = torch.optim.SGD(w.model.parameters(), lr=1e-3)
+        torch.cuda.empty_cache()
+        m = measure_steps(step, w.inputs, opt, steps=3, warmup=1)
+        assert m.peak_B <= made["budget"], (m.peak_B, made["budget"])
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
+def test_batch_norm_runs_on_cudnn_in_the_captured_graph():
+    from lightning_ac.capture import capture_joint
+
+    w = make_workload("cnn", 8, device="cuda")
+    joint = capture_joint(w.loss, w.inputs, w.model)
+    targets = {n.target for n in joint.graph.nodes if n.op == "call_function"}
+    aten = torch.ops.aten
+    assert aten.cudnn_batch_norm.default in targets
+    assert aten.cudnn_batch_norm_backward.default in targets
+    assert aten._native_batch_norm_legit_functional.default not in targets

@@ -28,8 +28,10 @@ def test_simulating_no_plan_reproduces_the_profile(profiled):
 
 def test_budget_already_met(profiled):
     _, prof = profiled
-    p = plan(prof, prof.peak_bytes)
+    p = plan(prof, prof.peak_bytes, headroom=0.0)
     assert p.stop_reason == "already fits" and not p.recomputed and p.predicted_extra_ms == 0
+    # with the default headroom a budget at the very peak is not taken as met
+    assert plan(prof, prof.peak_bytes).stop_reason != "already fits"
     assert plan(prof, None).stop_reason == "already fits"
 
 
@@ -41,7 +43,7 @@ def test_plan_meets_a_reachable_budget(name):
     budget = (floor.predicted_peak_B + prof.peak_bytes) // 2
     p = plan(prof, budget)
     assert p.stop_reason == "fits"
-    assert p.predicted_peak_B <= budget < p.baseline_peak_B
+    assert p.predicted_peak_B <= budget * (1 - 0.01) < p.baseline_peak_B
     assert simulate(prof, p.recomputed).peak_B == p.predicted_peak_B
     assert p.predicted_extra_ms > 0 and p.recomputed_B > 0
     assert set(p.kept).isdisjoint(p.recomputed)
