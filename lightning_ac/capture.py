@@ -16,7 +16,6 @@ so parameters, buffers (BatchNorm running statistics) and RNG state are left unt
 from __future__ import annotations
 
 import contextlib
-import operator
 import traceback
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -39,7 +38,6 @@ __all__ = [
     "capture_joint",
     "capture_optimizer_step",
     "pin_buffers",
-    "use_cudnn_batch_norm",
 ]
 
 
@@ -145,7 +143,6 @@ def _build_joint(joint_gm: fx.GraphModule, example_inputs: list, roles: list[Pri
         raise CaptureError(f"cannot align {len(grads)} gradient outputs with {len(tensors)} primals")
     joint.grad_of = {g: i for g, i in zip(grads, owners) if isinstance(g, fx.Node)}
     pin_buffers(joint)
-    use_cudnn_batch_norm(joint)
     return joint
 
 
@@ -411,73 +408,3 @@ def _drop_profiler_markers(gm: fx.GraphModule) -> None:
             gm.graph.erase_node(node)
     gm.recompile()
 
-
-def _cudnn_batch_norm_applies(x, weight, bias, training: bool, eps: float) -> bool:
-    """Whether eager PyTorch would run this training BatchNorm through cuDNN (as it checks)."""
-    return (training and isinstance(x, torch.Tensor) and x.is_cuda and x.dim() == 4
-            and x.is_contiguous() and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
-            and weight is not None and bias is not None and eps >= 1e-5
-            and torch.backends.cudnn.enabled and torch.backends.cudnn.is_available()
-            and x.numel() < 2**31 - 1)
-
-
-def use_cudnn_batch_norm(joint: JointGraph) -> int:
-    """Run training BatchNorm on cuDNN, as eager does, instead of the native kernels.
-
-    AOTAutograd decomposes BatchNorm to ``_native_batch_norm_legit_functional`` and
-    ``native_batch_norm_backward``, whose CUDA kernels are about twice as slow as cuDNN's
-    (ResNet-152: 30 + 37 ms per step against 14 + 29 ms, DESIGN.md) and round differently from
-    eager. This pass swaps each pair for ``cudnn_batch_norm`` / ``cudnn_batch_norm_backward``.
-    cuDNN updates the running statistics in place: it gets the buffer copies made by
-    :func:`pin_buffers`, and the forward returns those copies as the new statistics.
-    Returns how many BatchNorms were swapped (none off CUDA).
-    """
-    aten = torch.ops.aten
-    graph = joint.gm.graph
-    pinned = set(joint.pinned)
-    swapped = 0
-    for bn in list(graph.find_nodes(op="call_function",
-                                    target=aten._native_batch_norm_legit_functional.default)):
-        x, weight, bias, rm, rv, training, momentum, eps = bn.args
-        val = lambda n: n.meta.get("val") if isinstance(n, fx.Node) else n  # noqa: E731
-        if rm not in pinned or rv not in pinned or not _cudnn_batch_norm_applies(
-                val(x), val(weight), val(bias), training, eps):
-            continue
-        outs = {u.args[1]: u for u in bn.users if u.target is operator.getitem}
-        backward = [u for u in outs[1].users
-                    if u.target == aten.native_batch_norm_backward.default] if 1 in outs else []
-        with graph.inserting_before(bn):
-            cudnn = graph.call_function(aten.cudnn_batch_norm.default,
-                                        (x, weight, bias, rm, rv, True, momentum, eps))
-            parts = [graph.call_function(operator.getitem, (cudnn, i)) for i in range(4)]
-        # (output, save_mean, save_invstd, reserve space): shapes as the native op's outputs
-        vals = [val(outs[0]) if 0 in outs else val(x), val(rm), val(rm),
-                val(x).new_empty((0,), dtype=torch.uint8)]
-        cudnn.meta.update(bn.meta)
-        cudnn.meta["val"] = tuple(vals)
-        for part, v in zip(parts, vals):
-            part.meta["partitioner_tag"] = bn.meta.get("partitioner_tag")
-            part.meta["val"] = v
-        for i in range(3):
-            if i in outs:
-                outs[i].replace_all_uses_with(parts[i])
-        for i, stat in ((3, rm), (4, rv)):  # new running statistics: the updated copies
-            if i in outs:
-                outs[i].replace_all_uses_with(stat)
-        for bwd in backward:
-            g, _x, w, b_rm, b_rv, save_mean, save_invstd, _train, b_eps, _mask = bwd.args
-            with graph.inserting_before(bwd):
-                new = graph.call_function(aten.cudnn_batch_norm_backward.default,
-                                          (x, g, w, b_rm, b_rv, save_mean, save_invstd, b_eps,
-                                           parts[3]))
-            new.meta.update(bwd.meta)
-            bwd.replace_all_uses_with(new)
-            graph.erase_node(bwd)
-        for n in list(outs.values()):
-            graph.erase_node(n)
-        graph.erase_node(bn)
-        swapped += 1
-    if swapped:
-        graph.lint()
-        joint.gm.recompile()
-    return swapped
