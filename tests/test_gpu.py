@@ -26,9 +26,22 @@ def test_profile_agrees_with_a_real_step(name, batch):
     assert prof.summary["host_device_bandwidth_GBps"] > 1
 
 
+def _grads(model):
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+def _close(a, b, rel):
+    return (a - b).norm() <= rel * b.norm() + 1e-7
+
+
 @pytest.mark.parametrize("name,batch", [("resnet152", 16), ("bert", 8)])
-def test_rewritten_step_matches_eager(name, batch):
-    """Deterministic algorithms on, TF32 off: loss, every gradient and BN statistics as eager."""
+def test_rewritten_step_matches_the_unrewritten_step_and_eager(name, batch):
+    """Deterministic algorithms on, TF32 off.
+
+    Against the captured step with nothing recomputed, recomputation changes nothing (1e-6).
+    Against eager the captured graph differs only by its kernels: ResNet's BatchNorm runs the
+    native kernel where eager runs cuDNN (3.4e-6 relative on the loss measured on the H100).
+    """
     from lightning_ac import _torch_compat as compat
     from lightning_ac.planner import plan
     from lightning_ac.profiler import profile_iteration
@@ -38,34 +51,38 @@ def test_rewritten_step_matches_eager(name, batch):
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False  # fp32 convolutions: compare at fp32 precision
     try:
-        w = make_workload(name, batch, device="cuda", seq_len=128)
-        ref = make_workload(name, batch, device="cuda", seq_len=128)
-        made = {}
+        runs = {}
+        for label in ("eager", "kept", "ac"):
+            torch.compiler.reset()
+            w = make_workload(name, batch, device="cuda", seq_len=128)
+            made = {}
 
-        def make_plan(joint):
-            with compat.real_tensor_mode():
-                prof = profile_iteration(joint)
-            made["budget"] = int(prof.persistent_B + 0.5 * (prof.peak_bytes - prof.persistent_B))
-            made["plan"] = plan(prof, made["budget"])
-            return made["plan"]
+            def make_plan(joint, label=label, made=made):
+                with compat.real_tensor_mode():
+                    prof = profile_iteration(joint)
+                budget = None if label == "kept" else \
+                    int(prof.persistent_B + 0.5 * (prof.peak_bytes - prof.persistent_B))
+                made["plan"] = plan(prof, budget)
+                return made["plan"]
 
-        step = compile_with_plan(w.loss, w.model, make_plan)
-        rng = torch.cuda.get_rng_state()
-        loss = step(*w.inputs)
-        loss.backward()
-        torch.cuda.set_rng_state(rng)
-        ref_loss = ref.loss(*ref.inputs)
-        ref_loss.backward()
-        assert made["plan"].recomputed
-        assert abs(loss.item() - ref_loss.item()) <= 1e-6 * abs(ref_loss.item())
-        for (n, p), q in zip(w.model.named_parameters(), ref.model.parameters()):
-            assert (p.grad - q.grad).norm() <= 1e-6 * q.grad.norm() + 1e-7, n
-        for (n, b), c in zip(w.model.named_buffers(), ref.model.buffers()):  # BN statistics
-            assert torch.allclose(b.float(), c.float(), rtol=1e-6, atol=1e-7), n
+            step = w.loss if label == "eager" else compile_with_plan(w.loss, w.model, make_plan)
+            torch.cuda.manual_seed(1)  # dropout draws the same masks in every run
+            loss = step(*w.inputs)
+            loss.backward()
+            runs[label] = (loss.detach(), _grads(w.model),
+                           [b.detach().clone() for b in w.model.buffers()], made.get("plan"))
+            del w, step, loss
+        assert runs["ac"][3].recomputed and not runs["kept"][3].recomputed
+        for other, rel in (("kept", 1e-6), ("eager", 1e-4)):
+            loss, grads, bufs, _ = runs[other]
+            assert _close(runs["ac"][0], loss, rel), (other, runs["ac"][0], loss)
+            for i, (g, r) in enumerate(zip(runs["ac"][1], grads)):
+                assert _close(g, r, rel if other == "kept" else 1e-3), (other, i)
+            for b, r in zip(runs["ac"][2], bufs):  # BatchNorm running statistics
+                assert torch.allclose(b.float(), r.float(), rtol=rel, atol=1e-6), other
     finally:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.allow_tf32 = tf32
-
 
 
 @pytest.mark.parametrize("name,batch,share", [("resnet152", 32, 0.5), ("bert", 16, 0.6)])
@@ -78,6 +95,7 @@ def test_measured_peak_stays_under_the_budget(name, batch, share):
     from lightning_ac.rewriter import compile_with_plan
 
     torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()  # whatever earlier tests left is not this step's
     w = make_workload(name, batch, device="cuda", seq_len=512)
     opt = torch.optim.Adam(w.model.parameters(), lr=1e-4)
     made = {}
@@ -93,6 +111,7 @@ def test_measured_peak_stays_under_the_budget(name, batch, share):
 
     step = compile_with_plan(w.loss, w.model, make_plan)
     m = measure_steps(step, w.inputs, opt, steps=3, warmup=2)
+    peak = m.peak_B - before
     assert made["plan"].stop_reason == "fits" and made["plan"].recomputed
-    assert m.peak_B <= made["budget"], (m.peak_B, made["budget"], made["plan"].summary())
-    assert abs(m.peak_B / made["plan"].predicted_peak_B - 1) <= 0.05
+    assert peak <= made["budget"], (peak, made["budget"], made["plan"].summary())
+    assert abs(peak / made["plan"].predicted_peak_B - 1) <= 0.05
