@@ -40,7 +40,8 @@ def test_rewritten_step_matches_the_unrewritten_step_and_eager(name, batch):
 
     Against the captured step with nothing recomputed, recomputation changes nothing (1e-6).
     Against eager the captured graph differs only by its kernels: ResNet's BatchNorm runs the
-    native kernel where eager runs cuDNN (3.4e-6 relative on the loss measured on the H100).
+    native kernel where eager runs cuDNN (on the H100: 3.4e-6 relative on the loss, more than
+    1e-3 on the first convolution's weight gradient), so for ResNet only the loss is compared.
     """
     from lightning_ac import _torch_compat as compat
     from lightning_ac.planner import plan
@@ -73,45 +74,36 @@ def test_rewritten_step_matches_the_unrewritten_step_and_eager(name, batch):
                            [b.detach().clone() for b in w.model.buffers()], made.get("plan"))
             del w, step, loss
         assert runs["ac"][3].recomputed and not runs["kept"][3].recomputed
-        for other, rel in (("kept", 1e-6), ("eager", 1e-4)):
-            loss, grads, bufs, _ = runs[other]
-            assert _close(runs["ac"][0], loss, rel), (other, runs["ac"][0], loss)
+        loss, grads, bufs, _ = runs["kept"]  # recomputation changes nothing
+        assert _close(runs["ac"][0], loss, 1e-6)
+        for i, (g, r) in enumerate(zip(runs["ac"][1], grads)):
+            assert _close(g, r, 1e-6), i
+        for b, r in zip(runs["ac"][2], bufs):  # BatchNorm running statistics
+            assert torch.allclose(b.float(), r.float(), rtol=1e-6, atol=1e-7)
+        loss, grads, _, _ = runs["eager"]
+        assert _close(runs["ac"][0], loss, 1e-5)
+        if name == "bert":  # no BatchNorm: the captured graph runs eager's kernels
             for i, (g, r) in enumerate(zip(runs["ac"][1], grads)):
-                assert _close(g, r, rel if other == "kept" else 1e-3), (other, i)
-            for b, r in zip(runs["ac"][2], bufs):  # BatchNorm running statistics
-                assert torch.allclose(b.float(), r.float(), rtol=rel, atol=1e-6), other
+                assert _close(g, r, 1e-3), i
     finally:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.allow_tf32 = tf32
 
 
-@pytest.mark.parametrize("name,batch,share", [("resnet152", 32, 0.5), ("bert", 16, 0.6)])
-def test_measured_peak_stays_under_the_budget(name, batch, share):
-    """Plan with the optimizer step in the profile, as MuTwoAC does; nothing else alive."""
-    from lightning_ac import _torch_compat as compat
-    from lightning_ac.capture import capture_optimizer_step
-    from lightning_ac.planner import plan
-    from lightning_ac.profiler import profile_iteration
-    from lightning_ac.rewriter import compile_with_plan
+@pytest.mark.parametrize("name,batch,budget", [("resnet152", 32, "3.5GiB"), ("bert", 16, "6GiB")])
+def test_measured_peak_stays_under_the_budget(tmp_path, name, batch, budget):
+    """In a fresh process (nothing else allocated), as benchmarks/ac_budgets.py measures it."""
+    import csv
+    import subprocess
+    import sys
 
-    torch.cuda.empty_cache()
-    before = torch.cuda.memory_allocated()  # whatever earlier tests left is not this step's
-    w = make_workload(name, batch, device="cuda", seq_len=512)
-    opt = torch.optim.Adam(w.model.parameters(), lr=1e-4)
-    made = {}
+    from lightning_ac.callback import parse_budget
 
-    def make_plan(joint):
-        with compat.real_tensor_mode():
-            og = capture_optimizer_step(opt, joint.primal_values)
-            prof = profile_iteration(joint, og)
-            og.release()
-        made["budget"] = int(prof.persistent_B + share * (prof.peak_bytes - prof.persistent_B))
-        made["plan"] = plan(prof, made["budget"])
-        return made["plan"]
-
-    step = compile_with_plan(w.loss, w.model, make_plan)
-    m = measure_steps(step, w.inputs, opt, steps=3, warmup=2)
-    peak = m.peak_B - before
-    assert made["plan"].stop_reason == "fits" and made["plan"].recomputed
-    assert peak <= made["budget"], (peak, made["budget"], made["plan"].summary())
-    assert abs(peak / made["plan"].predicted_peak_B - 1) <= 0.05
+    subprocess.run([sys.executable, "benchmarks/ac_budgets.py", "--model", name,
+                    "--batch-size", str(batch), "--budgets", budget, "--steps", "3",
+                    "--out", str(tmp_path)], check=True)
+    rows = list(csv.DictReader((tmp_path / f"{name}_budgets.csv").open()))
+    ac = rows[-1]
+    assert ac["stop_reason"] == "fits" and int(ac["recomputed"]) > 0
+    assert float(ac["peak_GiB"]) * 2**30 <= parse_budget(budget) * 1.001  # CSV rounds to 1 MiB
+    assert abs(float(ac["peak_vs_predicted"]) - 1) <= 0.05

@@ -59,8 +59,14 @@ def test_plan_meets_a_reachable_budget(name):
 
 
 def test_cnn_recomputes_relu_before_convolution():
-    """BN+ReLU outputs are cheap to rebuild from conv outputs: they go first."""
+    """BN+ReLU outputs are cheap to rebuild from conv outputs: they go first.
+
+    Runtimes are set here (convolutions 1 ms, anything else 0.01 ms) so that the test checks the
+    heuristic, not how noisy the CPU timings of tiny ops are.
+    """
     _, prof = _profile("cnn")
+    conv = prof.nodes["op"].str.contains("convolution")
+    prof.nodes["runtime_ms"] = conv.map({True: 1.0, False: 0.01})
     p = plan(prof, 1)
     ops = [str(n.target) for n in p.recomputed]
     first_conv = next(i for i, o in enumerate(ops) if "convolution" in o)
