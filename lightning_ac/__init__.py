@@ -6,7 +6,7 @@ The pipeline, one module per stage, all on the same ``fx.Graph``:
 ``callback.MuTwoAC`` drives it from Lightning.
 """
 
-from lightning_ac.callback import BudgetError, MuTwoAC, parse_budget
+from lightning_ac.callback import BudgetError, MuTwoAC, StepMonitor, parse_budget
 from lightning_ac.capture import CaptureError, capture_joint, capture_optimizer_step
 from lightning_ac.planner import Plan, plan
 from lightning_ac.profiler import Profile, profile_iteration, profile_step
@@ -19,6 +19,7 @@ __all__ = [
     "MuTwoAC",
     "Plan",
     "Profile",
+    "StepMonitor",
     "capture_joint",
     "capture_optimizer_step",
     "compile_with_plan",

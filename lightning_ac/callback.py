@@ -25,7 +25,7 @@ from lightning_ac.report import format_bytes
 from lightning_ac.rewriter import compile_with_plan
 from lightning_ac.simulator import peak_breakdown
 
-__all__ = ["BudgetError", "MuTwoAC", "device_memory_limit", "parse_budget"]
+__all__ = ["BudgetError", "MuTwoAC", "StepMonitor", "device_memory_limit", "parse_budget"]
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -79,7 +79,82 @@ def device_memory_limit(device: torch.device, margin: float = 0.05) -> int | Non
     return int(min(total * fraction, total - others) * (1.0 - margin))
 
 
-class MuTwoAC(Callback):
+class StepMonitor(Callback):
+    """Measure training steps: peak memory and mean step time per epoch, logged under ``mutwo/``.
+
+    Logged at the end of every training epoch (through the trainer's loggers):
+
+    - ``mutwo/peak_memory_B``: ``torch.cuda.max_memory_allocated`` over the epoch's measured
+      training steps (CUDA only)
+    - ``mutwo/step_time_ms``: mean time from batch start to batch end (CUDA events on GPU, read
+      at epoch end so that no step waits for the GPU)
+
+    ``summary()`` gives the figures of the last epoch. Subclasses leave a step out of the figures
+    by returning False from :meth:`measure_this_step`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._step_start: Any = None
+        self._measuring = False
+        self._step_ms: list[float] = []
+        self._step_events: list = []
+        self._epoch_peak = 0
+        self.last_epoch: dict[str, float] = {}
+
+    def measure_this_step(self) -> bool:
+        return True
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._step_ms, self._step_events, self._epoch_peak = [], [], 0
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._measuring = self.measure_this_step()
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+            self._step_start = torch.cuda.Event(enable_timing=True)
+            self._step_start.record()
+        else:
+            self._step_start = time.perf_counter()
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if not self._measuring or self._step_start is None:
+            return
+        if pl_module.device.type == "cuda":
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._step_events.append((self._step_start, end))  # read at epoch end: no sync here
+            self._epoch_peak = max(self._epoch_peak,
+                                   torch.cuda.max_memory_allocated(pl_module.device))
+        else:
+            self._step_ms.append((time.perf_counter() - self._step_start) * 1e3)
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """The epoch's figures so far (waits for the GPU once)."""
+        if self._step_events:
+            self._step_events[-1][1].synchronize()
+            self._step_ms += [s.elapsed_time(e) for s, e in self._step_events]
+            self._step_events = []
+        metrics = {}
+        if self._step_ms:
+            metrics["mutwo/step_time_ms"] = sum(self._step_ms) / len(self._step_ms)
+        if self._epoch_peak:
+            metrics["mutwo/peak_memory_B"] = float(self._epoch_peak)
+        return metrics
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.last_epoch = self.epoch_metrics()
+        if self.last_epoch:
+            pl_module.log_dict(self.last_epoch, on_step=False, on_epoch=True, sync_dist=False)
+
+
+class MuTwoAC(StepMonitor):
     r"""Train within a memory budget by recomputing the activations that are cheapest to rebuild.
 
     On the first training step the module's forward and backward are captured as one aten graph,
@@ -99,10 +174,8 @@ class MuTwoAC(Callback):
 
     Logged at the end of every training epoch (through the trainer's loggers):
 
-    - ``mutwo/peak_memory_B``: ``torch.cuda.max_memory_allocated`` over the epoch's training
-      steps, the planning step left out (CUDA only)
-    - ``mutwo/step_time_ms``: mean training step time (batch start to batch end), planning step
-      left out
+    - ``mutwo/peak_memory_B``, ``mutwo/step_time_ms``: as :class:`StepMonitor`, the planning
+      step left out
     - ``mutwo/predicted_peak_B``: the plan's simulated peak
     - ``mutwo/recomputed_B``: bytes of the activations recomputed
     - ``mutwo/recompute_overhead_ms``: predicted time added to each step by recomputation
@@ -127,15 +200,10 @@ class MuTwoAC(Callback):
         self.plan: Plan | None = None
         self.profile: Profile | None = None
         self.state = "idle"
-        """``idle`` (not installed yet), ``planning``, ``active``, ``off`` (the step fits, or
-        capture failed)."""
+        """``idle`` (not installed yet), ``planning`` (first step), ``active``, ``off`` (the step
+        fits, or capture failed). It keeps its value after fit."""
         self._module: LightningModule | None = None
         self._planned_shapes: tuple | None = None
-        self._step_start: Any = None
-        self._step_ms: list[float] = []
-        self._step_events: list = []
-        self._epoch_peak = 0
-        self._planning_step = False
 
     # -- installing the rewritten forward ------------------------------------------------------
 
@@ -228,59 +296,31 @@ class MuTwoAC(Callback):
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self.state == "idle":
+        if self._module is None and self.state != "off":  # first step of this fit
             self._install(trainer, pl_module)
-        self._planning_step = self.state == "planning"
-        if pl_module.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(pl_module.device)
-            self._step_start = torch.cuda.Event(enable_timing=True)
-            self._step_start.record()
-        else:
-            self._step_start = time.perf_counter()
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
-    @override
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
-        if self._planning_step or self._step_start is None:
-            return  # the planning step profiles the whole graph: not a training step's figure
-        if pl_module.device.type == "cuda":
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self._step_events.append((self._step_start, end))  # read at epoch end: no sync here
-            self._epoch_peak = max(self._epoch_peak,
-                                   torch.cuda.max_memory_allocated(pl_module.device))
-        else:
-            self._step_ms.append((time.perf_counter() - self._step_start) * 1e3)
-
-    @override
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._step_ms, self._step_events, self._epoch_peak = [], [], 0
+    def measure_this_step(self) -> bool:
+        # the planning step profiles the whole graph: not a training step's figure
+        return self.state != "planning"
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._step_events:
-            self._step_events[-1][1].synchronize()
-            self._step_ms += [s.elapsed_time(e) for s, e in self._step_events]
-            self._step_events = []
-        metrics = {"mutwo/active": float(self.state == "active")}
-        if self._step_ms:
-            metrics["mutwo/step_time_ms"] = sum(self._step_ms) / len(self._step_ms)
-        if self._epoch_peak:
-            metrics["mutwo/peak_memory_B"] = float(self._epoch_peak)
+        metrics = self.epoch_metrics()
+        metrics["mutwo/active"] = float(self.state == "active")
         if self.plan is not None:
+            active = self.state == "active"
             metrics.update({
                 "mutwo/predicted_peak_B": float(self.plan.predicted_peak_B),
-                "mutwo/recomputed_B": float(self.plan.recomputed_B if self.state == "active" else 0),
-                "mutwo/recompute_overhead_ms": float(
-                    self.plan.predicted_extra_ms if self.state == "active" else 0.0),
+                "mutwo/recomputed_B": float(self.plan.recomputed_B if active else 0),
+                "mutwo/recompute_overhead_ms": float(self.plan.predicted_extra_ms if active else 0),
             })
+        self.last_epoch = metrics
         pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False)
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._restore()
-        if self.state != "off":
-            self.state = "idle"
+        self._restore()  # the state stays readable after fit; a later fit plans again
 
     @override
     def state_dict(self) -> dict[str, Any]:

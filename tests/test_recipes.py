@@ -1,0 +1,44 @@
+"""The recipes run end to end on the CPU (tiny sizes), with and without MuTwoAC."""
+
+import pytest
+
+from recipes import bert, resnet152
+from recipes.common import main, parser
+
+
+def _args(module, *argv):
+    p = parser("test", 1, 1)
+    if module is bert:
+        p.add_argument("--seq-len", type=int, default=None)
+        p.add_argument("--tiny", action="store_true")
+    else:
+        p.add_argument("--arch", default="resnet18")
+        p.add_argument("--image-size", type=int, default=32)
+    return p.parse_args(list(argv))
+
+
+def test_bert_recipe_with_and_without_ac(tmp_path, capsys):
+    off = main(bert.build, "bert", _args(bert, "--no-ac", "--steps", "3", "--log-dir", str(tmp_path)))
+    assert off["state"] == "no-ac" and off["step_ms"] > 0
+    on = main(bert.build, "bert", _args(bert, "--budget", "4.5MB", "--steps", "3",
+                                         "--log-dir", str(tmp_path)))
+    assert on["state"] == "active" and on["step_ms"] > 0
+    out = capsys.readouterr().out
+    assert "AC off (--no-ac)" in out and "activations recomputed" in out
+    assert "samples/s" in out
+
+
+def test_resnet_recipe_turns_ac_off_when_it_fits(tmp_path, capsys):
+    result = main(resnet152.build, "resnet", _args(resnet152, "--steps", "2",
+                                                    "--log-dir", str(tmp_path)))
+    assert result["state"] == "off"
+    assert "AC off (the step fits)" in capsys.readouterr().out
+
+
+def test_device_memory_needs_a_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        main(bert.build, "bert", _args(bert, "--device-memory", "16GB", "--log-dir", str(tmp_path)))
