@@ -271,9 +271,6 @@ class Profile:
     def peak_bytes(self) -> int:
         return int(self.summary["predicted_peak_B"])
 
-    def node_row(self, node: fx.Node) -> pd.Series:
-        return self.nodes.loc[self.rank[node]]
-
     def to_csv(self, directory) -> list:
         """Write ``nodes.csv``, ``activations.csv`` and ``memory.csv`` into ``directory``."""
         from lightning_ac.report import write_csv
