@@ -222,6 +222,9 @@ class MuTwoAC(StepMonitor):
             profile = profile_iteration(joint, opt_graph)
             if opt_graph is not None:
                 opt_graph.release()
+        # The profile stays readable on the callback; the tensors it was captured on (parameters,
+        # and the first batch, which would otherwise stay allocated) are not needed any more.
+        joint.primal_values = []
         budget = self._budget_for(device)
         result = plan(profile, budget)
         result.planning_s = time.perf_counter() - t0

@@ -70,6 +70,7 @@ def test_training_with_ac_matches_training_without(tmp_path, name):
         assert metrics[key].notna().sum() == 2, key  # once per epoch
     assert metrics["mutwo/active"].dropna().eq(1).all()
     assert "forward" not in m.__dict__  # the original forward is back after fit
+    assert cb.profile.joint.primal_values == []  # the first batch is not kept alive
 
 
 def test_ac_turns_itself_off_when_the_step_fits(tmp_path, caplog):
