@@ -89,12 +89,21 @@ class StepMonitor(Callback):
     - ``mutwo/step_time_ms``: mean time from batch start to batch end (CUDA events on GPU, read
       at epoch end so that no step waits for the GPU)
 
-    ``summary()`` gives the figures of the last epoch. Subclasses leave a step out of the figures
-    by returning False from :meth:`measure_this_step`.
+    The first ``warmup_steps`` steps of each fit are left out (allocator growth, cuDNN and
+    cuBLAS set-up). ``last_epoch`` holds the figures of the last epoch. Subclasses leave more
+    steps out by returning False from :meth:`measure_this_step`.
+
+    Args:
+        warmup_steps: steps at the start of each fit that are not measured.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, warmup_steps: int = 1) -> None:
         super().__init__()
+        if not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise MisconfigurationException(
+                f"StepMonitor(warmup_steps={warmup_steps!r}) must be a non-negative int.")
+        self.warmup_steps = warmup_steps
+        self._steps_seen = 0
         self._step_start: Any = None
         self._measuring = False
         self._step_ms: list[float] = []
@@ -103,7 +112,11 @@ class StepMonitor(Callback):
         self.last_epoch: dict[str, float] = {}
 
     def measure_this_step(self) -> bool:
-        return True
+        return self._steps_seen > self.warmup_steps
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._steps_seen = 0
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -112,6 +125,7 @@ class StepMonitor(Callback):
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any,
                              batch_idx: int) -> None:
+        self._steps_seen += 1
         self._measuring = self.measure_this_step()
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
@@ -171,6 +185,8 @@ class MuTwoAC(StepMonitor):
             turns itself off.
         margin: share of the device limit left free when ``budget`` is None.
         verbose: print the plan summary.
+        warmup_steps: steps at the start of each fit left out of the step figures (the first,
+            planning step always is).
 
     Logged at the end of every training epoch (through the trainer's loggers):
 
@@ -188,8 +204,8 @@ class MuTwoAC(StepMonitor):
     """
 
     def __init__(self, budget: int | str | None = None, *, margin: float = 0.05,
-                 verbose: bool = True) -> None:
-        super().__init__()
+                 verbose: bool = True, warmup_steps: int = 1) -> None:
+        super().__init__(warmup_steps=warmup_steps)
         self.budget_B = parse_budget(budget)
         if not 0.0 <= margin < 1.0:
             raise MisconfigurationException(
@@ -305,7 +321,7 @@ class MuTwoAC(StepMonitor):
 
     def measure_this_step(self) -> bool:
         # the planning step profiles the whole graph: not a training step's figure
-        return self.state != "planning"
+        return self.state != "planning" and super().measure_this_step()
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -103,6 +103,7 @@ def parser(description: str, batch_default_gpu: int, batch_default_cpu: int) -> 
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--log-dir", default="lightning_logs")
+    p.add_argument("--result-json", default=None, help="also write the final figures as JSON")
     return p
 
 
@@ -136,7 +137,25 @@ def run(name: str, args: argparse.Namespace, model: L.LightningModule,
           f"peak {format_bytes(peak) if peak else 'n/a (CPU)'}, "
           f"mean step {step:.1f} ms, {batch_size / step * 1e3:.1f} samples/s"
           if step else f"[{name}] no measured steps", flush=True)
-    return {"peak_B": peak, "step_ms": step, "state": getattr(monitor, "state", "no-ac")}
+    plan = getattr(monitor, "plan", None)
+    result = {"peak_B": peak, "step_ms": step, "state": getattr(monitor, "state", "no-ac"),
+              "batch_size": batch_size, "samples_per_s": batch_size / step * 1e3 if step else None,
+              "budget_B": plan.budget_B if plan else None,
+              "predicted_peak_B": plan.predicted_peak_B if plan else None,
+              "device_limit_B": _device_limit() if gpu else None}
+    if args.result_json:
+        import json
+
+        with open(args.result_json, "w") as f:
+            json.dump(result, f)
+    return result
+
+
+def _device_limit() -> int:
+    """What this process may allocate: the card times the per-process memory fraction."""
+    total = torch.cuda.get_device_properties(0).total_memory
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    return int(total * (get_fraction(0) if get_fraction else 1.0))
 
 
 def main(build: Callable[[argparse.Namespace, bool], tuple], name: str,

@@ -24,9 +24,11 @@ def test_bad_budgets_are_rejected_with_the_accepted_forms(bad):
         MuTwoAC(budget=bad)
 
 
-def test_bad_margin_is_rejected():
+def test_bad_margin_and_warmup_are_rejected():
     with pytest.raises(MisconfigurationException, match="margin"):
         MuTwoAC(margin=1.5)
+    with pytest.raises(MisconfigurationException, match="warmup_steps"):
+        MuTwoAC(warmup_steps=-1)
 
 
 def _trainer(tmp_path, cb=None, epochs=1, **kw):

@@ -42,3 +42,16 @@ def test_device_memory_needs_a_gpu(tmp_path):
         pytest.skip("has a GPU")
     with pytest.raises(SystemExit, match="needs a CUDA device"):
         main(bert.build, "bert", _args(bert, "--device-memory", "16GB", "--log-dir", str(tmp_path)))
+
+
+def test_sweep_writes_csv_and_charts(tmp_path):
+    from recipes import sweep
+
+    df = sweep.main(["--model", "bert", "--batch-sizes", "2", "--steps", "3",
+                     "--out", str(tmp_path)])
+    assert list(df["status"]) == ["ok", "ok"] and list(df["ac"]) == [False, True]
+    assert (df["step_ms"] > 0).all()
+    csv = (tmp_path / "bert_sweep.csv").read_text().splitlines()
+    assert csv[0].startswith("batch_size,ac,") and len(csv) == 3
+    assert (tmp_path / "bert_peak_memory.png").stat().st_size > 0
+    assert (tmp_path / "bert_step_time.png").stat().st_size > 0

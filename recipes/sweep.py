@@ -1,0 +1,146 @@
+"""Batch-size sweep with and without MuTwoAC, each point in a fresh process.
+
+    PYTHONPATH=. python -m recipes.sweep --model resnet152 --device-memory 16GB \\
+        --batch-sizes 16 32 64 128 256
+    PYTHONPATH=. python -m recipes.sweep --model bert --device-memory 16GB --batch-sizes 8 16 32 64 128
+
+Each (batch size, AC on/off) point runs the recipe in its own process, so that an out-of-memory
+failure does not poison the next point. Writes ``<out>/<model>_sweep.csv`` (batch size, AC,
+budget, measured and predicted peak, mean step time, samples/s, status), a bar chart of peak
+memory against batch size (OOM points marked, budget and device limit drawn) and a line chart of
+step time against batch size with the overhead of AC in %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+_GIB = 2**30
+
+
+def run_point(model: str, batch: int, ac: bool, extra: list[str], timeout: int) -> dict:
+    """One recipe run in a fresh process; status is ok, OOM or error."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", f"recipes.{model}", "--batch-size", str(batch),
+               "--result-json", str(result), "--log-dir", tmp, *extra]
+        if not ac:
+            cmd.append("--no-ac")
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        except subprocess.TimeoutExpired:
+            return {"batch_size": batch, "ac": ac, "status": "timeout"}
+        row = {"batch_size": batch, "ac": ac, "wall_s": round(time.perf_counter() - t0, 1)}
+        if proc.returncode == 0 and result.exists():
+            row.update(json.loads(result.read_text()), status="ok")
+        elif "out of memory" in (proc.stderr + proc.stdout).lower():
+            row["status"] = "OOM"
+        else:
+            row["status"] = "error"
+            row["error"] = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
+        return row
+
+
+def charts(df: pd.DataFrame, model: str, out: Path) -> list[Path]:
+    """Bar chart of peak memory and line chart of step time against batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    batches = sorted(df["batch_size"].unique())
+    x = np.arange(len(batches))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for k, (ac, label, color) in enumerate([(False, "no AC", "#c44e52"), (True, "MuTwoAC", "#4c72b0")]):
+        sub = df[df["ac"] == ac].set_index("batch_size").reindex(batches)
+        peaks = (sub["peak_B"].fillna(0) / _GIB).to_numpy()
+        ax.bar(x + (k - 0.5) * 0.38, peaks, 0.38, label=label, color=color)
+        for i, status in enumerate(sub["status"].fillna("not run")):
+            if status != "ok":
+                ax.text(x[i] + (k - 0.5) * 0.38, 0.2, status, rotation=90, ha="center",
+                        va="bottom", fontsize=8, color=color)
+    for col, style, name in (("device_limit_B", "-", "device limit"), ("budget_B", "--", "budget")):
+        vals = df[col].dropna()
+        if len(vals):
+            ax.axhline(vals.iloc[0] / _GIB, color="black", ls=style, lw=1,
+                       label=f"{name} {vals.iloc[0] / _GIB:.1f} GiB")
+    ax.set_xticks(x, [str(b) for b in batches])
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("peak memory (GiB)")
+    ax.set_title(f"{model}: peak memory per training step")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths = [out / f"{model}_peak_memory.png"]
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ok = df[df["status"] == "ok"]
+    for ac, label, color in ((False, "no AC", "#c44e52"), (True, "MuTwoAC", "#4c72b0")):
+        sub = ok[ok["ac"] == ac].sort_values("batch_size")
+        ax.plot(sub["batch_size"], sub["step_ms"], "o-", label=label, color=color)
+    both = ok.pivot_table(index="batch_size", columns="ac", values="step_ms")
+    if True in both and False in both:
+        for b, row in both.dropna().iterrows():
+            ax.annotate(f"{(row[True] / row[False] - 1) * 100:+.0f}%", (b, row[True]),
+                        textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.minorticks_off()
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("mean step time (ms)")
+    ax.set_title(f"{model}: iteration latency (AC overhead in %)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / f"{model}_step_time.png")
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["resnet152", "bert"], default="resnet152")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 64, 128, 256])
+    ap.add_argument("--device-memory", default=None, help='emulated card, e.g. "16GB"')
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--timeout", type=int, default=300, help="seconds per point")
+    ap.add_argument("--out", type=Path, default=Path("reports"))
+    ap.add_argument("recipe_args", nargs="*", help="passed to the recipe (after --)")
+    args = ap.parse_args(argv)
+    extra = ["--steps", str(args.steps), *args.recipe_args]
+    if args.device_memory:
+        extra += ["--device-memory", args.device_memory]
+    rows = []
+    for batch in args.batch_sizes:
+        for ac in (False, True):
+            row = run_point(args.model, batch, ac, extra, args.timeout)
+            rows.append(row)
+            peak = f"{row['peak_B'] / _GIB:.2f} GiB" if row.get("peak_B") else "-"
+            step = f"{row['step_ms']:.1f} ms" if row.get("step_ms") else "-"
+            print(f"[sweep {args.model}] batch {batch:>4} {'AC' if ac else 'no AC':>5}: "
+                  f"{row['status']:<7} peak {peak:>10}  step {step:>9}", flush=True)
+    df = pd.DataFrame(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    df.drop(columns=[c for c in ("error",) if c in df]).to_csv(
+        args.out / f"{args.model}_sweep.csv", index=False)
+    for p in charts(df, args.model, args.out):
+        print(f"wrote {p}")
+    return df
+
+
+if __name__ == "__main__":
+    main()
