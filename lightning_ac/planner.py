@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from lightning_ac.profiler import Profile
+from lightning_ac.profiler import Profile, recompute_chain
 from lightning_ac.simulator import _index, simulate
 
 __all__ = ["Plan", "plan"]
@@ -72,22 +72,6 @@ class Plan:
                 f"{len(self.recomputed)} activations recomputed ({fb(self.recomputed_B)}), "
                 f"predicted overhead {self.predicted_extra_ms:.1f} ms/step, "
                 f"planned in {self.planning_s:.2f} s [{self.stop_reason}]")
-
-
-def _chain(node: fx.Node, available) -> tuple[frozenset, frozenset]:
-    """Forward nodes to re-run to rebuild ``node`` and the available values they read."""
-    chain, sources, stack = {node}, set(), [node]
-    while stack:
-        n = stack.pop()
-        for inp in n.all_input_nodes:
-            if inp in chain or inp in sources:
-                continue
-            if available(inp):
-                sources.add(inp)
-            else:
-                chain.add(inp)
-                stack.append(inp)
-    return frozenset(chain), frozenset(sources)
 
 
 def plan(profile: Profile, budget_B: int | None, headroom: float = HEADROOM) -> Plan:
@@ -140,7 +124,8 @@ def plan(profile: Profile, budget_B: int | None, headroom: float = HEADROOM) -> 
     floor = acts["bytes"].max() * _MIN_SHARE if len(acts) else 0
     for n, ok in zip(acts["node"], acts["recomputable"]):
         if ok and size[n] > floor:
-            set_chain(n, *_chain(creator(n), available))
+            srcs, chain = recompute_chain(creator(n), available)
+            set_chain(n, frozenset(chain), frozenset(srcs))
     last_fwd = dict(zip(acts["node"], acts["last_fwd_use_rank"]))
     first_bwd = dict(zip(acts["node"], acts["first_bwd_use_rank"]))
     dropped: list[fx.Node] = []

@@ -40,6 +40,7 @@ __all__ = [
     "is_tensor_node",
     "live_bytes",
     "measure_host_device_bandwidth",
+    "recompute_chain",
     "profile_iteration",
     "profile_step",
 ]
@@ -544,7 +545,10 @@ def _activation_table(storages, phase, rank, runtime, nodes, bandwidth, mutable)
         bwd_users = [rank[u] for a in s.aliases for u in a.users if phase.get(u) == "backward"]
         last_fwd = max(fwd_users, default=rank[s.creator])
         first_bwd, last_bwd = min(bwd_users), max(bwd_users)
-        sources, chain, random = _recompute_sources(s.creator, s, kept)
+        # with every activation kept: rebuilt from inputs, persistent values, other activations
+        sources, chain = recompute_chain(
+            s.creator, lambda n, s=s: n.op == "placeholder" or kept.get(n) not in (None, s))
+        random = any(is_random_op(n) for n in chain)
         recompute_ms = sum(runtime.get(n, 0.0) for n in chain)
         rows.append({
             "name": node.name, "node": node, "creator": s.creator.name,
@@ -575,25 +579,24 @@ def _representative(s: _Storage) -> fx.Node:
     return next((a for a in s.aliases if isinstance(a.meta.get("val"), torch.Tensor)), s.aliases[0])
 
 
-def _recompute_sources(creator: fx.Node, storage: _Storage,
-                       kept: dict[fx.Node, _Storage]) -> tuple[list[fx.Node], list[fx.Node], bool]:
-    """Walk back from ``creator`` to the kept values it can be rebuilt from.
+def recompute_chain(node: fx.Node, available) -> tuple[list[fx.Node], list[fx.Node]]:
+    """Walk back from ``node`` to the values it can be rebuilt from.
 
-    Returns the sources, the nodes to re-run (``creator`` included) and whether any of them is
-    random (then it cannot be recomputed without replaying the RNG).
+    ``available(n)`` says whether the value of ``n`` is there without re-running anything.
+    Returns the sources (available values read) and the chain (nodes to re-run, ``node`` first),
+    each in the order the walk meets them. The profiler and the planner share this walk.
     """
     sources: dict[fx.Node, None] = {}
-    chain: dict[fx.Node, None] = {creator: None}
-    stack = [creator]
+    chain: dict[fx.Node, None] = {node: None}
+    stack = [node]
     while stack:
         n = stack.pop()
         for inp in n.all_input_nodes:
             if inp in chain or inp in sources:
                 continue
-            owner = kept.get(inp)
-            if (owner is not None and owner is not storage) or inp.op == "placeholder":
+            if available(inp):
                 sources[inp] = None
             else:
                 chain[inp] = None
                 stack.append(inp)
-    return list(sources), list(chain), any(is_random_op(n) for n in chain)
+    return list(sources), list(chain)
