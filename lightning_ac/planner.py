@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from lightning_ac.profiler import Profile, recompute_chain
-from lightning_ac.simulator import _index, simulate
+from lightning_ac.simulator import profile_index, simulate
 
 __all__ = ["Plan", "plan"]
 
@@ -83,7 +83,7 @@ def plan(profile: Profile, budget_B: int | None, headroom: float = HEADROOM) -> 
     """
     t0 = time.perf_counter()
     target = None if budget_B is None else int(budget_B * (1.0 - headroom))
-    ix = _index(profile)
+    ix = profile_index(profile)
     acts = profile.activations
     baseline = simulate(profile)
     if target is None or baseline.peak_B <= target:
@@ -110,6 +110,9 @@ def plan(profile: Profile, budget_B: int | None, headroom: float = HEADROOM) -> 
     rerun: set[fx.Node] = set()
     cost: dict[fx.Node, float] = {}
 
+    def marginal_ms(chain: frozenset) -> float:  # nodes re-run for earlier picks are free
+        return sum(ix.runtime.get(c, 0.0) for c in chain - rerun)
+
     def set_chain(n: fx.Node, chain: frozenset, srcs: frozenset) -> None:
         chains[n], sources[n] = chain, srcs
         for c in chain:
@@ -117,7 +120,7 @@ def plan(profile: Profile, budget_B: int | None, headroom: float = HEADROOM) -> 
         for x in srcs:
             if x in ix.storage_of:
                 dependents.setdefault(ix.storage_of[x], set()).add(n)
-        cost[n] = sum(ix.runtime.get(c, 0.0) for c in chain - rerun)
+        cost[n] = marginal_ms(chain)
 
     # Activations far smaller than the largest ones (BatchNorm's per-channel statistics) free
     # nothing that matters, and dropping them drags whole ops back into backward.
@@ -162,7 +165,7 @@ def plan(profile: Profile, budget_B: int | None, headroom: float = HEADROOM) -> 
             set_chain(n, chains[n] | chain | via, (sources[n] - via) | best_sources)
         for n in {u for c in new_nodes for u in users_of.get(c, ())} - set(grown):
             if n in chains:
-                cost[n] = sum(ix.runtime.get(c, 0.0) for c in chains[n] - rerun)
+                cost[n] = marginal_ms(chains[n])
         freed_since_sim += int(size[best])
         # Dropping activations of X bytes lowers the peak by X at most: simulate only when the
         # budget is within reach, or when nothing is left to drop.
@@ -181,10 +184,10 @@ def plan(profile: Profile, budget_B: int | None, headroom: float = HEADROOM) -> 
         # Long chains can make the full plan worse than a partial one: report the lowest peak
         # among evenly spaced prefixes of the picks (what the smallest-peak plan looks like).
         k = len(dropped)
-        best_k = min({max(1, round(k * i / 20)) for i in range(1, 21)},
-                     key=lambda m: simulate(profile, dropped[:m]).peak_B)
-        dropped = dropped[:best_k]
-        sim = simulate(profile, dropped)
+        prefixes = {m: simulate(profile, dropped[:m]) for m in
+                    sorted({max(1, round(k * i / 20)) for i in range(1, 21)})}
+        best_k = min(prefixes, key=lambda m: prefixes[m].peak_B)
+        dropped, sim = dropped[:best_k], prefixes[best_k]
     dropped_set = set(dropped)
     return Plan(
         budget_B=budget_B, baseline_peak_B=baseline.peak_B, predicted_peak_B=sim.peak_B,

@@ -265,8 +265,11 @@ class Profile:
     storages: pd.DataFrame | None = None
     """Every non-persistent allocation: creator node, alias nodes, bytes, category, and the ranks
     ``start``/``stop`` between which it is live (the simulator replays these with a plan)."""
-    persistent_B: int = 0
-    """Bytes live through the whole iteration (parameters, buffers, batch, optimizer state)."""
+
+    @property
+    def persistent_B(self) -> int:
+        """Bytes live through the whole iteration (parameters, buffers, batch, optimizer state)."""
+        return sum(self.summary["persistent_B"].values())
 
     @property
     def peak_bytes(self) -> int:
@@ -518,8 +521,7 @@ def _assemble(joint: JointGraph, optimizer: OptimizerGraph | None, jp: GraphProf
         "host_device_bandwidth_GBps": round(bandwidth / 1e6, 2) if bandwidth else None,
     }
     return Profile(nodes=nodes, activations=activations, memory=memory, summary=summary,
-                   joint=joint, optimizer=optimizer, rank=rank, storages=table,
-                   persistent_B=sum(base.values()))
+                   joint=joint, optimizer=optimizer, rank=rank, storages=table)
 
 
 def _op_name(n: fx.Node) -> str:

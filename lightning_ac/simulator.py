@@ -91,7 +91,8 @@ class _Index:
                 if any(self.is_backward(u) for u in a.users)]
 
 
-def _index(profile: Profile) -> _Index:
+def profile_index(profile: Profile) -> _Index:
+    """The simulator's lookups for ``profile``, built on first use and kept on the profile."""
     cached = getattr(profile, "_sim_index", None)
     if cached is None:
         cached = _Index(profile)
@@ -107,7 +108,7 @@ def recompute_closure(profile: Profile, dropped: Iterable[fx.Node],
     it is an input (placeholder), aliases persistent memory (a view of a parameter), or aliases a
     kept activation.
     """
-    ix = index or _index(profile)
+    ix = index or profile_index(profile)
     dropped_rows = {ix.activation_row[n] for n in dropped}
     available = ix.available(dropped_rows)
 
@@ -145,7 +146,7 @@ def _timeline(profile: Profile, dropped: list[fx.Node]):
 
     Returns (begin, end, bytes, category) arrays, the nodes re-run and their placement.
     """
-    ix = _index(profile)
+    ix = profile_index(profile)
     st = profile.storages
     starts, stops, nbytes = st["start"].to_numpy().copy(), st["stop"].to_numpy().copy(), \
         st["bytes"].to_numpy()
@@ -215,7 +216,7 @@ def simulate(profile: Profile, dropped: Iterable[fx.Node] = ()) -> Simulation:
         profile: the profiled iteration.
         dropped: nodes from ``profile.activations["node"]`` that are not saved for backward.
     """
-    ix = _index(profile)
+    ix = profile_index(profile)
     times, until, amount, _, rerun, placement = _timeline(profile, list(dropped))
     during, at = _sweep(times, until, amount)
     during = during + profile.persistent_B

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_ac import MuTwoAC, StepMonitor, parse_budget
+from lightning_ac.callback import device_memory_limit
 from lightning_ac.report import format_bytes
 
 
@@ -142,7 +143,8 @@ def run(name: str, args: argparse.Namespace, model: L.LightningModule,
               "batch_size": batch_size, "samples_per_s": batch_size / step * 1e3 if step else None,
               "budget_B": plan.budget_B if plan else None,
               "predicted_peak_B": plan.predicted_peak_B if plan else None,
-              "device_limit_B": _device_limit() if gpu else None}
+              "device_limit_B": device_memory_limit(torch.device("cuda"), margin=0.0)
+              if gpu else None}
     if args.result_json:
         import json
 
@@ -151,11 +153,6 @@ def run(name: str, args: argparse.Namespace, model: L.LightningModule,
     return result
 
 
-def _device_limit() -> int:
-    """What this process may allocate: the card times the per-process memory fraction."""
-    total = torch.cuda.get_device_properties(0).total_memory
-    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-    return int(total * (get_fraction(0) if get_fraction else 1.0))
 
 
 def main(build: Callable[[argparse.Namespace, bool], tuple], name: str,
