@@ -16,6 +16,7 @@ import torch.fx as fx
 
 __all__ = [
     "aot_backend",
+    "eliminate_common_subexpressions",
     "extract_fwd_bwd",
     "gpu_spin",
     "is_backward_node",
@@ -81,6 +82,21 @@ def use_boxed_calling_convention(gm: fx.GraphModule) -> fx.GraphModule:
     activation stays alive until backward returns (1.5 GiB more on ResNet-152, DESIGN.md).
     """
     gm.graph.set_codegen(torch.fx.graph._BoxedCodeGen())
+    gm.recompile()
+    return gm
+
+
+def eliminate_common_subexpressions(gm: fx.GraphModule) -> fx.GraphModule:
+    """Merge nodes that compute the same op on the same inputs (random ops excepted), in place.
+
+    AOTAutograd's own partitioners run this pass before they split the joint graph; ours needs
+    it too, or values traced once per layer (BERT's float attention bias, rebuilt from the bool
+    mask by every attention call) are saved once per layer. The pass builds a new graph: node
+    objects change, so run it before anything keeps references to nodes.
+    """
+    from torch._functorch.compile_utils import fx_graph_cse
+
+    gm.graph = fx_graph_cse(gm.graph)
     gm.recompile()
     return gm
 

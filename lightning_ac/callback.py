@@ -72,10 +72,12 @@ def device_memory_limit(device: torch.device, margin: float = 0.05) -> int | Non
     """
     if device.type != "cuda":
         return None
-    free, total = torch.cuda.mem_get_info(device)
-    others = max(0, (total - free) - torch.cuda.memory_reserved(device))
+    # torch.cuda's getters want an index: a bare "cuda" is refused by some of them (torch 2.11)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
+    others = max(0, (total - free) - torch.cuda.memory_reserved(index))
     get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-    fraction = get_fraction(device) if get_fraction else 1.0
+    fraction = get_fraction(index) if get_fraction else 1.0
     return int(min(total * fraction, total - others) * (1.0 - margin))
 
 

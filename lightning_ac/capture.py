@@ -16,6 +16,7 @@ so parameters, buffers (BatchNorm running statistics) and RNG state are left unt
 from __future__ import annotations
 
 import contextlib
+import operator
 import traceback
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -38,6 +39,7 @@ __all__ = [
     "capture_joint",
     "capture_optimizer_step",
     "pin_buffers",
+    "replayable_dropout",
 ]
 
 
@@ -115,6 +117,7 @@ def _roles(example_inputs: Sequence, module: nn.Module | None) -> list[PrimalRol
 
 def _build_joint(joint_gm: fx.GraphModule, example_inputs: list, roles: list[PrimalRole],
                  num_fwd_outputs: int) -> JointGraph:
+    compat.eliminate_common_subexpressions(joint_gm)
     placeholders = list(joint_gm.graph.find_nodes(op="placeholder"))
     tangents = [p for p in placeholders if compat.is_backward_node(p)]
     primals = [p for p in placeholders if not compat.is_backward_node(p)]
@@ -143,6 +146,7 @@ def _build_joint(joint_gm: fx.GraphModule, example_inputs: list, roles: list[Pri
         raise CaptureError(f"cannot align {len(grads)} gradient outputs with {len(tensors)} primals")
     joint.grad_of = {g: i for g, i in zip(grads, owners) if isinstance(g, fx.Node)}
     pin_buffers(joint)
+    replayable_dropout(joint)
     return joint
 
 
@@ -171,6 +175,61 @@ def pin_buffers(joint: JointGraph) -> None:
         anchor = copy
     if joint.pinned:
         joint.gm.recompile()
+
+
+def _dropout_scale(p: float, device: torch.device) -> float:
+    """The factor dropout multiplies kept values by, rounded as the device's kernel rounds it.
+
+    The CUDA kernel computes ``1 / p_keep`` with ``p_keep`` already cast to float32; the CPU
+    kernel divides in double. ``native_dropout_backward`` then rounds the factor to the tensor's
+    compute type, so with these factors it reproduces dropout's output bit for bit.
+    """
+    keep = 1.0 - p
+    if device.type == "cuda":
+        keep = float(torch.tensor(keep, dtype=torch.float32))
+    return 1.0 / keep
+
+
+def replayable_dropout(joint: JointGraph) -> int:
+    """Rebuild each dropout's output from its mask, so that what follows it can be recomputed.
+
+    ``native_dropout`` draws a fresh mask each time it runs, so nothing downstream of it could be
+    recomputed (on BERT-base that leaves most activations non-recomputable). Here the forward
+    still runs ``native_dropout`` (the same random draws as eager), keeps only its mask, and
+    makes the output as ``native_dropout_backward(x, mask, scale)``, i.e. ``x * mask * scale``,
+    the same values as dropout's own output. Backward needs the mask anyway; re-running that
+    product from ``x`` and the mask is deterministic. Returns how many dropouts were rewritten.
+    """
+    aten = torch.ops.aten
+    graph = joint.gm.graph
+    rewritten = 0
+    for drop in list(graph.find_nodes(op="call_function", target=aten.native_dropout.default)):
+        x, p = drop.args[0], drop.args[1]
+        train = drop.args[2] if len(drop.args) > 2 else drop.kwargs.get("train")
+        if compat.is_backward_node(drop) or train is False or not 0.0 < p < 1.0:
+            continue
+        outs = {u.args[1]: u for u in drop.users if u.target is operator.getitem}
+        if 0 not in outs or not outs[0].users:
+            continue
+        if 1 not in outs:
+            with graph.inserting_after(outs[0]):
+                outs[1] = graph.call_function(operator.getitem, (drop, 1))
+            outs[1].meta.update(drop.meta, val=drop.meta["val"][1])
+        with graph.inserting_after(max(outs[0], outs[1], key=_position(graph))):
+            out = graph.call_function(aten.native_dropout_backward.default,
+                                      (x, outs[1], _dropout_scale(p, x.meta["val"].device)))
+        out.meta.update(outs[0].meta)
+        outs[0].replace_all_uses_with(out)
+        graph.erase_node(outs[0])
+        rewritten += 1
+    if rewritten:
+        joint.gm.recompile()
+    return rewritten
+
+
+def _position(graph: fx.Graph) -> Callable[[fx.Node], int]:
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return order.__getitem__
 
 
 def compile_joint(fn: Callable, module: nn.Module | None,

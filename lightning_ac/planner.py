@@ -13,9 +13,11 @@ The planner repeatedly drops the candidate with the best ratio, then
 
 Only activations idle across the current simulated peak (made before it, first needed by backward
 after it) are considered: dropping anything else cannot lower that peak. It never drops a
-candidate whose chain contains a random op (dropout) or reads a buffer that is updated in place,
-nor one smaller than 0.1% of the largest activation. When nothing qualifies and the budget is not
-met it stops with ``"infeasible"`` and returns the lowest-peak plan it found.
+candidate whose chain contains a random op or reads a buffer that is updated in place, nor one
+smaller than 0.1% of the largest activation. (Dropout's random op only draws the mask, which is
+kept; its output is rebuilt from the mask, see :func:`lightning_ac.capture.replayable_dropout`.)
+When nothing qualifies and the budget is not met it stops with ``"infeasible"`` and returns the
+lowest-peak plan it found.
 """
 
 from __future__ import annotations

@@ -107,3 +107,17 @@ def test_measured_peak_stays_under_the_budget(tmp_path, name, batch, budget):
     assert ac["stop_reason"] == "fits" and int(ac["recomputed"]) > 0
     assert float(ac["peak_GiB"]) * 2**30 <= parse_budget(budget) * 1.001  # CSV rounds to 1 MiB
     assert abs(float(ac["peak_vs_predicted"]) - 1) <= 0.05
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_default_budget_honours_the_per_process_memory_fraction(device):
+    from lightning_ac.callback import device_memory_limit
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(0.25, 0)
+    try:
+        limit = device_memory_limit(torch.device(device), margin=0.05)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, 0)
+    assert limit <= 0.25 * total * 0.95 + 1
+    assert limit >= 0.25 * total * 0.95 * 0.9  # nothing else big runs on the card meanwhile

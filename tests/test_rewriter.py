@@ -75,3 +75,22 @@ def test_saved_bytes_drop_to_what_the_plan_keeps(name):
     # what the rewritten forward saves is what the plan keeps (plus pinned buffer copies)
     pinned_B = sum(n.meta["val"].numel() * n.meta["val"].element_size() for n in prof.joint.pinned)
     assert kept_B <= saved <= kept_B + pinned_B + 4096
+
+
+def test_dropout_outputs_are_recomputed_without_new_random_draws():
+    w, step, made = _planned("tiny-bert", 0.0)
+    ref = make_workload("tiny-bert", 16, seq_len=32)
+    torch.manual_seed(3)
+    loss = step(*w.inputs)
+    loss.backward()
+    after = torch.get_rng_state()
+    torch.manual_seed(3)
+    ref_loss = ref.loss(*ref.inputs)
+    ref_loss.backward()
+    recomputed_ops = {n.target for n in made["plan"].recomputed_nodes}
+    assert torch.ops.aten.native_dropout_backward.default in recomputed_ops
+    assert torch.ops.aten.native_dropout.default not in recomputed_ops
+    # backward drew nothing: the generator is where one eager step leaves it
+    assert torch.equal(after, torch.get_rng_state())
+    assert abs(loss.item() - ref_loss.item()) <= 1e-6 * abs(ref_loss.item())
+    assert_grads_match(w.model, ref.model)
