@@ -1,0 +1,382 @@
+"""Side by side: MuTwoAC against what users pick instead, on one model, batch and data.
+
+Every option trains a freshly built copy of the same model (same seed, same batch, Adam) in this
+one process, in this order:
+
+1. ``eager``: no activation checkpointing;
+2. ``checkpoint``: non-reentrant ``torch.utils.checkpoint`` on every n-th block (ResNet
+   bottleneck / BERT layer), n = 1, 2, 3; and ``hf-gc``, HF ``gradient_checkpointing_enable()``
+   (BERT);
+3. ``compile``: ``torch.compile`` (inductor) with ``activation_memory_budget`` 0.1 … 0.7, and
+   ``aot_eager`` (AOTAutograd's min-cut partitioner, no inductor fusion) at the same budgets;
+4. ``rockmate``, if the package imports and runs here (else its row says why);
+5. ``mutwoac`` at budgets matching the peaks the other options reached (and at the eager peak:
+   nothing recomputed).
+
+Peaks are ``torch.cuda.max_memory_allocated`` over the measured steps, less what was allocated
+before the option started; step times are medians by CUDA events after warm-up; ``first_step_s``
+is the first step's wall time (capture, planning, compilation). Writes
+``<out>/compare_<model>.csv`` (rows of the same model and precision are replaced) and
+``<out>/compare_pareto.png`` (every CSV in ``<out>``).
+
+    PYTHONPATH=. python benchmarks/compare.py --model resnet152 --batch-size 128
+    PYTHONPATH=. python benchmarks/compare.py --model bert --batch-size 32 --seq-len 512 \\
+        --precision bf16-mixed
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import gc
+import math
+import signal
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from lightning_ac import _torch_compat as compat
+from lightning_ac.capture import capture_optimizer_step, unwrap_compile_error
+from lightning_ac.measure import measure_steps
+from lightning_ac.planner import plan
+from lightning_ac.profiler import profile_iteration
+from lightning_ac.rewriter import compile_with_plan
+from lightning_ac.zoo import Workload, make_workload
+
+GIB = 2**30
+COMPILE_BUDGETS = (0.1, 0.3, 0.5, 0.7)
+FAMILIES = ("eager", "checkpoint", "hf-gc", "compile", "aot_eager", "rockmate", "mutwoac")
+
+
+@dataclass
+class Option:
+    """One way to train the step: a family, its setting, and how to build the step function."""
+
+    family: str
+    setting: str
+    build: Callable[[Workload], Callable[..., torch.Tensor]]
+    """Turns a fresh workload into ``loss(*inputs)``, the step to train (may modify the model)."""
+    config: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    """Held while the option runs (torch.compile reads its budget at compile time)."""
+    budget_B: int | None = None
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a reference model: ResNet bottlenecks/basic blocks, BERT layers."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    found = [m for m in model.modules() if isinstance(m, (Bottleneck, BasicBlock))]
+    if not found and hasattr(model, "bert"):
+        found = list(model.bert.encoder.layer)
+    if not found:
+        raise ValueError(f"no ResNet blocks or BERT layers in {type(model).__name__}")
+    return found
+
+
+def checkpoint_every(model: nn.Module, n: int) -> int:
+    """Wrap every ``n``-th block's forward in non-reentrant ``torch.utils.checkpoint``."""
+    chosen = blocks(model)[::n]
+    for block in chosen:
+        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward,
+                                          use_reentrant=False)
+    return len(chosen)
+
+
+def _hf_gc(w: Workload):
+    w.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return w.loss
+
+
+def _checkpointed(n: int):
+    def build(w: Workload):
+        checkpoint_every(w.model, n)
+        return w.loss
+
+    return build
+
+
+def _compiled(backend: str):
+    def build(w: Workload):
+        return torch.compile(w.loss, backend=backend)
+
+    return build
+
+
+def _memory_budget(share: float):
+    import torch._functorch.config as functorch_config
+
+    return lambda: functorch_config.patch(activation_memory_budget=share)
+
+
+def _mutwoac(budget_B: int | None, info: dict):
+    def build(w: Workload):
+        opt = info["optimizer"]
+
+        def make_plan(joint):
+            with compat.real_tensor_mode():
+                og = capture_optimizer_step(opt, joint.primal_values)
+                prof = profile_iteration(joint, og)
+                og.release()
+            p = plan(prof, budget_B)
+            info["plan"] = p
+            return p
+
+        return compile_with_plan(w.loss, w.model, make_plan)
+
+    return build
+
+
+def _rockmate(budget_B: int, info: dict):
+    def build(w: Workload):
+        from rockmate import Rockmate  # optional: pip install rockmate
+
+        if "resnet" not in w.name:
+            raise NotImplementedError("only wired up for models called with one tensor (ResNet)")
+        x = w.inputs[0]
+        rk = Rockmate(w.model, [x], budget=budget_B)
+        info["rockmate"] = rk
+
+        def loss(x, y):
+            return nn.functional.cross_entropy(rk(x), y)
+
+        return loss
+
+    return build
+
+
+def options(model: str, families: set[str]) -> list[Option]:
+    """Every option but MuTwoAC and Rockmate (their budgets come from the others' peaks)."""
+    out = [Option("eager", "", lambda w: w.loss)]
+    if "checkpoint" in families:
+        out += [Option("checkpoint", f"every {n}" if n > 1 else "every block", _checkpointed(n))
+                for n in (1, 2, 3)]
+    if "hf-gc" in families and model in ("bert", "tiny-bert"):
+        out.append(Option("hf-gc", "gradient_checkpointing_enable", _hf_gc))
+    for backend, family in (("inductor", "compile"), ("aot_eager", "aot_eager")):
+        if family in families:
+            out += [Option(family, f"budget {b}", _compiled(backend), _memory_budget(b))
+                    for b in COMPILE_BUDGETS]
+    return [o for o in out if o.family in families]
+
+
+def _autocast(fn: Callable, device: torch.device, precision: str) -> Callable:
+    if precision == "32-true":
+        return fn
+
+    def step(*inputs):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return fn(*inputs)
+
+    return step
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: int) -> Iterator[None]:
+    """Raise TimeoutError after ``seconds`` (main thread, POSIX); a solver may run for ages."""
+    if seconds <= 0 or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def fire(*_):
+        raise TimeoutError(f"gave up after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run_option(opt: Option, args, device: torch.device, info: dict | None = None) -> dict:
+    """Train one option for ``args.steps`` measured steps; its row of the CSV."""
+    info = {} if info is None else info
+    cuda = device.type == "cuda"
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(device) if cuda else 0
+    row = {"model": args.model, "batch": args.batch_size, "precision": args.precision,
+           "option": opt.family, "setting": opt.setting,
+           "budget_GiB": round(opt.budget_B / GIB, 3) if opt.budget_B else None}
+    try:
+        with opt.config(), _time_limit(args.option_timeout):
+            torch.compiler.reset()
+            w = make_workload(args.model, args.batch_size, device=device, seq_len=args.seq_len)
+            optimizer = torch.optim.Adam(w.model.parameters(), lr=1e-4)
+            info["optimizer"] = optimizer
+            t0 = time.perf_counter()
+            step = _autocast(opt.build(w), device, args.precision)
+            optimizer.zero_grad(set_to_none=True)
+            step(*w.inputs).backward()
+            optimizer.step()
+            if cuda:
+                torch.cuda.synchronize(device)
+            row["first_step_s"] = round(time.perf_counter() - t0, 2)
+            m = measure_steps(step, w.inputs, optimizer, steps=args.steps, warmup=2)
+        row.update(status="ok", step_ms=round(m.step_ms, 2),
+                   peak_GiB=round((m.peak_B - base) / GIB, 3) if m.peak_B is not None else None)
+    except Exception as exc:  # one option failing (OOM, compile error) must not stop the others
+        exc = unwrap_compile_error(exc, (torch.cuda.OutOfMemoryError,)) or exc
+        oom = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc)
+        row.update(status="OOM" if oom else "error",
+                   error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+                   if str(exc).strip() else type(exc).__name__)
+        if not oom and args.verbose:
+            traceback.print_exc()
+    p = info.get("plan")
+    if p is not None:
+        row.update(predicted_peak_GiB=round(p.predicted_peak_B / GIB, 3),
+                   recomputed=len(p.recomputed), stop_reason=p.stop_reason)
+    for key in ("plan", "optimizer", "rockmate"):
+        info.pop(key, None)
+    w = step = optimizer = None  # noqa: F841  (drop this option's tensors before the next)
+    torch.compiler.reset()
+    return row
+
+
+def matching_budgets(rows: list[dict], eager_peak: float, tolerance: float = 0.03) -> list[float]:
+    """The distinct peaks (GiB) the options reached, below eager's, merged within ``tolerance``."""
+    peaks = sorted({r["peak_GiB"] for r in rows
+                    if r.get("status") == "ok" and r.get("peak_GiB") and r["option"] != "eager"
+                    and r["peak_GiB"] < eager_peak * (1 - tolerance)})
+    chosen: list[float] = []
+    for p in peaks:
+        if not chosen or p > chosen[-1] * (1 + tolerance):
+            chosen.append(p)
+    return chosen
+
+
+def pareto_plot(out: Path) -> Path:
+    """Peak memory against step time for every (model, precision) in ``out``'s CSVs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frames = [pd.read_csv(p) for p in sorted(out.glob("compare_*.csv"))]
+    df = pd.concat(frames, ignore_index=True)
+    df = df[df.status == "ok"]
+    panels = sorted(df.groupby(["model", "precision"]).groups)
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6.4 * max(1, len(panels)), 5),
+                             squeeze=False)
+    styles = {"eager": ("k", "*"), "checkpoint": ("tab:blue", "s"), "hf-gc": ("tab:cyan", "D"),
+              "compile": ("tab:orange", "^"), "aot_eager": ("tab:purple", "v"),
+              "rockmate": ("tab:brown", "P"), "mutwoac": ("tab:red", "o")}
+    for ax, (model, precision) in zip(axes[0], panels):
+        d = df[(df.model == model) & (df.precision == precision)]
+        for family, g in d.groupby("option"):
+            color, marker = styles.get(family, ("gray", "x"))
+            g = g.sort_values("peak_GiB")
+            highlight = family == "mutwoac"
+            ax.plot(g.peak_GiB, g.step_ms, marker=marker, color=color,
+                    linestyle="-" if highlight else "none", linewidth=2.5 if highlight else 0,
+                    markersize=9 if highlight else 7, label="MuTwoAC" if highlight else family,
+                    zorder=3 if highlight else 2)
+            for _, r in g.iterrows():
+                if r.setting and isinstance(r.setting, str) and not highlight:
+                    ax.annotate(r.setting.replace("budget ", ""), (r.peak_GiB, r.step_ms),
+                                fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("peak memory (GiB)")
+        ax.set_ylabel("step time (ms)")
+        batch = int(d.batch.iloc[0])
+        ax.set_title(f"{model}, batch {batch}, {precision}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("lower left is better: MuTwoAC (red line) vs other checkpointing options")
+    fig.tight_layout()
+    path = out / "compare_pareto.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_rows(rows: list[dict], out: Path, model: str, precision: str) -> Path:
+    """Replace this (model, precision)'s rows in ``compare_<model>.csv``."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"compare_{model}.csv"
+    new = pd.DataFrame(rows)
+    if path.exists():
+        old = pd.read_csv(path)
+        old = old[~((old.model == model) & (old.precision == precision))]
+        new = pd.concat([old, new], ignore_index=True)
+    new.to_csv(path, index=False)
+    return path
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default="resnet152")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
+    ap.add_argument("--steps", type=int, default=5, help="measured steps per option")
+    ap.add_argument("--options", nargs="*", default=list(FAMILIES), choices=FAMILIES)
+    ap.add_argument("--mutwo-budgets", nargs="*", default=None,
+                    help="MuTwoAC budgets in GiB (default: the peaks the other options reached)")
+    ap.add_argument("--max-mutwo", type=int, default=8, help="at most this many MuTwoAC budgets")
+    ap.add_argument("--option-timeout", type=int, default=240, help="seconds per option")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", type=Path, default=Path("reports"))
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    families = set(args.options)
+    rows: list[dict] = []
+
+    def record(row: dict) -> None:
+        eager = next((r for r in rows if r["option"] == "eager" and r.get("step_ms")), None)
+        if eager and row.get("step_ms"):
+            row["overhead_vs_eager"] = round(row["step_ms"] / eager["step_ms"] - 1, 4)
+        rows.append(row)
+        shown = {k: row.get(k) for k in ("option", "setting", "status", "peak_GiB", "step_ms",
+                                          "overhead_vs_eager", "first_step_s", "error")}
+        print(" ".join(f"{k}={v}" for k, v in shown.items() if v is not None), flush=True)
+        write_rows(rows, args.out, args.model, args.precision)  # nothing lost if a later one hangs
+
+    for opt in options(args.model, families):
+        record(run_option(opt, args, device))
+    eager_peak = next((r["peak_GiB"] for r in rows if r["option"] == "eager"
+                       and r.get("peak_GiB")), None)
+    if args.mutwo_budgets is not None:
+        budgets = [float(b) for b in args.mutwo_budgets]
+    elif eager_peak is not None:
+        budgets = matching_budgets(rows, eager_peak)
+        if len(budgets) > args.max_mutwo:  # spread them over the range
+            step = (len(budgets) - 1) / (args.max_mutwo - 1)
+            budgets = [budgets[round(i * step)] for i in range(args.max_mutwo)]
+    else:
+        budgets = []  # on the CPU there is no peak to match
+    info: dict = {}
+    if "rockmate" in families:
+        for b in budgets or [None]:
+            if b is None:
+                break
+            opt = Option("rockmate", f"budget {b:.2f} GiB", _rockmate(int(b * GIB), info),
+                         budget_B=int(b * GIB))
+            row = run_option(opt, args, device, info)
+            record(row)
+            if row["status"] == "error":  # it will not work at other budgets either
+                break
+    if "mutwoac" in families:
+        record(run_option(Option("mutwoac", "nothing recomputed", _mutwoac(None, info)),
+                          args, device, info))
+        for b in budgets:
+            record(run_option(Option("mutwoac", f"budget {b:.2f} GiB",
+                                     _mutwoac(math.floor(b * GIB), info), budget_B=int(b * GIB)),
+                              args, device, info))
+    if any(r.get("peak_GiB") for r in rows):
+        print(f"wrote {pareto_plot(args.out)}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

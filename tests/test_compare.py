@@ -1,0 +1,65 @@
+"""benchmarks/compare.py on the CPU: the options build, train and land in the CSV and the plot."""
+
+import pandas as pd
+import pytest
+import torch
+from torchvision.models import resnet18
+
+from benchmarks import compare
+
+
+def test_checkpoint_every_nth_block_keeps_the_gradients():
+    torch.manual_seed(0)
+    ref = resnet18(num_classes=10)
+    model = resnet18(num_classes=10)
+    model.load_state_dict(ref.state_dict())
+    assert compare.checkpoint_every(model, 2) == 4  # 8 basic blocks
+    x = torch.randn(2, 3, 32, 32)
+    for m in (ref, model):
+        m.eval()  # BatchNorm statistics would differ between a run and its recomputation
+        m(x).square().mean().backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_blocks_rejects_a_model_without_blocks():
+    with pytest.raises(ValueError, match="no ResNet blocks or BERT layers"):
+        compare.blocks(torch.nn.Linear(2, 2))
+
+
+def test_matching_budgets_merge_close_peaks_and_skip_eager():
+    rows = [{"option": "eager", "status": "ok", "peak_GiB": 10.0},
+            {"option": "checkpoint", "status": "ok", "peak_GiB": 4.0},
+            {"option": "compile", "status": "ok", "peak_GiB": 4.05},
+            {"option": "compile", "status": "ok", "peak_GiB": 9.9},  # within 3% of eager
+            {"option": "compile", "status": "OOM"},
+            {"option": "aot_eager", "status": "ok", "peak_GiB": 6.0}]
+    assert compare.matching_budgets(rows, 10.0) == [4.0, 6.0]
+
+
+def test_every_option_trains_and_lands_in_the_csv(tmp_path):
+    args = ["--model", "tiny-bert", "--batch-size", "2", "--seq-len", "16", "--device", "cpu",
+            "--steps", "1", "--options", "eager", "checkpoint", "hf-gc", "aot_eager", "mutwoac",
+            "--out", str(tmp_path)]
+    rows = compare.main(args)
+    df = pd.read_csv(tmp_path / "compare_tiny-bert.csv")
+    assert len(df) == len(rows) == 1 + 3 + 1 + 4 + 1
+    assert (df.status == "ok").all(), df[df.status != "ok"].to_dict("records")
+    assert set(df.option) == {"eager", "checkpoint", "hf-gc", "aot_eager", "mutwoac"}
+    assert {"peak_GiB", "step_ms", "overhead_vs_eager", "first_step_s"} <= set(df.columns)
+    compare.main(args[:-5] + ["--options", "eager", "--out", str(tmp_path)])
+    again = pd.read_csv(tmp_path / "compare_tiny-bert.csv")  # this precision's rows replaced
+    assert len(again) == 1
+
+
+def test_pareto_plot_draws_every_model_and_precision(tmp_path):
+    for model in ("a", "b"):
+        rows = [dict(model=model, batch=8, precision=p, option=o, setting=s, status="ok",
+                     peak_GiB=g, step_ms=t)
+                for p in ("32-true", "bf16-mixed")
+                for o, s, g, t in (("eager", "", 10.0, 100.0), ("checkpoint", "every block", 4.0, 130.0),
+                                   ("mutwoac", "budget 4", 4.0, 120.0),
+                                   ("mutwoac", "budget 6", 6.0, 110.0))]
+        compare.write_rows(rows, tmp_path, model, "32-true")
+    path = compare.pareto_plot(tmp_path)
+    assert path.exists() and path.stat().st_size > 10_000
