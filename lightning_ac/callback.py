@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import re
 import time
 from typing import Any
@@ -189,6 +190,10 @@ class MuTwoAC(StepMonitor):
         verbose: print the plan summary.
         warmup_steps: steps at the start of each fit left out of the step figures (the first,
             planning step always is).
+        host_swap: how the first step is profiled. ``"auto"``: on the device, and if that runs
+            out of memory (a batch that only fits with AC), again with every activation moved
+            to pinned host memory between its last forward and first backward use. ``True``:
+            always swap; ``False``: never.
 
     Logged at the end of every training epoch (through the trainer's loggers):
 
@@ -206,9 +211,14 @@ class MuTwoAC(StepMonitor):
     """
 
     def __init__(self, budget: int | str | None = None, *, margin: float = 0.05,
-                 verbose: bool = True, warmup_steps: int = 1) -> None:
+                 verbose: bool = True, warmup_steps: int = 1,
+                 host_swap: bool | str = "auto") -> None:
         super().__init__(warmup_steps=warmup_steps)
         self.budget_B = parse_budget(budget)
+        if host_swap not in (True, False, "auto"):
+            raise MisconfigurationException(
+                f"MuTwoAC(host_swap={host_swap!r}) must be True, False or \"auto\".")
+        self.host_swap = host_swap
         if not 0.0 <= margin < 1.0:
             raise MisconfigurationException(
                 f"MuTwoAC(margin={margin!r}) must be in [0, 1): the share of the device limit "
@@ -229,17 +239,37 @@ class MuTwoAC(StepMonitor):
         return self.budget_B if self.budget_B is not None else \
             device_memory_limit(device, self.margin)
 
+    def _profile(self, joint: JointGraph, optimizer) -> Profile:
+        """Profile the captured step, with host swap if so configured or if it does not fit."""
+
+        def attempt(swap: bool) -> Profile:
+            opt_graph = capture_optimizer_step(optimizer, joint.primal_values) \
+                if optimizer is not None else None
+            try:
+                return profile_iteration(joint, opt_graph, swap=swap)
+            finally:
+                if opt_graph is not None:
+                    opt_graph.release()
+
+        if self.host_swap != "auto":
+            return attempt(bool(self.host_swap))
+        try:
+            return attempt(False)
+        except torch.cuda.OutOfMemoryError:
+            pass  # leave the except block first, so that the failed attempt's tensors are freed
+        gc.collect()
+        torch.cuda.empty_cache()
+        rank_zero_info("MuTwoAC: the step does not fit un-checkpointed; profiling it again with "
+                       "activations swapped to host memory")
+        return attempt(True)
+
     def _make_plan(self, trainer: Trainer, device: torch.device, joint: JointGraph) -> Plan:
         t0 = time.perf_counter()
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         # the joint graph already holds the casts autocast chose; running it under autocast again
         # would cast twice
         with compat.real_tensor_mode(), torch.autocast(device.type, enabled=False):
-            opt_graph = capture_optimizer_step(optimizer, joint.primal_values) \
-                if optimizer is not None else None
-            profile = profile_iteration(joint, opt_graph)
-            if opt_graph is not None:
-                opt_graph.release()
+            profile = self._profile(joint, optimizer)
         # The profile stays readable on the callback; the tensors it was captured on (parameters,
         # and the first batch, which would otherwise stay allocated) are not needed any more.
         joint.primal_values = []

@@ -86,9 +86,18 @@ class GraphProfiler(fx.Interpreter):
     """
 
     def __init__(self, gm: fx.GraphModule, *, runs: int = 3,
-                 registry: dict[int, tuple[_Storage, list]] | None = None):
+                 registry: dict[int, tuple[_Storage, list]] | None = None,
+                 swap: bool = False, min_swap_B: int = 64 << 10):
         super().__init__(gm, garbage_collect_values=True)
         self.runs = max(1, runs)
+        self.swap = swap
+        """Move each activation to host memory after its last forward use, and back before its
+        next use (μ-TWO's way of profiling a step whose activations do not fit)."""
+        self.min_swap_B = min_swap_B
+        self.swapped_B = 0
+        """Bytes moved to the host and back during the last run."""
+        self._position = {n: i for i, n in enumerate(gm.graph.nodes)}
+        self._on_host: dict[_Storage, tuple[torch.Tensor, torch.device]] = {}
         self.runtime_ms: dict[fx.Node, float] = {}
         self.peak_delta: dict[fx.Node, int] = {}
         self.storage_of: dict[fx.Node, list[_Storage]] = {}
@@ -101,14 +110,115 @@ class GraphProfiler(fx.Interpreter):
     def run(self, *args, measure: bool = True):
         """Run on flat arguments (one per placeholder) and return the flat list of outputs."""
         self._measuring = measure
+        self.swapped_B = 0
+        kept = None
+        if self.swap and not measure:  # swapping needs storages: track this run's apart
+            kept = self.storages, self.storage_of, self._registry
+            self.storages, self.storage_of, self._registry = [], {}, dict(self._registry)
         try:
             return super().run(*args, enable_io_processing=False)
         finally:
             self._measuring = False
+            self._on_host.clear()
+            if kept is not None:
+                self.storages, self.storage_of, self._registry = kept
 
     def run_node(self, n: fx.Node):
+        if self.swap:
+            self._swap_in(n)
+        out = self._run_and_measure(n)
+        if self.swap and n.op == "call_function":
+            self.env[n] = out  # so that a swap-out right now also sees n's own output
+            self._swap_out_after(n)
+            out = self.env.pop(n)
+        return out
+
+    # -- host swap ---------------------------------------------------------------------------
+
+    def _swap_out_after(self, n: fx.Node) -> None:
+        """Move to the host every storage read by ``n`` whose forward users have all run."""
+        here = self._position[n]
+        for inp in n.all_input_nodes:
+            for st in self.storage_of.get(inp, ()):
+                if st in self._on_host or st.nbytes < self.min_swap_B or \
+                        st.creator.op in ("placeholder", "get_attr"):
+                    continue
+                users = [u for a in st.aliases for u in a.users]
+                if any(self._position[u] > here and not compat.is_backward_node(u)
+                       for u in users if u.op != "output"):
+                    continue  # forward still reads it
+                if any(self._position[u] > here for u in users):
+                    self._to_host(st)
+
+    def _alias_values(self, st: _Storage):
+        """(node, index or None, tensor) for every tensor in ``env`` that lives in ``st``."""
+        for a in st.aliases:
+            if a not in self.env:
+                continue
+            value = self.env[a]
+            items = enumerate(value) if isinstance(value, (tuple, list)) else [(None, value)]
+            for i, t in items:
+                if isinstance(t, torch.Tensor) and st in self._storages_of_tensor(t):
+                    yield a, i, t
+
+    def _storages_of_tensor(self, t: torch.Tensor) -> tuple:
+        entry = self._registry.get(t.untyped_storage().data_ptr())
+        return (entry[0],) if entry is not None else ()
+
+    def _set(self, node: fx.Node, index, value) -> None:
+        if index is None:
+            self.env[node] = value
+        else:
+            old = self.env[node]
+            self.env[node] = type(old)(value if i == index else v for i, v in enumerate(old))
+
+    def _to_host(self, st: _Storage) -> None:
+        found = list(self._alias_values(st))
+        if not found:
+            return
+        device_bytes = torch.empty(0, dtype=torch.uint8, device=found[0][2].device).set_(
+            found[0][2].untyped_storage())
+        host = torch.empty(device_bytes.shape, dtype=torch.uint8,
+                           pin_memory=device_bytes.is_cuda)
+        host.copy_(device_bytes)
+        self._on_host[st] = host, device_bytes.device
+        for node, i, t in found:
+            self._set(node, i, _OnHost(st, t.dtype, tuple(t.shape), t.stride(), t.storage_offset()))
+        self.swapped_B += host.numel()
+
+    def _swap_in(self, n: fx.Node) -> None:
+        """Bring back every storage that ``n`` reads and that is on the host."""
+        for inp in n.all_input_nodes:
+            value = self.env.get(inp)
+            items = value if isinstance(value, (tuple, list)) else [value]
+            for v in items:
+                if isinstance(v, _OnHost) and v.storage in self._on_host:
+                    self._from_host(v.storage)
+
+    def _from_host(self, st: _Storage) -> None:
+        host, device = self._on_host.pop(st)
+        back = host.to(device)
+        refs = []
+        for a in st.aliases:
+            value = self.env.get(a)
+            items = enumerate(value) if isinstance(value, (tuple, list)) else [(None, value)]
+            for i, v in items:
+                if isinstance(v, _OnHost) and v.storage is st:
+                    t = torch.empty(0, dtype=v.dtype, device=back.device).set_(
+                        back.untyped_storage(), v.offset, v.shape, v.stride)
+                    self._set(a, i, t)
+                    refs.append(weakref.ref(t))
+        # the storage is the same allocation to the accounting, at its new address
+        self._registry[back.untyped_storage().data_ptr()] = (st, refs)
+
+    # -- measurement -------------------------------------------------------------------------
+
+    def _run_and_measure(self, n: fx.Node):
         if not self._measuring:
-            return super().run_node(n)
+            out = super().run_node(n)
+            if self.swap and n.op != "output":
+                self._register(n, out)
+            return out
         if n.op in ("placeholder", "get_attr", "output"):
             out = super().run_node(n)
             self.runtime_ms[n] = 0.0
@@ -178,6 +288,17 @@ class GraphProfiler(fx.Interpreter):
             if storage not in found:
                 found.append(storage)
         self.storage_of[n] = found
+
+
+@dataclass(frozen=True, eq=False)
+class _OnHost:
+    """Stands in the interpreter's environment for a tensor whose storage is on the host."""
+
+    storage: _Storage
+    dtype: torch.dtype
+    shape: tuple
+    stride: tuple
+    offset: int
 
 
 @functools.cache
@@ -302,7 +423,8 @@ def _preserved_rng(device: torch.device) -> Iterator[None]:
 
 
 def profile_iteration(joint: JointGraph, optimizer: OptimizerGraph | None = None, *,
-                      runs: int = 3, warmup: bool = True) -> Profile:
+                      runs: int = 3, warmup: bool = True, swap: bool = False,
+                      min_swap_B: int = 64 << 10) -> Profile:
     """Run and measure the captured iteration; nothing of the model or optimizer changes.
 
     Args:
@@ -311,6 +433,11 @@ def profile_iteration(joint: JointGraph, optimizer: OptimizerGraph | None = None
             stay allocated until ``optimizer.release()``.
         runs: timed runs per node (the median is kept); at least 3 for reported figures.
         warmup: run each graph once, unmeasured, first (cuDNN/cuBLAS set-up, allocator growth).
+        swap: move each activation (of at least ``min_swap_B`` bytes) to host memory after its
+            last forward use and back before backward reads it, so that a step whose activations
+            do not fit on the device can still be profiled. The profile is the same either way:
+            memory is accounted per storage, as if nothing had moved; node times leave the
+            copies out.
     """
     t_start = time.perf_counter()
     device = joint.primal_values[0].device
@@ -318,7 +445,8 @@ def profile_iteration(joint: JointGraph, optimizer: OptimizerGraph | None = None
                 for t in joint.tangents]
     registry: dict = {}
     with torch.no_grad(), _preserved_rng(device):
-        jp = GraphProfiler(joint.gm, runs=runs, registry=registry)
+        jp = GraphProfiler(joint.gm, runs=runs, registry=registry, swap=swap,
+                           min_swap_B=min_swap_B)
         if warmup:
             jp.run(*joint.primal_values, *tangents, measure=False)
         outs = jp.run(*joint.primal_values, *tangents)
@@ -341,7 +469,8 @@ def profile_iteration(joint: JointGraph, optimizer: OptimizerGraph | None = None
     profile.summary.update(device=str(device), device_name=_device_name(device),
                            torch_version=torch.__version__, runs_per_node=runs,
                            profile_s=round(time.perf_counter() - t_start, 3),
-                           optimizer_note=optimizer.note if optimizer else "")
+                           optimizer_note=optimizer.note if optimizer else "",
+                           host_swap=swap, swapped_B=jp.swapped_B)
     return profile
 
 

@@ -29,6 +29,8 @@ def test_bad_margin_and_warmup_are_rejected():
         MuTwoAC(margin=1.5)
     with pytest.raises(MisconfigurationException, match="warmup_steps"):
         MuTwoAC(warmup_steps=-1)
+    with pytest.raises(MisconfigurationException, match="host_swap"):
+        MuTwoAC(host_swap="sometimes")
 
 
 def _trainer(tmp_path, cb=None, epochs=1, **kw):
@@ -144,3 +146,31 @@ def test_bf16_mixed_precision(tmp_path):
     m, _ = _fit(tmp_path / "bf16", "cnn", cb, steps=3, precision="bf16-mixed")
     assert cb.plan is not None and cb.plan.stop_reason in ("fits", "already fits")
     assert all(torch.isfinite(torch.tensor(m.losses)))
+
+
+def test_a_step_that_does_not_fit_is_profiled_again_with_host_swap(tmp_path, monkeypatch, caplog):
+    """The device runs out of memory profiling the un-checkpointed step: MuTwoAC profiles it
+    again with activations on the host, plans, and trains as without AC."""
+    from lightning_ac import callback
+
+    real, calls = callback.profile_iteration, []
+
+    def short_of_memory(joint, opt=None, **kw):
+        calls.append(kw.get("swap", False))
+        if not kw.get("swap"):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(joint, opt, **kw)
+
+    monkeypatch.setattr(callback, "profile_iteration", short_of_memory)
+    budget = int(0.85 * _baseline_peak(tmp_path, "cnn"))
+    cb = MuTwoAC(budget=budget)
+    with caplog.at_level("INFO"):
+        m, _ = _fit(tmp_path / "ac", "cnn", cb, steps=3)
+    assert calls[-2:] == [False, True]
+    assert cb.profile.summary["host_swap"] and cb.profile.summary["swapped_B"] > 0
+    assert cb.state == "active" and cb.plan.recomputed
+    assert any("swapped to host memory" in r.getMessage() for r in caplog.records)
+    monkeypatch.setattr(callback, "profile_iteration", real)
+    ref, _ = _fit(tmp_path / "ref", "cnn", None, steps=3)
+    for p, q in zip(m.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -121,3 +121,41 @@ def test_default_budget_honours_the_per_process_memory_fraction(device):
         torch.cuda.set_per_process_memory_fraction(1.0, 0)
     assert limit <= 0.25 * total * 0.95 + 1
     assert limit >= 0.25 * total * 0.95 * 0.9  # nothing else big runs on the card meanwhile
+
+
+def test_host_swap_profiles_a_step_that_does_not_fit():
+    """Capped between the parameters' footprint and the un-checkpointed peak, plain profiling
+    runs out of memory; with host swap it completes and gives the uncapped profile's figures."""
+    import gc
+
+    from lightning_ac import _torch_compat as compat
+    from lightning_ac.capture import capture_joint
+    from lightning_ac.profiler import profile_iteration
+
+    w = make_workload("resnet152", 64, device="cuda")
+    joint = capture_joint(w.loss, w.inputs, w.model)
+    with compat.real_tensor_mode():
+        plain = profile_iteration(joint)
+    total = torch.cuda.get_device_properties(0).total_memory
+    cap_B = plain.persistent_B + 0.5 * (plain.peak_bytes - plain.persistent_B)
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(cap_B / total, 0)
+    try:
+        with compat.real_tensor_mode(), pytest.raises(torch.cuda.OutOfMemoryError):
+            profile_iteration(joint)
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        with compat.real_tensor_mode():
+            swapped = profile_iteration(joint, swap=True)
+        used_B = torch.cuda.max_memory_allocated()
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, 0)
+    assert used_B <= cap_B
+    assert swapped.summary["swapped_B"] > 0
+    assert swapped.peak_bytes == plain.peak_bytes
+    ratio = swapped.summary["sum_runtime_ms"] / plain.summary["sum_runtime_ms"]
+    print(f"host swap: used {used_B / 2**30:.2f} GiB of a {cap_B / 2**30:.2f} GiB cap; "
+          f"sum of node times {ratio:.3f}x the uncapped profile's")
+    assert 0.8 <= ratio <= 1.25
