@@ -21,10 +21,9 @@ import torch
 
 from lightning_ac import _torch_compat as compat
 from lightning_ac.callback import parse_budget
-from lightning_ac.capture import capture_optimizer_step
 from lightning_ac.measure import measure_steps
 from lightning_ac.planner import plan
-from lightning_ac.profiler import profile_iteration
+from lightning_ac.profiler import profile_joint
 from lightning_ac.rewriter import compile_with_plan
 from lightning_ac.zoo import make_workload
 
@@ -58,9 +57,7 @@ def run_config(model: str, batch: int, seq_len: int, budget: int | None, steps: 
         def make_plan(joint):
             t0 = time.perf_counter()
             with compat.real_tensor_mode():
-                og = capture_optimizer_step(opt, joint.primal_values)
-                prof = profile_iteration(joint, og)
-                og.release()
+                prof = profile_joint(joint, opt)
             p = plan(prof, budget)
             info.update(plan=p, profile=prof, first_step_s=time.perf_counter() - t0)
             return p

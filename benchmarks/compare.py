@@ -30,12 +30,11 @@ import argparse
 import contextlib
 import functools
 import gc
-import math
 import signal
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -43,10 +42,10 @@ import torch
 from torch import nn
 
 from lightning_ac import _torch_compat as compat
-from lightning_ac.capture import capture_optimizer_step, unwrap_compile_error
+from lightning_ac.capture import unwrap_compile_error
 from lightning_ac.measure import measure_steps
 from lightning_ac.planner import plan
-from lightning_ac.profiler import profile_iteration
+from lightning_ac.profiler import profile_joint
 from lightning_ac.rewriter import compile_with_plan
 from lightning_ac.zoo import Workload, make_workload
 
@@ -61,11 +60,14 @@ class Option:
 
     family: str
     setting: str
-    build: Callable[[Workload], Callable[..., torch.Tensor]]
-    """Turns a fresh workload into ``loss(*inputs)``, the step to train (may modify the model)."""
+    build: Callable[[Workload, torch.optim.Optimizer], Callable[..., torch.Tensor]]
+    """Turns a fresh workload (and its optimizer) into ``loss(*inputs)``, the step to train (may
+    modify the model)."""
     config: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     """Held while the option runs (torch.compile reads its budget at compile time)."""
     budget_B: int | None = None
+    made: dict = field(default_factory=dict)
+    """What building it produced that the CSV reports (MuTwoAC's plan)."""
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
@@ -89,13 +91,17 @@ def checkpoint_every(model: nn.Module, n: int) -> int:
     return len(chosen)
 
 
-def _hf_gc(w: Workload):
+def _eager(w: Workload, _optimizer):
+    return w.loss
+
+
+def _hf_gc(w: Workload, _optimizer):
     w.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return w.loss
 
 
 def _checkpointed(n: int):
-    def build(w: Workload):
+    def build(w: Workload, _optimizer):
         checkpoint_every(w.model, n)
         return w.loss
 
@@ -103,7 +109,7 @@ def _checkpointed(n: int):
 
 
 def _compiled(backend: str):
-    def build(w: Workload):
+    def build(w: Workload, _optimizer):
         return torch.compile(w.loss, backend=backend)
 
     return build
@@ -115,45 +121,42 @@ def _memory_budget(share: float):
     return lambda: functorch_config.patch(activation_memory_budget=share)
 
 
-def _mutwoac(budget_B: int | None, info: dict):
-    def build(w: Workload):
-        opt = info["optimizer"]
+def mutwoac_option(setting: str, budget_B: int | None) -> Option:
+    """MuTwoAC's pipeline (capture, profile with the optimizer, plan, rewrite) at ``budget_B``."""
+    made: dict = {}
 
+    def build(w: Workload, optimizer):
         def make_plan(joint):
             with compat.real_tensor_mode():
-                og = capture_optimizer_step(opt, joint.primal_values)
-                prof = profile_iteration(joint, og)
-                og.release()
-            p = plan(prof, budget_B)
-            info["plan"] = p
-            return p
+                made["plan"] = plan(profile_joint(joint, optimizer), budget_B)
+            return made["plan"]
 
         return compile_with_plan(w.loss, w.model, make_plan)
 
-    return build
+    return Option("mutwoac", setting, build, budget_B=budget_B, made=made)
 
 
-def _rockmate(budget_B: int, info: dict):
-    def build(w: Workload):
-        from rockmate import Rockmate  # optional: pip install rockmate
+def rockmate_option(budget_B: int) -> Option:
+    """Rockmate (``pip install rockmate``) at ``budget_B``; wired up for one-tensor models."""
+
+    def build(w: Workload, _optimizer):
+        from rockmate import Rockmate
 
         if "resnet" not in w.name:
             raise NotImplementedError("only wired up for models called with one tensor (ResNet)")
-        x = w.inputs[0]
-        rk = Rockmate(w.model, [x], budget=budget_B)
-        info["rockmate"] = rk
+        rk = Rockmate(w.model, [w.inputs[0]], budget=budget_B)
 
         def loss(x, y):
             return nn.functional.cross_entropy(rk(x), y)
 
         return loss
 
-    return build
+    return Option("rockmate", f"budget {budget_B / GIB:.2f} GiB", build, budget_B=budget_B)
 
 
 def options(model: str, families: set[str]) -> list[Option]:
     """Every option but MuTwoAC and Rockmate (their budgets come from the others' peaks)."""
-    out = [Option("eager", "", lambda w: w.loss)]
+    out = [Option("eager", "", _eager)]
     if "checkpoint" in families:
         out += [Option("checkpoint", f"every {n}" if n > 1 else "every block", _checkpointed(n))
                 for n in (1, 2, 3)]
@@ -196,9 +199,8 @@ def _time_limit(seconds: int) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def run_option(opt: Option, args, device: torch.device, info: dict | None = None) -> dict:
+def run_option(opt: Option, args, device: torch.device) -> dict:
     """Train one option for ``args.steps`` measured steps; its row of the CSV."""
-    info = {} if info is None else info
     cuda = device.type == "cuda"
     gc.collect()
     if cuda:
@@ -212,9 +214,8 @@ def run_option(opt: Option, args, device: torch.device, info: dict | None = None
             torch.compiler.reset()
             w = make_workload(args.model, args.batch_size, device=device, seq_len=args.seq_len)
             optimizer = torch.optim.Adam(w.model.parameters(), lr=1e-4)
-            info["optimizer"] = optimizer
             t0 = time.perf_counter()
-            step = _autocast(opt.build(w), device, args.precision)
+            step = _autocast(opt.build(w, optimizer), device, args.precision)
             optimizer.zero_grad(set_to_none=True)
             step(*w.inputs).backward()
             optimizer.step()
@@ -232,13 +233,10 @@ def run_option(opt: Option, args, device: torch.device, info: dict | None = None
                    if str(exc).strip() else type(exc).__name__)
         if not oom and args.verbose:
             traceback.print_exc()
-    p = info.get("plan")
+    p = opt.made.pop("plan", None)
     if p is not None:
         row.update(predicted_peak_GiB=round(p.predicted_peak_B / GIB, 3),
                    recomputed=len(p.recomputed), stop_reason=p.stop_reason)
-    for key in ("plan", "optimizer", "rockmate"):
-        info.pop(key, None)
-    w = step = optimizer = None  # noqa: F841  (drop this option's tensors before the next)
     torch.compiler.reset()
     return row
 
@@ -355,24 +353,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
             budgets = [budgets[round(i * step)] for i in range(args.max_mutwo)]
     else:
         budgets = []  # on the CPU there is no peak to match
-    info: dict = {}
     if "rockmate" in families:
-        for b in budgets or [None]:
-            if b is None:
-                break
-            opt = Option("rockmate", f"budget {b:.2f} GiB", _rockmate(int(b * GIB), info),
-                         budget_B=int(b * GIB))
-            row = run_option(opt, args, device, info)
+        for b in budgets:
+            row = run_option(rockmate_option(int(b * GIB)), args, device)
             record(row)
             if row["status"] == "error":  # it will not work at other budgets either
                 break
     if "mutwoac" in families:
-        record(run_option(Option("mutwoac", "nothing recomputed", _mutwoac(None, info)),
-                          args, device, info))
+        record(run_option(mutwoac_option("nothing recomputed", None), args, device))
         for b in budgets:
-            record(run_option(Option("mutwoac", f"budget {b:.2f} GiB",
-                                     _mutwoac(math.floor(b * GIB), info), budget_B=int(b * GIB)),
-                              args, device, info))
+            record(run_option(mutwoac_option(f"budget {b:.2f} GiB", int(b * GIB)), args, device))
     if any(r.get("peak_GiB") for r in rows):
         print(f"wrote {pareto_plot(args.out)}")
     return rows

@@ -9,7 +9,7 @@ The pipeline, one module per stage, all on the same ``fx.Graph``:
 from lightning_ac.callback import BudgetError, MuTwoAC, StepMonitor, parse_budget
 from lightning_ac.capture import CaptureError, capture_joint, capture_optimizer_step
 from lightning_ac.planner import Plan, plan
-from lightning_ac.profiler import Profile, profile_iteration, profile_step
+from lightning_ac.profiler import Profile, profile_iteration, profile_joint, profile_step
 from lightning_ac.rewriter import compile_with_plan
 from lightning_ac.simulator import simulate
 
@@ -26,6 +26,7 @@ __all__ = [
     "parse_budget",
     "plan",
     "profile_iteration",
+    "profile_joint",
     "profile_step",
     "simulate",
 ]

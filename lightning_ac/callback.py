@@ -16,12 +16,11 @@ from typing_extensions import override
 from lightning_ac import _torch_compat as compat
 from lightning_ac.capture import (
     JointGraph,
-    capture_optimizer_step,
     describe_capture_failure,
     unwrap_compile_error,
 )
 from lightning_ac.planner import Plan, plan
-from lightning_ac.profiler import Profile, profile_iteration
+from lightning_ac.profiler import Profile, profile_joint
 from lightning_ac.report import format_bytes
 from lightning_ac.rewriter import compile_with_plan
 from lightning_ac.simulator import peak_breakdown
@@ -242,26 +241,17 @@ class MuTwoAC(StepMonitor):
     def _profile(self, joint: JointGraph, optimizer) -> Profile:
         """Profile the captured step, with host swap if so configured or if it does not fit."""
 
-        def attempt(swap: bool) -> Profile:
-            opt_graph = capture_optimizer_step(optimizer, joint.primal_values) \
-                if optimizer is not None else None
-            try:
-                return profile_iteration(joint, opt_graph, swap=swap)
-            finally:
-                if opt_graph is not None:
-                    opt_graph.release()
-
         if self.host_swap != "auto":
-            return attempt(bool(self.host_swap))
+            return profile_joint(joint, optimizer, swap=bool(self.host_swap))
         try:
-            return attempt(False)
+            return profile_joint(joint, optimizer, swap=False)
         except torch.cuda.OutOfMemoryError:
             pass  # leave the except block first, so that the failed attempt's tensors are freed
         gc.collect()
         torch.cuda.empty_cache()
         rank_zero_info("MuTwoAC: the step does not fit un-checkpointed; profiling it again with "
                        "activations swapped to host memory")
-        return attempt(True)
+        return profile_joint(joint, optimizer, swap=True)
 
     def _make_plan(self, trainer: Trainer, device: torch.device, joint: JointGraph) -> Plan:
         t0 = time.perf_counter()

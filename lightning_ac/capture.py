@@ -211,11 +211,14 @@ def replayable_dropout(joint: JointGraph) -> int:
         outs = {u.args[1]: u for u in drop.users if u.target is operator.getitem}
         if 0 not in outs or not outs[0].users:
             continue
+        # mask and output right after the dropout itself: before every reader of either
         if 1 not in outs:
-            with graph.inserting_after(outs[0]):
+            with graph.inserting_after(drop):
                 outs[1] = graph.call_function(operator.getitem, (drop, 1))
             outs[1].meta.update(drop.meta, val=drop.meta["val"][1])
-        with graph.inserting_after(max(outs[0], outs[1], key=_position(graph))):
+        else:
+            drop.append(outs[1])
+        with graph.inserting_after(outs[1]):
             out = graph.call_function(aten.native_dropout_backward.default,
                                       (x, outs[1], _dropout_scale(p, x.meta["val"].device)))
         out.meta.update(outs[0].meta)
@@ -225,11 +228,6 @@ def replayable_dropout(joint: JointGraph) -> int:
     if rewritten:
         joint.gm.recompile()
     return rewritten
-
-
-def _position(graph: fx.Graph) -> Callable[[fx.Node], int]:
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    return order.__getitem__
 
 
 def compile_joint(fn: Callable, module: nn.Module | None,

@@ -153,7 +153,7 @@ def test_a_step_that_does_not_fit_is_profiled_again_with_host_swap(tmp_path, mon
     again with activations on the host, plans, and trains as without AC."""
     from lightning_ac import callback
 
-    real, calls = callback.profile_iteration, []
+    real, calls = callback.profile_joint, []
 
     def short_of_memory(joint, opt=None, **kw):
         calls.append(kw.get("swap", False))
@@ -161,7 +161,7 @@ def test_a_step_that_does_not_fit_is_profiled_again_with_host_swap(tmp_path, mon
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(joint, opt, **kw)
 
-    monkeypatch.setattr(callback, "profile_iteration", short_of_memory)
+    monkeypatch.setattr(callback, "profile_joint", short_of_memory)
     budget = int(0.85 * _baseline_peak(tmp_path, "cnn"))
     cb = MuTwoAC(budget=budget)
     with caplog.at_level("INFO"):
@@ -170,7 +170,7 @@ def test_a_step_that_does_not_fit_is_profiled_again_with_host_swap(tmp_path, mon
     assert cb.profile.summary["host_swap"] and cb.profile.summary["swapped_B"] > 0
     assert cb.state == "active" and cb.plan.recomputed
     assert any("swapped to host memory" in r.getMessage() for r in caplog.records)
-    monkeypatch.setattr(callback, "profile_iteration", real)
+    monkeypatch.setattr(callback, "profile_joint", real)
     ref, _ = _fit(tmp_path / "ref", "cnn", None, steps=3)
     for p, q in zip(m.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

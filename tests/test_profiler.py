@@ -195,18 +195,16 @@ def test_command_line(tmp_path):
 def test_host_swap_profiles_the_same_step(name):
     """Swapping activations out after forward changes where they live, not the profile."""
     from lightning_ac import _torch_compat as compat
-    from lightning_ac.capture import capture_joint, capture_optimizer_step
-    from lightning_ac.profiler import profile_iteration
+    from lightning_ac.capture import capture_joint
+    from lightning_ac.profiler import profile_joint
 
     w = make_workload(name, 8, seq_len=32)
     opt = torch.optim.Adam(w.model.parameters(), lr=0.01)
     joint = capture_joint(w.loss, w.inputs, w.model)
     profiles = {}
     for swap in (False, True):
-        og = capture_optimizer_step(opt, joint.primal_values)
         with compat.real_tensor_mode():
-            profiles[swap] = profile_iteration(joint, og, runs=1, swap=swap, min_swap_B=1)
-        og.release()
+            profiles[swap] = profile_joint(joint, opt, runs=1, swap=swap, min_swap_B=1)
     plain, swapped = profiles[False], profiles[True]
     assert plain.summary["swapped_B"] == 0
     # most activation bytes went to the host and came back (tiny views stay)
