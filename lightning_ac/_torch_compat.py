@@ -16,6 +16,7 @@ import torch.fx as fx
 
 __all__ = [
     "aot_backend",
+    "as_fake",
     "eliminate_common_subexpressions",
     "extract_fwd_bwd",
     "gpu_spin",
@@ -49,6 +50,13 @@ def real_tensor_mode() -> Iterator[None]:
 
     with unset_fake_temporarily():
         yield
+
+
+def as_fake(real: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``real`` as a FakeTensor of the fake mode ``like`` belongs to (for a new node's
+    ``meta['val']``: AOTAutograd counts saved tensors by their fake values)."""
+    mode = getattr(like, "fake_mode", None)
+    return real if mode is None else mode.from_tensor(real)
 
 
 def is_backward_node(node: fx.Node) -> bool:

@@ -38,8 +38,13 @@ __all__ = [
     "PrimalRole",
     "capture_joint",
     "capture_optimizer_step",
+    "is_random_op",
     "pin_buffers",
+    "replay_random",
     "replayable_dropout",
+    "replayable_random_ops",
+    "save_rng_state",
+    "use_replays",
 ]
 
 
@@ -73,7 +78,9 @@ class JointGraph:
     grad_of: dict[fx.Node, int] = field(default_factory=dict)
     """Backward output node → index of the primal whose gradient it is."""
     pinned: list[fx.Node] = field(default_factory=list)
-    """Forward copies of buffers, always saved for backward (see :func:`pin_buffers`)."""
+    """Small forward values always saved for backward, so that anything recomputed can read
+    them: copies of buffers (:func:`pin_buffers`) and generator states
+    (:func:`replayable_random_ops`)."""
 
     @property
     def graph(self) -> fx.Graph:
@@ -147,6 +154,7 @@ def _build_joint(joint_gm: fx.GraphModule, example_inputs: list, roles: list[Pri
     joint.grad_of = {g: i for g, i in zip(grads, owners) if isinstance(g, fx.Node)}
     pin_buffers(joint)
     replayable_dropout(joint)
+    replayable_random_ops(joint)
     return joint
 
 
@@ -228,6 +236,100 @@ def replayable_dropout(joint: JointGraph) -> int:
     if rewritten:
         joint.gm.recompile()
     return rewritten
+
+
+def is_random_op(node: fx.Node) -> bool:
+    """True for nodes whose result depends on the RNG (dropout, rand, SDPA's attention dropout
+    …) and for the nodes that read the generator's state (:func:`save_rng_state`)."""
+    if getattr(node.target, "reads_rng", False):
+        return True
+    return torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ())
+
+
+def save_rng_state(device: torch.device) -> torch.Tensor:
+    """The state of ``device``'s default generator, as a CPU tensor (16 bytes on CUDA)."""
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.get_rng_state()
+
+
+save_rng_state.reads_rng = True  # never recomputed: re-reading it later gives another state
+
+
+def replay_random(state: torch.Tensor, device: torch.device, op: Callable, *args,
+                  replay: bool = False, **kwargs):
+    """Run the random ``op``; with ``replay``, draw what it drew when the generator was at
+    ``state``, and leave the generator where it was.
+
+    In forward ``replay`` is False: the node runs right after :func:`save_rng_state` read the
+    generator, so it draws what eager draws and moves the generator on as eager does. Backward's
+    copies (recomputation, see :func:`use_replays`) set ``replay`` and so rebuild the same values
+    (dropout masks, SDPA's philox seed and offset) without touching the generator's sequence.
+    """
+    if not replay:
+        return op(*args, **kwargs)
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else [], device_type="cuda"):
+        if cuda:
+            torch.cuda.set_rng_state(state, device)
+        else:
+            torch.set_rng_state(state)
+        return op(*args, **kwargs)
+
+
+def _tensor_values(node: fx.Node) -> list[torch.Tensor]:
+    vals = node.meta.get("val")
+    return [v for v in (vals if isinstance(vals, (tuple, list)) else (vals,))
+            if isinstance(v, torch.Tensor)]
+
+
+def replayable_random_ops(joint: JointGraph) -> int:
+    """Make every forward random op recomputable by replaying the generator's state.
+
+    Each random op ``r = op(*args)`` becomes ``s = save_rng_state(device)`` followed by
+    ``r = replay_random(s, device, op, *args)``. ``s`` is a few bytes and always kept (it joins
+    ``joint.pinned``), and ``r``
+    is a deterministic function of ``s`` and ``args``, so the planner can drop dropout masks and
+    attention outputs (SDPA draws its dropout from the generator) like any other activation:
+    torch.utils.checkpoint's RNG replay, per op. Returns how many ops were rewritten.
+    """
+    graph = joint.gm.graph
+    rewritten = 0
+    for n in list(graph.nodes):
+        if n.op != "call_function" or compat.is_backward_node(n) or not is_random_op(n):
+            continue
+        values = _tensor_values(n)
+        if not values:
+            continue
+        device = values[0].device
+        with graph.inserting_before(n):
+            state = graph.create_node("call_function", save_rng_state, (device,),
+                                      name=f"{n.name}_rng_state")
+            replayed = graph.create_node("call_function", replay_random,
+                                         (state, device, n.target, *n.args),
+                                         {**n.kwargs, "replay": False}, name=f"{n.name}_replay")
+        with compat.real_tensor_mode():  # capture runs under FakeTensorMode
+            example = save_rng_state(device)
+        state.meta.update(partitioner_tag=n.meta.get("partitioner_tag"),
+                          val=compat.as_fake(example, values[0]))
+        joint.pinned.append(state)
+        replayed.meta.update(n.meta)
+        n.replace_all_uses_with(replayed)
+        graph.erase_node(n)
+        rewritten += 1
+    if rewritten:
+        joint.gm.recompile()
+    return rewritten
+
+
+def use_replays(gm: fx.GraphModule) -> int:
+    """Switch ``gm``'s random ops to replay (for a backward module: they are recomputations)."""
+    nodes = list(gm.graph.find_nodes(op="call_function", target=replay_random))
+    for n in nodes:
+        n.kwargs = {**n.kwargs, "replay": True}
+    if nodes:
+        gm.recompile()
+    return len(nodes)
 
 
 def compile_joint(fn: Callable, module: nn.Module | None,

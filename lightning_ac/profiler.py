@@ -29,7 +29,13 @@ import torch.fx as fx
 from torch import nn
 
 from lightning_ac import _torch_compat as compat
-from lightning_ac.capture import JointGraph, OptimizerGraph, capture_joint, capture_optimizer_step
+from lightning_ac.capture import (
+    JointGraph,
+    OptimizerGraph,
+    capture_joint,
+    capture_optimizer_step,
+    is_random_op,
+)
 
 __all__ = [
     "CATEGORIES",
@@ -54,12 +60,6 @@ _CUDA_BLOCK = 512  # the CUDA caching allocator rounds every allocation up to th
 def is_tensor_node(node: fx.Node) -> bool:
     """True for nodes whose value is one tensor (not a tuple of them, not a scalar)."""
     return isinstance(node.meta.get("val"), torch.Tensor)
-
-
-def is_random_op(node: fx.Node) -> bool:
-    """True for nodes whose result depends on the RNG (dropout, rand, bernoulli …)."""
-    tags = getattr(node.target, "tags", ())
-    return torch.Tag.nondeterministic_seeded in tags
 
 
 @dataclass(eq=False)
@@ -539,7 +539,7 @@ def _classify(joint: JointGraph, optimizer: OptimizerGraph | None, storages: lis
                 s.persistent, s.category = True, "optimizer_state"
             else:  # tangents; the optimizer's gradient inputs alias backward storages
                 s.category = "other"
-        elif c in pinned:  # buffer copies saved for the whole step: tiny, counted as persistent
+        elif c in pinned:  # buffer copies, RNG states: saved for the whole step, tiny, persistent
             s.persistent, s.category = True, "other"
         elif c.op == "get_attr":  # constants lifted by make_fx: the optimizer's step counters
             s.persistent, s.category = True, ("optimizer_state" if c in phase and

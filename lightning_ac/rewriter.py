@@ -15,15 +15,15 @@ import torch.fx as fx
 from torch import nn
 
 from lightning_ac import _torch_compat as compat
-from lightning_ac.capture import JointGraph, compile_joint
+from lightning_ac.capture import JointGraph, compile_joint, use_replays
 from lightning_ac.planner import Plan
 
 __all__ = ["compile_with_plan", "partition", "saved_values"]
 
 
 def saved_values(joint: JointGraph, plan: Plan) -> list[fx.Node]:
-    """What the forward hands to backward: the kept activations, the pinned buffer copies and
-    the primals.
+    """What the forward hands to backward: the kept activations, the pinned values (buffer
+    copies, generator states) and the primals.
 
     Saved values that backward does not read are dropped by the partition itself; views of kept
     values (``detach``, ``t``) are recomputed for free.
@@ -36,6 +36,7 @@ def partition(joint: JointGraph, plan: Plan) -> tuple[fx.GraphModule, fx.GraphMo
     fwd, bwd = compat.extract_fwd_bwd(joint.gm, saved_values(joint, plan), joint.num_fwd_outputs)
     if plan.recomputed:
         bwd = compat.reorder_backward(bwd)
+    use_replays(bwd)  # random ops backward re-runs draw what forward drew
     return compat.use_boxed_calling_convention(fwd), compat.use_boxed_calling_convention(bwd)
 
 

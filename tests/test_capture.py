@@ -2,8 +2,22 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_ac.capture import CaptureError, capture_joint, capture_optimizer_step
+from lightning_ac.capture import (
+    CaptureError,
+    capture_joint,
+    capture_optimizer_step,
+    replay_random,
+    save_rng_state,
+)
 from lightning_ac.zoo import make_workload
+
+aten = torch.ops.aten
+
+
+def _forward_random(joint, op):
+    """Forward nodes running the random ``op`` (through :func:`replay_random`)."""
+    return [n for n in joint.graph.nodes if n.target is replay_random and n.args[2] == op
+            and not joint.is_backward(n)]
 
 
 def _state_snapshot(model, optimizer=None):
@@ -101,19 +115,46 @@ def test_repeated_subexpressions_are_computed_once_but_random_draws_are_not():
 
     joint = capture_joint(step, (torch.randn(3, 4),), lin)
     fwd = [n for n in joint.graph.nodes if n.op == "call_function" and not joint.is_backward(n)]
-    aten = torch.ops.aten
     assert sum(n.target == aten.exp.default for n in fwd) == 1
-    assert sum(n.target == aten.native_dropout.default for n in fwd) == 2
+    assert len(_forward_random(joint, aten.native_dropout.default)) == 2
 
 
 def test_dropout_output_is_rebuilt_from_its_mask():
     w = make_workload("tiny-bert", 2, seq_len=16)
     joint = capture_joint(w.loss, w.inputs, w.model)
-    aten = torch.ops.aten
-    drops = list(joint.graph.find_nodes(op="call_function", target=aten.native_dropout.default))
+    drops = _forward_random(joint, aten.native_dropout.default)
     assert drops
     for d in drops:  # only the mask is read; the output comes from x * mask * scale
         assert {u.args[1] for u in d.users} == {1}
         (mask,) = d.users
         assert any(u.target == aten.native_dropout_backward.default
                    and not joint.is_backward(u) for u in mask.users)
+
+
+def test_every_forward_random_op_reads_the_generator_state_just_before_it_runs():
+    w = make_workload("tiny-bert", 2, seq_len=16)
+    joint = capture_joint(w.loss, w.inputs, w.model)
+    assert not any(torch.Tag.nondeterministic_seeded in getattr(n.target, "tags", ())
+                   for n in joint.graph.nodes if not joint.is_backward(n))
+    drops = _forward_random(joint, aten.native_dropout.default)
+    assert len(drops) == 2 * 3 + 1  # per layer: attention probs, two hidden; embeddings
+    for d in drops:
+        state = d.args[0]
+        assert state.target is save_rng_state and state.next is d
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_replay_draws_again_what_the_op_drew_and_leaves_the_generator_alone(device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    dev = torch.device(device)
+    x = torch.randn(4096, device=dev)
+    state = save_rng_state(dev)
+    out, mask = replay_random(state, dev, aten.native_dropout.default, x, 0.5, True)
+    after = save_rng_state(dev)
+    assert not torch.equal(after, state)  # forward moved the generator on, as eager does
+    out2, mask2 = replay_random(state, dev, aten.native_dropout.default, x, 0.5, True, replay=True)
+    assert torch.equal(mask, mask2) and torch.equal(out, out2)
+    assert torch.equal(save_rng_state(dev), after)
+    _, fresh = aten.native_dropout.default(x, 0.5, True)  # an ordinary draw differs
+    assert not torch.equal(fresh, mask)

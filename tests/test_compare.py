@@ -37,6 +37,34 @@ def test_matching_budgets_merge_close_peaks_and_skip_eager():
     assert compare.matching_budgets(rows, 10.0) == [4.0, 6.0]
 
 
+def test_spread_keeps_the_ends_and_at_most_k():
+    vals = [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert compare.spread(vals, 3) == [1.0, 3.0, 5.0]
+    assert compare.spread(vals, 9) == vals
+    assert compare.spread(vals, 1) == [1.0] and compare.spread(vals, 0) == []
+
+
+def test_mutwoac_runs_at_new_peaks_only_after_the_compiled_options(tmp_path, monkeypatch):
+    """Cheap options, MuTwoAC at their peaks, compiled options, MuTwoAC at the new peaks."""
+    peaks = {"eager": 10.0, "checkpoint": 4.0, "compile": 6.0, "aot_eager": 4.1}
+    order = []
+
+    def fake_run(opt, args, device):
+        order.append((opt.family, opt.budget_B and round(opt.budget_B / compare.GIB, 2)))
+        return {"option": opt.family, "setting": opt.setting, "status": "ok", "step_ms": 1.0,
+                "peak_GiB": peaks.get(opt.family, 5.0), "model": "m", "precision": "32-true"}
+
+    monkeypatch.setattr(compare, "run_option", fake_run)
+    monkeypatch.setattr(compare, "pareto_plot", lambda out: out / "p.png")
+    compare.main(["--model", "resnet152", "--options", "eager", "checkpoint", "compile",
+                  "aot_eager", "mutwoac", "--out", str(tmp_path), "--device", "cpu"])
+    families = [f for f, _ in order]
+    assert families == (["eager"] + ["checkpoint"] * 3 + ["mutwoac"] * 2
+                        + ["compile"] * 4 + ["aot_eager"] * 4 + ["mutwoac"])
+    assert order[4:6] == [("mutwoac", None), ("mutwoac", 4.0)]
+    assert order[-1] == ("mutwoac", 6.0)  # 4.1 is within 3% of 4.0: not run again
+
+
 def test_every_option_trains_and_lands_in_the_csv(tmp_path):
     args = ["--model", "tiny-bert", "--batch-size", "2", "--seq-len", "16", "--device", "cpu",
             "--steps", "1", "--options", "eager", "checkpoint", "hf-gc", "aot_eager", "mutwoac",

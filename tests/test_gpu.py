@@ -159,3 +159,49 @@ def test_host_swap_profiles_a_step_that_does_not_fit():
     print(f"host swap: used {used_B / 2**30:.2f} GiB of a {cap_B / 2**30:.2f} GiB cap; "
           f"sum of node times {ratio:.3f}x the uncapped profile's")
     assert 0.8 <= ratio <= 1.25
+
+
+def test_attention_and_dropout_recomputed_by_replaying_the_generator_state():
+    """BERT with every random op's outputs dropped (SDPA's attention output, its philox seed and
+    offset, dropout masks): backward replays them from the saved states, so loss and gradients
+    equal the run that keeps them, and the generator ends where that run leaves it."""
+    from lightning_ac import _torch_compat as compat
+    from lightning_ac.planner import Plan
+    from lightning_ac.profiler import profile_iteration
+    from lightning_ac.rewriter import compile_with_plan
+
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = {}
+        for drop_random in (False, True):
+            torch.compiler.reset()
+            w = make_workload("bert", 8, device="cuda", seq_len=128)
+            made = {}
+
+            def make_plan(joint, drop_random=drop_random, made=made):
+                with compat.real_tensor_mode():
+                    prof = profile_iteration(joint)
+                acts = prof.activations
+                drop = acts.creator.str.endswith("_replay") & drop_random
+                made["plan"] = Plan(None, prof.peak_bytes, prof.peak_bytes, 0.0, "by hand",
+                                    recomputed=list(acts.node[drop]), kept=list(acts.node[~drop]))
+                made["ops"] = set(acts.creator[acts.creator.str.endswith("_replay")]
+                                  .str.replace(r"(_\d+)?_replay$", "", regex=True))
+                return made["plan"]
+
+            step = compile_with_plan(w.loss, w.model, make_plan)
+            torch.cuda.manual_seed(1)
+            loss = step(*w.inputs)
+            loss.backward()
+            runs[drop_random] = (loss.detach(), _grads(w.model), torch.cuda.get_rng_state(),
+                                 made)
+            del w, step, loss
+        made = runs[True][3]
+        print("random ops replayed:", sorted(made["ops"]), len(made["plan"].recomputed))
+        assert any("attention" in op for op in made["ops"]) and "native_dropout" in made["ops"]
+        assert _close(runs[True][0], runs[False][0], 1e-6)
+        for i, (g, r) in enumerate(zip(runs[True][1], runs[False][1])):
+            assert _close(g, r, 1e-6), i
+        assert torch.equal(runs[True][2], runs[False][2])
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -33,6 +35,16 @@ def test_budget_already_met(profiled):
     # with the default headroom a budget at the very peak is not taken as met
     assert plan(prof, prof.peak_bytes).stop_reason != "already fits"
     assert plan(prof, None).stop_reason == "already fits"
+
+
+def test_on_cuda_the_planner_keeps_a_reserve_below_the_budget(profiled):
+    _, prof = profiled
+    budget = prof.peak_bytes + (64 << 20)  # fits on the CPU, where nothing unseen is allocated
+    assert plan(prof, budget, headroom=0.0).stop_reason == "already fits"
+    cuda = copy.copy(prof)
+    cuda.summary = {**prof.summary, "device": "cuda:0"}
+    assert plan(cuda, budget, headroom=0.0).stop_reason != "already fits"
+    assert plan(cuda, budget, headroom=0.0, reserve_B=0).stop_reason == "already fits"
 
 
 @pytest.mark.parametrize("name", ["cnn", "tiny-bert"])
@@ -73,10 +85,14 @@ def test_cnn_recomputes_relu_before_convolution():
     assert all("relu" in o for o in ops[:first_conv]) and first_conv >= 2
 
 
-def test_dropout_outputs_are_never_dropped():
+def test_nothing_that_draws_from_the_generator_is_rerun():
     _, prof = _profile("tiny-bert")
     p = plan(prof, 1)
     acts = prof.activations.set_index("name")
     for n in p.recomputed:
         assert acts.at[n.name, "recomputable"]
-    assert any(not r for r in prof.activations.recomputable)
+    # random ops re-run only as replays of a saved generator state, never as fresh draws
+    assert p.recomputed_nodes and not any(is_random_op(n) for n in p.recomputed_nodes)
+    states = [n for n in prof.joint.pinned if is_random_op(n)]
+    assert len(states) == 7
+    assert not any(is_random_op(n) for n in recompute_closure(prof, set(p.recomputed))[0])

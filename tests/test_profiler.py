@@ -133,10 +133,13 @@ def test_activation_records_are_sensible():
     assert (acts.first_bwd_use_rank > acts.last_fwd_use_rank).all()
     assert (acts.last_bwd_use_rank >= acts.first_bwd_use_rank).all()
     assert (acts.inactive_ms >= 0).all() and (acts.recompute_ms > 0).all()
-    # dropout is random: its masks cannot be recomputed; its outputs are rebuilt from the masks
-    # (capture.replayable_dropout), so they and what follows them can
-    masks = acts[acts.creator.str.fullmatch(r"native_dropout(_\d+)?")]
-    assert len(masks) > 0 and not masks.recomputable.any()
+    # dropout is random, but it replays the generator state it read (capture.replayable_
+    # random_ops): its masks can be recomputed; its outputs are rebuilt from the masks
+    # (capture.replayable_dropout), so they and what follows them can be too
+    masks = acts[acts.creator.str.fullmatch(r"native_dropout(_\d+)?_replay")]
+    assert len(masks) > 0 and masks.recomputable.all()
+    states = prof.nodes[prof.nodes.name.str.endswith("_rng_state")]
+    assert len(states) == len(masks) and not acts.creator.isin(states.name).any()
     assert (acts[acts.creator.str.startswith("native_dropout_backward")].recomputable).all()
     assert acts[acts.creator.str.startswith("native_layer_norm")].recomputable.all()
     # sources of a recompute are values that stay available

@@ -1,11 +1,13 @@
 """The rewritten step computes what eager computes, and saves what the plan keeps."""
 
+from unittest import mock
+
 import pytest
 import torch
 
 from lightning_ac import _torch_compat as compat
 from lightning_ac.measure import saved_tensor_bytes
-from lightning_ac.planner import plan
+from lightning_ac.planner import Plan, plan
 from lightning_ac.profiler import profile_iteration
 from lightning_ac.rewriter import compile_with_plan
 from lightning_ac.zoo import make_workload
@@ -77,20 +79,54 @@ def test_saved_bytes_drop_to_what_the_plan_keeps(name):
     assert kept_B <= saved <= kept_B + pinned_B + 4096
 
 
-def test_dropout_outputs_are_recomputed_without_new_random_draws():
-    w, step, made = _planned("tiny-bert", 0.0)
-    ref = make_workload("tiny-bert", 16, seq_len=32)
+def _drop_dropout_masks(made):
+    """A make_plan that keeps every activation but dropout's masks (and the ops that read
+    them: the rebuilt outputs), whatever the planner would pick."""
+
+    def make_plan(joint):
+        with compat.real_tensor_mode():
+            prof = profile_iteration(joint)
+        acts = prof.activations
+        drop = acts.creator.str.fullmatch(r"native_dropout(_\d+)?_replay")
+        made["plan"] = Plan(budget_B=None, baseline_peak_B=prof.peak_bytes,
+                            predicted_peak_B=prof.peak_bytes, predicted_extra_ms=0.0,
+                            stop_reason="by hand", recomputed=list(acts.node[drop]),
+                            kept=list(acts.node[~drop]))
+        return made["plan"]
+
+    return make_plan
+
+
+def test_dropout_masks_are_replayed_without_new_random_draws():
+    w, ref = make_workload("tiny-bert", 16, seq_len=32), make_workload("tiny-bert", 16, seq_len=32)
+    made = {}
+    step = compile_with_plan(w.loss, w.model, _drop_dropout_masks(made))
+    for i in range(2):
+        for m in (w.model, ref.model):
+            m.zero_grad(set_to_none=True)
+        torch.manual_seed(3 + i)
+        loss = step(*w.inputs)
+        loss.backward()
+        after = torch.get_rng_state()
+        torch.manual_seed(3 + i)
+        ref_loss = ref.loss(*ref.inputs)
+        ref_loss.backward()
+        assert len(made["plan"].recomputed) == 7  # embeddings + 2 layers x 3 dropouts
+        # backward drew the masks again from their saved states, and left the generator where
+        # one eager step leaves it
+        assert torch.equal(after, torch.get_rng_state())
+        assert abs(loss.item() - ref_loss.item()) <= 1e-6 * abs(ref_loss.item())
+        assert_grads_match(w.model, ref.model)
+
+
+def test_without_replay_a_recomputed_mask_would_differ():
+    """The check above can fail: a backward that re-runs dropout plainly draws other masks."""
+    w, ref = make_workload("tiny-bert", 16, seq_len=32), make_workload("tiny-bert", 16, seq_len=32)
+    step = compile_with_plan(w.loss, w.model, _drop_dropout_masks({}))
+    with mock.patch("lightning_ac.rewriter.use_replays", lambda gm: 0):
+        torch.manual_seed(3)
+        step(*w.inputs).backward()
     torch.manual_seed(3)
-    loss = step(*w.inputs)
-    loss.backward()
-    after = torch.get_rng_state()
-    torch.manual_seed(3)
-    ref_loss = ref.loss(*ref.inputs)
-    ref_loss.backward()
-    recomputed_ops = {n.target for n in made["plan"].recomputed_nodes}
-    assert torch.ops.aten.native_dropout_backward.default in recomputed_ops
-    assert torch.ops.aten.native_dropout.default not in recomputed_ops
-    # backward drew nothing: the generator is where one eager step leaves it
-    assert torch.equal(after, torch.get_rng_state())
-    assert abs(loss.item() - ref_loss.item()) <= 1e-6 * abs(ref_loss.item())
-    assert_grads_match(w.model, ref.model)
+    ref.loss(*ref.inputs).backward()
+    with pytest.raises(AssertionError):
+        assert_grads_match(w.model, ref.model)

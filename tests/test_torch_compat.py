@@ -57,3 +57,16 @@ def test_boxed_calling_convention_consumes_its_argument_list():
 def test_real_tensor_mode_is_a_context_manager():
     with compat.real_tensor_mode():
         assert torch.ones(2).sum().item() == 2.0
+
+
+def test_as_fake_makes_a_fake_tensor_of_the_graphs_mode():
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    mode = FakeTensorMode()
+    with mode:
+        like = torch.empty(3)
+    fake = compat.as_fake(torch.arange(4, dtype=torch.uint8), like)
+    assert isinstance(fake, FakeTensor) and fake.fake_mode is mode
+    assert fake.shape == (4,) and fake.dtype == torch.uint8
+    real = torch.ones(2)
+    assert compat.as_fake(real, torch.zeros(1)) is real  # outside a fake mode: unchanged
