@@ -30,6 +30,7 @@ from lightning_ac import _torch_compat as compat
 
 __all__ = [
     "CaptureError",
+    "batch_norm_without_buffers",
     "compile_joint",
     "describe_capture_failure",
     "unwrap_compile_error",
@@ -44,6 +45,7 @@ __all__ = [
     "replayable_dropout",
     "replayable_random_ops",
     "save_rng_state",
+    "update_running_stats",
     "use_replays",
 ]
 
@@ -152,25 +154,42 @@ def _build_joint(joint_gm: fx.GraphModule, example_inputs: list, roles: list[Pri
     if len(owners) != len(grads):
         raise CaptureError(f"cannot align {len(grads)} gradient outputs with {len(tensors)} primals")
     joint.grad_of = {g: i for g, i in zip(grads, owners) if isinstance(g, fx.Node)}
+    batch_norm_without_buffers(joint)
     pin_buffers(joint)
     replayable_dropout(joint)
     replayable_random_ops(joint)
     return joint
 
 
-def pin_buffers(joint: JointGraph) -> None:
-    """Make forward nodes read a copy of each buffer instead of the buffer itself.
+def _feeds_backward(node: fx.Node) -> bool:
+    """True if a backward node reads ``node``'s value, directly or through forward nodes."""
+    seen, stack = set(), [node]
+    while stack:
+        for u in stack.pop().users:
+            if u in seen or u.op == "output":
+                continue
+            if compat.is_backward_node(u):
+                return True
+            seen.add(u)
+            stack.append(u)
+    return False
 
-    AOTAutograd writes updated buffers (BatchNorm's running statistics) back into the module in
-    place after forward. A node that backward re-runs would read such a buffer after the update,
-    and autograd rejects a saved input that was modified. Reading a copy taken in forward (a few
-    floats per BatchNorm) lets BatchNorm be recomputed; the copies are always saved.
+
+def pin_buffers(joint: JointGraph) -> None:
+    """Make forward nodes that backward may re-run read a copy of each buffer they read.
+
+    AOTAutograd writes updated buffers back into the module in place after forward. A node that
+    backward re-runs would read such a buffer after the update, and autograd rejects a saved
+    input that was modified. Reading a copy taken in forward lets such nodes be recomputed; the
+    copies are always saved. Buffers whose readers feed nothing in backward (BatchNorm's
+    statistics after :func:`batch_norm_without_buffers`, ``num_batches_tracked``) need no copy.
     """
     graph = joint.gm.graph
     buffers = [p for p, r in zip(joint.primals, joint.primal_roles) if r.kind == "buffer"]
     anchor = joint.tangents[-1] if joint.tangents else joint.primals[-1]
     for buf in buffers:
-        users = [u for u in buf.users if u.op == "call_function" and not compat.is_backward_node(u)]
+        users = [u for u in buf.users if u.op == "call_function" and not compat.is_backward_node(u)
+                 and _feeds_backward(u)]
         if not users:
             continue
         with graph.inserting_after(anchor):
@@ -183,6 +202,102 @@ def pin_buffers(joint: JointGraph) -> None:
         anchor = copy
     if joint.pinned:
         joint.gm.recompile()
+
+
+def update_running_stats(running_means: list[torch.Tensor], running_vars: list[torch.Tensor],
+                         batch_means: list[torch.Tensor], batch_rstds: list[torch.Tensor],
+                         momentum: float, eps: float, counts: list[int]) -> list[torch.Tensor]:
+    """Update BatchNorm running statistics in place from the batch statistics of training-mode
+    BatchNorms, all of them in a few ``_foreach`` kernels; returns the updated tensors.
+
+    ``running = (1 - momentum) * running + momentum * batch``, with the batch variance rebuilt
+    from the saved inverse standard deviation (``1 / rstd² - eps``, in float64) and made unbiased
+    (``n / (n - 1)`` for ``n`` values per channel), as BatchNorm's own kernels update them.
+    """
+    with torch.no_grad():
+        torch._foreach_lerp_(running_means, [m.to(r.dtype) for m, r in
+                                             zip(batch_means, running_means)], momentum)
+        var = torch._foreach_reciprocal(torch._foreach_pow([r.double() for r in batch_rstds], 2))
+        torch._foreach_add_(var, -eps)
+        torch._foreach_mul_(var, [n / max(n - 1, 1) for n in counts])
+        torch._foreach_lerp_(running_vars, [v.to(r.dtype) for v, r in zip(var, running_vars)],
+                             momentum)
+    return [*running_means, *running_vars]
+
+
+def batch_norm_without_buffers(joint: JointGraph) -> int:
+    """Run training-mode BatchNorm without its running statistics, and update them all at once.
+
+    AOTAutograd traces BatchNorm as ``_native_batch_norm_legit_functional``, which clones both
+    running statistics, updates the clones and returns them; AOT's runtime then copies them back
+    into the module, and :func:`pin_buffers` had to copy the statistics first so that a
+    recomputed BatchNorm would not read them updated. On ResNet-152 that is 1,550 small copies a
+    step (the H100 profile in ``reports/host``), each costing host time. In training mode the
+    output does not depend on the running statistics, so each BatchNorm becomes
+    ``_native_batch_norm_legit.no_stats`` (pure: recomputable as it is, reads no buffer), its
+    backward reads no statistics (``None``, unused in training), and one
+    :func:`update_running_stats` node after the last of them updates every running statistic in
+    place. Its outputs are the module's own buffers, so AOT's copy-back copies each onto itself,
+    which ``copy_`` skips. Returns how many BatchNorms were rewritten.
+    """
+    aten = torch.ops.aten
+    graph = joint.gm.graph
+    groups: dict[tuple[float, float], list[tuple]] = {}
+    for bn in list(graph.find_nodes(op="call_function",
+                                    target=aten._native_batch_norm_legit_functional.default)):
+        x, w, b, rm, rv, training, momentum, eps = (list(bn.args) + [None] * 8)[:8]
+        outs = {u.args[1]: u for u in bn.users if u.target is operator.getitem}
+        if (compat.is_backward_node(bn) or training is not True or not isinstance(momentum, float)
+                or not isinstance(eps, float) or 3 not in outs or 4 not in outs
+                or any(u.op == "call_function" and not _reads_stats_unused(u)
+                       for o in (outs[3], outs[4]) for u in o.users)):
+            continue
+        for i in (3, 4):  # backward's BatchNorm reads them but does not use them in training
+            for u in list(outs[i].users):
+                if u.op == "call_function":
+                    u.replace_input_with(outs[i], None)
+        with graph.inserting_before(bn):
+            pure = graph.create_node("call_function", aten._native_batch_norm_legit.no_stats,
+                                     (x, w, b, True, momentum, eps), name="batch_norm")
+        pure.meta.update(bn.meta, val=tuple(bn.meta["val"][:3]))
+        bn.replace_all_uses_with(pure)
+        graph.erase_node(bn)
+        shape = x.meta["val"].shape
+        groups.setdefault((momentum, eps), []).append(
+            (pure, rm, rv, outs, shape.numel() // shape[1]))
+    if not groups:
+        return 0
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    # after every BatchNorm's statistics exist; nothing else in forward reads the buffers
+    anchor = max((o for group in groups.values() for entry in group for o in entry[3].values()),
+                 key=position.__getitem__)
+    for (momentum, eps), group in groups.items():
+        means = [rm for _, rm, _, _, _ in group]
+        variances = [rv for _, _, rv, _, _ in group]
+        with graph.inserting_after(anchor):
+            upd = graph.call_function(update_running_stats, (
+                means, variances, [o[1] for _, _, _, o, _ in group],
+                [o[2] for _, _, _, o, _ in group], momentum, eps, [n for *_, n in group]))
+        upd.meta.update(partitioner_tag=group[0][0].meta.get("partitioner_tag"),
+                        val=[*(m.meta["val"] for m in means), *(v.meta["val"] for v in variances)])
+        anchor = upd
+        for k, (_, _, _, outs, _) in enumerate(group):
+            for i, j in ((3, k), (4, len(group) + k)):
+                with graph.inserting_after(anchor):
+                    new = graph.call_function(operator.getitem, (upd, j))
+                new.meta.update(outs[i].meta)
+                anchor = new
+                outs[i].replace_all_uses_with(new)
+                graph.erase_node(outs[i])
+    joint.gm.recompile()
+    return sum(len(g) for g in groups.values())
+
+
+def _reads_stats_unused(node: fx.Node) -> bool:
+    """A reader of a BatchNorm's updated statistics that does not need their values: the
+    training-mode backward (it ignores running statistics)."""
+    return (node.target is torch.ops.aten.native_batch_norm_backward.default
+            and node.args[7] is True)
 
 
 def _dropout_scale(p: float, device: torch.device) -> float:

@@ -440,13 +440,17 @@ def profile_iteration(joint: JointGraph, optimizer: OptimizerGraph | None = None
     device = joint.primal_values[0].device
     tangents = [torch.ones(t.meta["val"].shape, dtype=t.meta["val"].dtype, device=device)
                 for t in joint.tangents]
+    # The graph updates buffers in place (BatchNorm statistics, capture.batch_norm_without_
+    # buffers): the profile runs on copies of them, so the model is left as it was.
+    primals = [v.clone() if r.kind == "buffer" else v
+               for v, r in zip(joint.primal_values, joint.primal_roles)]
     registry: dict = {}
     with torch.no_grad(), _preserved_rng(device):
         jp = GraphProfiler(joint.gm, runs=runs, registry=registry, swap=swap,
                            min_swap_B=min_swap_B)
         if warmup:
-            jp.run(*joint.primal_values, *tangents, measure=False)
-        outs = jp.run(*joint.primal_values, *tangents)
+            jp.run(*primals, *tangents, measure=False)
+        outs = jp.run(*primals, *tangents)
         grads_by_primal = {joint.grad_of[node]: val for node, val in zip(joint.outputs(), outs)
                            if node in joint.grad_of}
         op = None
@@ -460,7 +464,7 @@ def profile_iteration(joint: JointGraph, optimizer: OptimizerGraph | None = None
             if warmup:
                 op.run(*args, measure=False)
             op.run(*args)
-        del outs, grads_by_primal
+        del outs, grads_by_primal, primals
     bandwidth = measure_host_device_bandwidth(device)
     profile = _assemble(joint, optimizer, jp, op, bandwidth)
     profile.summary.update(device=str(device), device_name=_device_name(device),

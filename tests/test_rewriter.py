@@ -60,6 +60,39 @@ def test_loss_and_gradients_match_eager_over_several_steps(name):
         assert made["plan"].recomputed
 
 
+def test_batch_norm_statistics_follow_eager_while_batch_norm_is_recomputed():
+    """BatchNorm runs without its buffers and one node updates them all (capture.batch_norm_
+    without_buffers): after several steps they equal eager's, recomputation included."""
+    w, step, made = _planned("cnn", 0.0)
+    ref = make_workload("cnn", 16)
+    for _ in range(3):
+        step(*w.inputs).backward()
+        ref.loss(*ref.inputs).backward()
+    assert any(n.target == torch.ops.aten._native_batch_norm_legit.no_stats
+               for n in made["plan"].recomputed_nodes)
+    for (name, b), r in zip(w.model.named_buffers(), ref.model.buffers()):
+        if b.is_floating_point():
+            torch.testing.assert_close(b, r, rtol=1e-6, atol=1e-7, msg=name)
+        else:
+            assert torch.equal(b, r), name  # num_batches_tracked
+
+
+def test_batch_norm_reads_no_buffer_and_nothing_copies_them():
+    from lightning_ac.capture import capture_joint, update_running_stats
+
+    w = make_workload("cnn", 4)
+    joint = capture_joint(w.loss, w.inputs, w.model)
+    aten = torch.ops.aten
+    targets = [n.target for n in joint.graph.nodes]
+    assert aten._native_batch_norm_legit_functional.default not in targets
+    assert targets.count(aten._native_batch_norm_legit.no_stats) == 4
+    assert targets.count(update_running_stats) == 1
+    assert aten.clone.default not in targets and not joint.pinned
+    buffers = [p for p, r in zip(joint.primals, joint.primal_roles) if r.kind == "buffer"]
+    for buf in buffers:  # read once, by the update (statistics) or the increment (counter)
+        assert [u.target for u in buf.users] in ([update_running_stats], [aten.add.Tensor])
+
+
 @pytest.mark.parametrize("name", ["cnn", "tiny-bert"])
 def test_saved_bytes_drop_to_what_the_plan_keeps(name):
     w, step, made = _planned(name, 0.0)
