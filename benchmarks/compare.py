@@ -52,6 +52,7 @@ from lightning_ac.zoo import Workload, make_workload
 GIB = 2**30
 COMPILE_BUDGETS = (0.1, 0.3, 0.5, 0.7)
 FAMILIES = ("eager", "checkpoint", "hf-gc", "compile", "aot_eager", "rockmate", "mutwoac")
+COMPILED = ("compile", "aot_eager")
 
 
 @dataclass
@@ -242,15 +243,56 @@ def run_option(opt: Option, args, device: torch.device) -> dict:
 
 
 def matching_budgets(rows: list[dict], eager_peak: float, tolerance: float = 0.03) -> list[float]:
-    """The distinct peaks (GiB) the options reached, below eager's, merged within ``tolerance``."""
+    """The distinct peaks (GiB) the other options reached (not eager, MuTwoAC or Rockmate, whose
+    budgets these are), below eager's, merged within ``tolerance``."""
     peaks = sorted({r["peak_GiB"] for r in rows
-                    if r.get("status") == "ok" and r.get("peak_GiB") and r["option"] != "eager"
+                    if r.get("status") == "ok" and r.get("peak_GiB")
+                    and r["option"] not in ("eager", "mutwoac", "rockmate")
                     and r["peak_GiB"] < eager_peak * (1 - tolerance)})
     chosen: list[float] = []
     for p in peaks:
         if not chosen or p > chosen[-1] * (1 + tolerance):
             chosen.append(p)
     return chosen
+
+
+def spread(values: list[float], k: int) -> list[float]:
+    """At most ``k`` of the sorted ``values``, evenly spaced over them, the ends included."""
+    if k <= 0:
+        return []
+    if len(values) <= k:
+        return list(values)
+    if k == 1:
+        return [values[0]]
+    step = (len(values) - 1) / (k - 1)
+    return [values[round(i * step)] for i in range(k)]
+
+
+def _budgeted_options(rows: list[dict], done: list[float], families: set[str],
+                      args) -> list[Option]:
+    """MuTwoAC (and Rockmate) at the peaks reached so far that are not within 3% of a budget
+    in ``done`` (which grows); MuTwoAC with nothing recomputed the first time."""
+    eager_peak = next((r["peak_GiB"] for r in rows if r["option"] == "eager"
+                       and r.get("peak_GiB")), None)
+    if args.mutwo_budgets is not None:
+        budgets = [float(b) for b in args.mutwo_budgets]
+    elif eager_peak is not None:
+        budgets = matching_budgets(rows, eager_peak)
+    else:
+        budgets = []  # on the CPU there is no peak to match
+    first = not any(r["option"] == "mutwoac" for r in rows)
+    budgets = spread([b for b in budgets if not any(abs(b - d) <= 0.03 * d for d in done)],
+                     args.max_mutwo - len(done))
+    done.extend(budgets)
+    out: list[Option] = []
+    if "rockmate" in families and not any(r["option"] == "rockmate" and r["status"] == "error"
+                                          for r in rows):  # an error repeats at any budget
+        out += [rockmate_option(int(b * GIB)) for b in budgets]
+    if "mutwoac" in families:
+        if first:
+            out.append(mutwoac_option("nothing recomputed", None))
+        out += [mutwoac_option(f"budget {b:.2f} GiB", int(b * GIB)) for b in budgets]
+    return out
 
 
 def pareto_plot(out: Path) -> Path:
@@ -340,29 +382,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(" ".join(f"{k}={v}" for k, v in shown.items() if v is not None), flush=True)
         write_rows(rows, args.out, args.model, args.precision)  # nothing lost if a later one hangs
 
-    for opt in options(args.model, families):
-        record(run_option(opt, args, device))
-    eager_peak = next((r["peak_GiB"] for r in rows if r["option"] == "eager"
-                       and r.get("peak_GiB")), None)
-    if args.mutwo_budgets is not None:
-        budgets = [float(b) for b in args.mutwo_budgets]
-    elif eager_peak is not None:
-        budgets = matching_budgets(rows, eager_peak)
-        if len(budgets) > args.max_mutwo:  # spread them over the range
-            step = (len(budgets) - 1) / (args.max_mutwo - 1)
-            budgets = [budgets[round(i * step)] for i in range(args.max_mutwo)]
-    else:
-        budgets = []  # on the CPU there is no peak to match
-    if "rockmate" in families:
-        for b in budgets:
-            row = run_option(rockmate_option(int(b * GIB)), args, device)
-            record(row)
-            if row["status"] == "error":  # it will not work at other budgets either
-                break
-    if "mutwoac" in families:
-        record(run_option(mutwoac_option("nothing recomputed", None), args, device))
-        for b in budgets:
-            record(run_option(mutwoac_option(f"budget {b:.2f} GiB", int(b * GIB)), args, device))
+    # Cheap options first, then MuTwoAC at their peaks, then the compiled ones (minutes of
+    # compilation each) and MuTwoAC at the new peaks they reach: a run cut short by a time
+    # limit still holds a comparison.
+    cheap = [o for o in options(args.model, families) if o.family not in COMPILED]
+    compiled = [o for o in options(args.model, families) if o.family in COMPILED]
+    done: list[float] = []
+    for stage in (cheap, compiled):
+        for opt in stage:
+            record(run_option(opt, args, device))
+        for opt in _budgeted_options(rows, done, families, args):
+            record(run_option(opt, args, device))
     if any(r.get("peak_GiB") for r in rows):
         print(f"wrote {pareto_plot(args.out)}")
     return rows
