@@ -17,6 +17,8 @@ import torch.fx as fx
 __all__ = [
     "aot_backend",
     "as_fake",
+    "batch_norm_backend",
+    "cudnn_batch_norm_reserve_bytes",
     "eliminate_common_subexpressions",
     "extract_fwd_bwd",
     "gpu_spin",
@@ -57,6 +59,21 @@ def as_fake(real: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     ``meta['val']``: AOTAutograd counts saved tensors by their fake values)."""
     mode = getattr(like, "fake_mode", None)
     return real if mode is None else mode.from_tensor(real)
+
+
+def batch_norm_backend(input: torch.Tensor, weight: torch.Tensor | None,
+                       bias: torch.Tensor | None, running_mean: torch.Tensor | None,
+                       running_var: torch.Tensor | None, eps: float) -> str:
+    """``"cudnn"``, ``"native"`` or ``"miopen"``: the kernels eager's training BatchNorm picks
+    for these tensors (fake ones work: only their metadata is read)."""
+    backend = torch._C._select_batch_norm_backend(input, weight, bias, running_mean, running_var,
+                                                  True, eps)
+    return backend.name.lower()
+
+
+def cudnn_batch_norm_reserve_bytes(input: torch.Tensor) -> int:
+    """Bytes of the reserve space cuDNN's training BatchNorm hands from forward to backward."""
+    return int(torch._C._get_cudnn_batch_norm_reserve_space_size(input, True))
 
 
 def is_backward_node(node: fx.Node) -> bool:

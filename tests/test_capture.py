@@ -1,3 +1,5 @@
+import operator
+
 import pytest
 import torch
 from torch import nn
@@ -158,3 +160,42 @@ def test_a_replay_draws_again_what_the_op_drew_and_leaves_the_generator_alone(de
     assert torch.equal(save_rng_state(dev), after)
     _, fresh = aten.native_dropout.default(x, 0.5, True)  # an ordinary draw differs
     assert not torch.equal(fresh, mask)
+
+
+def test_batch_norm_runs_on_cudnn_where_eager_would(monkeypatch):
+    """Where eager's BatchNorm runs cuDNN (CUDA only), the graph runs cudnn_batch_norm without
+    statistics and cuDNN's backward with the reserve space; forced here on the CPU graph, which
+    is partitioned (not run) with every BatchNorm output dropped."""
+    from lightning_ac import _torch_compat as compat
+    from lightning_ac import capture
+
+    def fake_reserve(x, *_):
+        return compat.as_fake(torch.empty(0, dtype=torch.uint8), x.meta["val"])
+
+    monkeypatch.setattr(capture, "_cudnn_reserve", fake_reserve)
+    w = make_workload("cnn", 4)
+    joint = capture_joint(w.loss, w.inputs, w.model)
+    targets = [n.target for n in joint.graph.nodes]
+    assert targets.count(aten.cudnn_batch_norm.default) == 4
+    assert targets.count(aten.cudnn_batch_norm_backward.default) == 4
+    assert aten.native_batch_norm_backward.default not in targets
+    assert aten._native_batch_norm_legit.no_stats not in targets
+    for n in joint.graph.find_nodes(op="call_function", target=aten.cudnn_batch_norm.default):
+        assert n.args[3] is None and n.args[4] is None  # no running statistics
+    for n in joint.graph.find_nodes(op="call_function",
+                                    target=aten.cudnn_batch_norm_backward.default):
+        reserve = n.args[8]
+        assert reserve.target is operator.getitem and reserve.args[1] == 3
+        assert reserve.args[0].target is aten.cudnn_batch_norm.default
+    bn_outs = [u for n in joint.graph.find_nodes(op="call_function",
+                                                 target=aten.cudnn_batch_norm.default)
+               for u in n.users if u.args[1] == 0]
+    relus = {u for o in bn_outs for u in o.users}
+    dropped = set(bn_outs) | relus | {u for r in relus for u in r.users  # and views of them
+                                      if u.target is aten.detach.default}
+    saved = [n for n in joint.graph.nodes if n.op == "call_function" and n not in dropped
+             and not joint.is_backward(n) and isinstance(n.meta.get("val"), torch.Tensor)]
+    fwd, bwd = compat.extract_fwd_bwd(joint.gm, [*saved, *joint.primals], joint.num_fwd_outputs)
+    rerun = [n for n in bwd.graph.nodes if n.target is aten.cudnn_batch_norm.default]
+    assert len(rerun) == 4  # recomputed in backward from the saved convolution outputs
+    assert all(n.args[3] is None and n.args[4] is None for n in rerun)
