@@ -1,0 +1,134 @@
+"""Loss over N training steps with and without MuTwoAC: same model, data and seed.
+
+Each run builds the workload afresh (same seed: same weights and batch), trains ``--steps`` Adam
+steps with deterministic algorithms on, and records the loss of every step. The AC run plans at
+``--budget`` or, by default, ``--share`` of the way from the plan's floor (everything
+recomputable dropped) to the un-checkpointed peak, so that something is always recomputed.
+Dropout draws the same masks in both runs: random ops replay their generator state. Writes
+``<out>/<model>_loss_curves.csv`` and ``.png`` and prints the largest relative difference.
+
+    PYTHONPATH=. python benchmarks/loss_curves.py --model bert --batch-size 8 --seq-len 512
+    PYTHONPATH=. python benchmarks/loss_curves.py --model resnet152 --batch-size 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from lightning_ac import _torch_compat as compat
+from lightning_ac.callback import parse_budget
+from lightning_ac.planner import Plan, plan
+from lightning_ac.profiler import profile_joint
+from lightning_ac.rewriter import compile_with_plan
+from lightning_ac.zoo import make_workload
+
+
+def train(args, device: torch.device, ac: bool) -> tuple[list[float], Plan | None]:
+    """Losses of ``args.steps`` steps; with ``ac``, the plan the rewritten step ran."""
+    w = make_workload(args.model, args.batch_size, device=device, seq_len=args.seq_len,
+                      seed=args.seed)
+    opt = torch.optim.Adam(w.model.parameters(), lr=args.lr)
+    made: dict = {}
+    step = w.loss
+    if ac:
+        def make_plan(joint):
+            with compat.real_tensor_mode():
+                prof = profile_joint(joint, opt)
+            if args.budget:
+                budget = parse_budget(args.budget)
+            else:
+                floor = plan(prof, 1).predicted_peak_B
+                budget = int(floor + args.share * (prof.peak_bytes - floor))
+            made["plan"] = plan(prof, budget)
+            return made["plan"]
+
+        step = compile_with_plan(w.loss, w.model, make_plan)
+    torch.manual_seed(args.seed)  # the same dropout draws in both runs
+    if device.type == "cuda":
+        torch.cuda.manual_seed(args.seed)
+    losses = []
+    for _ in range(args.steps):
+        opt.zero_grad(set_to_none=True)
+        loss = step(*w.inputs)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    torch.compiler.reset()
+    return losses, made.get("plan")
+
+
+def plot(df: pd.DataFrame, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, dx) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True,
+                                 gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot(df.step, df.loss_without_ac, color="k", linewidth=3, alpha=0.4, label="without AC")
+    ax.plot(df.step, df.loss_with_ac, color="tab:red", linewidth=1.2, linestyle="--",
+            label="with MuTwoAC")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    dx.semilogy(df.step, df.rel_diff.clip(lower=1e-12), color="tab:red", marker=".")
+    dx.axhline(1e-6, color="gray", linestyle=":", label="1e-6")
+    dx.set_xlabel("step")
+    dx.set_ylabel("|Δ| / loss\n(0 drawn at 1e-12)")
+    dx.legend(fontsize=8)
+    dx.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="bert")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--budget", default=None, help='e.g. "3.5GiB" (default: see --share)')
+    ap.add_argument("--share", type=float, default=0.5,
+                    help="budget this share of the way from the plan's floor to the peak")
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", type=Path, default=Path("reports/curves"))
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+    torch.use_deterministic_algorithms(True)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        without, _ = train(args, device, ac=False)
+        with_ac, p = train(args, device, ac=True)
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    df = pd.DataFrame({"step": range(1, args.steps + 1), "loss_without_ac": without,
+                       "loss_with_ac": with_ac})
+    df["rel_diff"] = (df.loss_with_ac - df.loss_without_ac).abs() / df.loss_without_ac.abs()
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"{args.model}_loss_curves"
+    df.to_csv(stem.with_suffix(".csv"), index=False)
+    title = (f"{args.model}, batch {args.batch_size}, {args.steps} Adam steps, {device.type}: "
+             f"{len(p.recomputed)} activations recomputed")
+    plot(df, stem.with_suffix(".png"), title)
+    print(f"plan: {p.summary()}")
+    print(f"largest relative loss difference over {args.steps} steps: {df.rel_diff.max():.3g} "
+          f"({'within' if df.rel_diff.max() <= 1e-6 else 'ABOVE'} 1e-6); "
+          f"loss {without[0]:.4f} -> {without[-1]:.4f}; wrote {stem}.csv/.png")
+    return df
+
+
+if __name__ == "__main__":
+    main()
