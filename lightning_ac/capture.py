@@ -21,6 +21,7 @@ import traceback
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
@@ -225,6 +226,18 @@ def update_running_stats(running_means: list[torch.Tensor], running_vars: list[t
     return [*running_means, *running_vars]
 
 
+class _BatchNormStats(NamedTuple):
+    """A rewritten BatchNorm, as the update of its running statistics needs it."""
+
+    running_mean: fx.Node
+    running_var: fx.Node
+    outs: dict[int, fx.Node]
+    """The BatchNorm's getitems by output index (1: batch mean, 2: rstd, 3 and 4: the old
+    updated statistics, replaced by the update's outputs)."""
+    count: int
+    """Values per channel (for the unbiased variance)."""
+
+
 def batch_norm_without_buffers(joint: JointGraph) -> int:
     """Run training-mode BatchNorm without its running statistics, and update them all at once.
 
@@ -275,24 +288,25 @@ def batch_norm_without_buffers(joint: JointGraph) -> int:
             _use_cudnn_backward(graph, pure, outs)
         shape = x.meta["val"].shape
         groups.setdefault((momentum, eps), []).append(
-            (pure, rm, rv, outs, shape.numel() // shape[1]))
+            _BatchNormStats(rm, rv, outs, shape.numel() // shape[1]))
     if not groups:
         return 0
     position = {n: i for i, n in enumerate(graph.nodes)}
     # after every BatchNorm's statistics exist; nothing else in forward reads the buffers
-    anchor = max((o for group in groups.values() for entry in group for o in entry[3].values()),
+    anchor = max((o for group in groups.values() for bn in group for o in bn.outs.values()),
                  key=position.__getitem__)
     for (momentum, eps), group in groups.items():
-        means = [rm for _, rm, _, _, _ in group]
-        variances = [rv for _, _, rv, _, _ in group]
+        means = [bn.running_mean for bn in group]
+        variances = [bn.running_var for bn in group]
         with graph.inserting_after(anchor):
             upd = graph.call_function(update_running_stats, (
-                means, variances, [o[1] for _, _, _, o, _ in group],
-                [o[2] for _, _, _, o, _ in group], momentum, eps, [n for *_, n in group]))
-        upd.meta.update(partitioner_tag=group[0][0].meta.get("partitioner_tag"),
+                means, variances, [bn.outs[1] for bn in group], [bn.outs[2] for bn in group],
+                momentum, eps, [bn.count for bn in group]))
+        upd.meta.update(partitioner_tag=group[0].outs[1].meta.get("partitioner_tag"),
                         val=[*(m.meta["val"] for m in means), *(v.meta["val"] for v in variances)])
         anchor = upd
-        for k, (_, _, _, outs, _) in enumerate(group):
+        for k, bn in enumerate(group):
+            outs = bn.outs
             for i, j in ((3, k), (4, len(group) + k)):
                 with graph.inserting_after(anchor):
                     new = graph.call_function(operator.getitem, (upd, j))
@@ -326,10 +340,12 @@ def _use_cudnn_backward(graph: fx.Graph, bn: fx.Node, outs: dict[int, fx.Node]) 
     with graph.inserting_after(outs.get(2, bn)):
         reserve = graph.call_function(operator.getitem, (bn, 3))
     reserve.meta.update(bn.meta, val=bn.meta["val"][3])
-    for back in list(graph.find_nodes(op="call_function",
-                                      target=aten.native_batch_norm_backward.default)):
-        grad, x, w, _, _, mean, invstd, train, eps, _mask = back.args
-        if mean is not outs.get(1) or invstd is not outs.get(2) or train is not True:
+    mean = outs.get(1)
+    for back in list(mean.users if mean is not None else ()):
+        if back.target is not aten.native_batch_norm_backward.default:
+            continue
+        grad, x, w, _, _, saved_mean, invstd, train, eps, _mask = back.args
+        if saved_mean is not mean or invstd is not outs.get(2) or train is not True:
             continue
         with graph.inserting_before(back):
             new = graph.create_node("call_function", aten.cudnn_batch_norm_backward.default,
@@ -418,6 +434,13 @@ def save_rng_state(device: torch.device) -> torch.Tensor:
 save_rng_state.reads_rng = True  # never recomputed: re-reading it later gives another state
 
 
+def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
 def replay_random(state: torch.Tensor, device: torch.device, op: Callable, *args,
                   replay: bool = False, **kwargs):
     """Run the random ``op``; with ``replay``, draw what it drew when the generator was at
@@ -430,13 +453,12 @@ def replay_random(state: torch.Tensor, device: torch.device, op: Callable, *args
     """
     if not replay:
         return op(*args, **kwargs)
-    cuda = device.type == "cuda"
-    with torch.random.fork_rng(devices=[device] if cuda else [], device_type="cuda"):
-        if cuda:
-            torch.cuda.set_rng_state(state, device)
-        else:
-            torch.set_rng_state(state)
+    current = save_rng_state(device)  # only this device's generator: the op draws from it
+    _set_rng_state(device, state)
+    try:
         return op(*args, **kwargs)
+    finally:
+        _set_rng_state(device, current)
 
 
 def _tensor_values(node: fx.Node) -> list[torch.Tensor]:
@@ -450,10 +472,10 @@ def replayable_random_ops(joint: JointGraph) -> int:
 
     Each random op ``r = op(*args)`` becomes ``s = save_rng_state(device)`` followed by
     ``r = replay_random(s, device, op, *args)``. ``s`` is a few bytes and always kept (it joins
-    ``joint.pinned``), and ``r``
-    is a deterministic function of ``s`` and ``args``, so the planner can drop dropout masks and
-    attention outputs (SDPA draws its dropout from the generator) like any other activation:
-    torch.utils.checkpoint's RNG replay, per op. Returns how many ops were rewritten.
+    ``joint.pinned``), and ``r`` is a deterministic function of ``s`` and ``args``, so the planner
+    can drop dropout masks and attention outputs (SDPA draws its dropout from the generator)
+    like any other activation: torch.utils.checkpoint's RNG replay, per op. Returns how many ops
+    were rewritten.
     """
     graph = joint.gm.graph
     rewritten = 0

@@ -12,6 +12,8 @@ __all__ = ["format_bytes", "load", "plot_profile", "write_csv", "write_json"]
 # stacking order of the plots: what lives through the iteration at the bottom
 _STACK = ("parameter", "optimizer_state", "other", "gradient", "activation")
 _UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1))
+_COLORS = {"parameter": "#4c72b0", "gradient": "#dd8452", "optimizer_state": "#8172b3",
+           "activation": "#55a868", "other": "#937860"}
 
 
 def _unit(nbytes: float) -> tuple[str, int]:
@@ -23,8 +25,6 @@ def format_bytes(nbytes: float) -> str:
     """``nbytes`` in the largest binary unit that keeps it at least 1: "6.10 GiB", "812 B"."""
     unit, scale = _unit(abs(nbytes))
     return f"{nbytes / scale:.2f} {unit}" if scale > 1 else f"{int(nbytes)} B"
-_COLORS = {"parameter": "#4c72b0", "gradient": "#dd8452", "optimizer_state": "#8172b3",
-           "activation": "#55a868", "other": "#937860"}
 
 
 def _plain(df: pd.DataFrame) -> pd.DataFrame:
