@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--kernels", action="store_true",
+                    help="also record CUDA activity and list the kernels by device time")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     results: dict[str, dict] = {}
@@ -60,7 +62,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         for _ in range(args.steps):
             _step(fn, w.inputs, opt, sync)
         wall = (time.perf_counter() - t0) / args.steps * 1e3
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        activities = [ProfilerActivity.CPU]
+        if args.kernels and device.type == "cuda":
+            activities.append(ProfilerActivity.CUDA)
+        with profile(activities=activities) as prof:
             for _ in range(args.steps):
                 _step(fn, w.inputs, opt, sync)
         avg = prof.key_averages()
@@ -68,6 +73,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         results[label] = {"wall_ms": wall, "aten_calls": calls}
         print(f"\n=== {label}: {wall:.1f} ms/step wall, {calls:.0f} aten op calls/step")
         print(avg.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
+        if len(activities) > 1:
+            # Device time by kernel: where a GPU-bound step's extra milliseconds go.
+            kernels = [e for e in avg if e.self_device_time_total > 0 and not e.key.startswith("aten::")]
+            dev_ms = sum(e.self_device_time_total for e in kernels) / 1e3 / args.steps
+            results[label]["kernel_ms"] = dev_ms
+            print(f"--- {label}: {dev_ms:.1f} ms of kernels per step")
+            print(avg.table(sort_by="self_device_time_total", row_limit=args.rows,
+                            max_name_column_width=90))
         del w, opt, fn
     return results
 

@@ -125,18 +125,21 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if args.device_memory:
         extra += ["--device-memory", args.device_memory]
     rows = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    csv_path = args.out / f"{args.model}_sweep.csv"
     for batch in args.batch_sizes:
         for ac in (False, True):
             row = run_point(args.model, batch, ac, extra, args.timeout)
             rows.append(row)
             peak = f"{row['peak_B'] / _GIB:.2f} GiB" if row.get("peak_B") else "-"
             step = f"{row['step_ms']:.1f} ms" if row.get("step_ms") else "-"
+            why = f"  {row['error']}" if row.get("error") else ""
             print(f"[sweep {args.model}] batch {batch:>4} {'AC' if ac else 'no AC':>5}: "
-                  f"{row['status']:<7} peak {peak:>10}  step {step:>9}", flush=True)
-    df = pd.DataFrame(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    df.drop(columns=[c for c in ("error",) if c in df]).to_csv(
-        args.out / f"{args.model}_sweep.csv", index=False)
+                  f"{row['status']:<7} peak {peak:>10}  step {step:>9}  "
+                  f"({row.get('wall_s', '-')} s){why}", flush=True)
+            # after every point, so that a sweep cut short keeps what it measured
+            df = pd.DataFrame(rows)
+            df.drop(columns=[c for c in ("error",) if c in df]).to_csv(csv_path, index=False)
     for p in charts(df, args.model, args.out):
         print(f"wrote {p}")
     return df

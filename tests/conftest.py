@@ -21,3 +21,16 @@ def _fresh_dynamo():
     """Each test compiles its own functions; keep dynamo's caches from growing across tests."""
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def force_cudnn_batch_norm(monkeypatch):
+    """Make capture build the cuDNN BatchNorm graph (CUDA only) on the CPU, with the empty
+    reserve space cuDNN hands out for NCHW training; the graph can be partitioned, not run."""
+    from lightning_ac import _torch_compat as compat
+    from lightning_ac import capture
+
+    def fake_reserve(x, *_):
+        return compat.as_fake(torch.empty(0, dtype=torch.uint8), x.meta["val"])
+
+    monkeypatch.setattr(capture, "_cudnn_reserve", fake_reserve)

@@ -162,17 +162,12 @@ def test_a_replay_draws_again_what_the_op_drew_and_leaves_the_generator_alone(de
     assert not torch.equal(fresh, mask)
 
 
-def test_batch_norm_runs_on_cudnn_where_eager_would(monkeypatch):
+def test_batch_norm_runs_on_cudnn_where_eager_would(force_cudnn_batch_norm):
     """Where eager's BatchNorm runs cuDNN (CUDA only), the graph runs cudnn_batch_norm without
     statistics and cuDNN's backward with the reserve space; forced here on the CPU graph, which
     is partitioned (not run) with every BatchNorm output dropped."""
     from lightning_ac import _torch_compat as compat
-    from lightning_ac import capture
 
-    def fake_reserve(x, *_):
-        return compat.as_fake(torch.empty(0, dtype=torch.uint8), x.meta["val"])
-
-    monkeypatch.setattr(capture, "_cudnn_reserve", fake_reserve)
     w = make_workload("cnn", 4)
     joint = capture_joint(w.loss, w.inputs, w.model)
     targets = [n.target for n in joint.graph.nodes]

@@ -1,5 +1,6 @@
 """The rewritten step computes what eager computes, and saves what the plan keeps."""
 
+import operator
 from unittest import mock
 
 import pytest
@@ -9,7 +10,7 @@ from lightning_ac import _torch_compat as compat
 from lightning_ac.measure import saved_tensor_bytes
 from lightning_ac.planner import Plan, plan
 from lightning_ac.profiler import profile_iteration
-from lightning_ac.rewriter import compile_with_plan
+from lightning_ac.rewriter import compile_with_plan, partition
 from lightning_ac.zoo import make_workload
 
 
@@ -163,3 +164,48 @@ def test_without_replay_a_recomputed_mask_would_differ():
     ref.loss(*ref.inputs).backward()
     with pytest.raises(AssertionError):
         assert_grads_match(w.model, ref.model)
+
+
+def _read_by_backward(joint, keep):
+    return [n for n in joint.graph.nodes if n.op == "call_function" and not joint.is_backward(n)
+            and isinstance(n.meta.get("val"), torch.Tensor) and keep(n.meta["val"])
+            and any(joint.is_backward(u) for u in n.users)]
+
+
+def test_empty_reserve_space_is_saved_not_rebuilt_by_rerunning_batch_norm(force_cudnn_batch_norm):
+    """cuDNN BatchNorm's reserve space has no elements, so the profile has no storage for it and
+    no plan lists it; the partition must still save it, or backward re-runs every BatchNorm."""
+    from lightning_ac.capture import capture_joint
+
+    w = make_workload("cnn", 4)
+    joint = capture_joint(w.loss, w.inputs, w.model)
+    aten = torch.ops.aten
+    kept = _read_by_backward(joint, lambda v: v.numel() > 0)  # what a profile can see
+    empty = Plan(None, 0, 0, 0.0, "already fits", kept=kept)
+    _, bwd = partition(joint, empty)
+    targets = [n.target for n in bwd.graph.nodes]
+    assert targets.count(aten.cudnn_batch_norm_backward.default) == 4
+    assert aten.cudnn_batch_norm.default not in targets
+
+
+def test_a_rerun_op_hands_out_all_its_outputs_at_once():
+    """The reordering places each node just before its first user, so the getitems of a re-run
+    multi-output op can end up far apart, and the op's result tuple keeps every output alive
+    until the last of them. After the pass each getitem follows its op directly."""
+    import torch.fx as fx
+
+    from lightning_ac.rewriter import getitems_after_their_op
+
+    g = fx.Graph()
+    x = g.placeholder("x")
+    pair = g.call_function(torch.ops.aten.var_mean.correction, (x,), {"correction": 0})
+    var = g.call_function(operator.getitem, (pair, 0))
+    big = g.call_function(torch.ops.aten.mul.Tensor, (var, 2.0))
+    mean = g.call_function(operator.getitem, (pair, 1))  # taken late, as reordering leaves it
+    g.output((big, mean))
+    gm = fx.GraphModule(torch.nn.Module(), g)
+    t = torch.randn(5)
+    before = gm(t)
+    getitems_after_their_op(gm)
+    assert list(gm.graph.nodes)[1:4] == [pair, var, mean]
+    assert all(torch.equal(a, b) for a, b in zip(gm(t), before))
