@@ -6,7 +6,7 @@
 
 Each (batch size, AC on/off) point runs the recipe in its own process, so that an out-of-memory
 failure does not poison the next point. Writes ``<out>/<model>_sweep.csv`` (batch size, AC,
-budget, measured and predicted peak, mean step time, samples/s, status), a bar chart of peak
+budget, measured and predicted peak, median step time, samples/s, status), a bar chart of peak
 memory against batch size (OOM points marked, budget and device limit drawn) and a line chart of
 step time against batch size with the overhead of AC in %.
 """
@@ -100,7 +100,7 @@ def charts(df: pd.DataFrame, model: str, out: Path) -> list[Path]:
     ax.set_xticks(batches, [str(b) for b in batches])
     ax.minorticks_off()
     ax.set_xlabel("batch size")
-    ax.set_ylabel("mean step time (ms)")
+    ax.set_ylabel("median step time (ms)")
     ax.set_title(f"{model}: iteration latency (AC overhead in %)")
     ax.legend(fontsize=8)
     fig.tight_layout()

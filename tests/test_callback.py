@@ -73,6 +73,9 @@ def test_training_with_ac_matches_training_without(tmp_path, name):
                 "mutwo/recompute_overhead_ms", "mutwo/active"):
         assert metrics[key].notna().sum() == 2, key  # once per epoch
     assert metrics["mutwo/active"].dropna().eq(1).all()
+    # the planning step and one warm-up step after it are left out of the first epoch's figures
+    assert metrics["mutwo/measured_steps"].dropna().tolist() == [2, 4]
+    assert metrics["mutwo/step_time_median_ms"].dropna().gt(0).all()
     assert "forward" not in m.__dict__  # the original forward is back after fit
     assert cb.profile.joint.primal_values == []  # the first batch is not kept alive
 
