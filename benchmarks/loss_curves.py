@@ -20,11 +20,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from lightning_ac import _torch_compat as compat
-from lightning_ac.callback import parse_budget
-from lightning_ac.planner import Plan, plan
-from lightning_ac.profiler import profile_joint
-from lightning_ac.rewriter import compile_with_plan
+from benchmarks.common import planned_step
+from lightning_ac.planner import Plan
 from lightning_ac.zoo import make_workload
 
 
@@ -34,20 +31,7 @@ def train(args, device: torch.device, ac: bool) -> tuple[list[float], Plan | Non
                       seed=args.seed)
     opt = torch.optim.Adam(w.model.parameters(), lr=args.lr)
     made: dict = {}
-    step = w.loss
-    if ac:
-        def make_plan(joint):
-            with compat.real_tensor_mode():
-                prof = profile_joint(joint, opt)
-            if args.budget:
-                budget = parse_budget(args.budget)
-            else:
-                floor = plan(prof, 1).predicted_peak_B
-                budget = int(floor + args.share * (prof.peak_bytes - floor))
-            made["plan"] = plan(prof, budget)
-            return made["plan"]
-
-        step = compile_with_plan(w.loss, w.model, make_plan)
+    step = planned_step(w, opt, args.budget, args.share, made) if ac else w.loss
     torch.manual_seed(args.seed)  # the same dropout draws in both runs
     if device.type == "cuda":
         torch.cuda.manual_seed(args.seed)

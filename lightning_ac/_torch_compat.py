@@ -19,6 +19,7 @@ __all__ = [
     "as_fake",
     "batch_norm_backend",
     "cudnn_batch_norm_reserve_bytes",
+    "device_memory_trace",
     "eliminate_common_subexpressions",
     "extract_fwd_bwd",
     "gpu_spin",
@@ -145,3 +146,33 @@ def reorder_backward(bwd: fx.GraphModule) -> fx.GraphModule:
     from torch._functorch import partitioners
 
     return partitioners.reordering_to_mimic_autograd_engine(bwd)
+
+
+@contextlib.contextmanager
+def device_memory_trace(device: torch.device | str) -> Iterator[list[tuple[float, int]]]:
+    """Record the CUDA caching allocator's allocations and frees inside the ``with`` block.
+
+    Yields a list that, when the block exits, holds ``(time_us, +bytes)`` for each allocation and
+    ``(time_us, -bytes)`` for each completed free, in order (``torch.cuda.memory``'s private
+    memory history, the source of ``torch.cuda.memory._dump_snapshot``). Where an entry has no
+    timestamp, its position in the trace stands in.
+    """
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    record = torch.cuda.memory._record_memory_history
+    try:  # an earlier recording's entries would otherwise come back too
+        record(enabled="all", context=None, stacks="python", max_entries=2_000_000,
+               clear_history=True)
+    except TypeError:  # a torch without clear_history
+        record(enabled="all", context=None, stacks="python", max_entries=2_000_000)
+    events: list[tuple[float, int]] = []
+    try:
+        yield events
+        torch.cuda.synchronize(device)
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        record(enabled=None)
+    for k, entry in enumerate(snapshot["device_traces"][index]):
+        sign = {"alloc": 1, "free_completed": -1}.get(entry["action"])
+        if sign is not None:
+            events.append((float(entry.get("time_us", k)), sign * int(entry["size"])))

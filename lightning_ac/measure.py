@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PhaseMemory", "StepMeasurement", "measure_phases", "measure_steps", "saved_tensor_bytes"]
+__all__ = ["PhaseMemory", "StepMeasurement", "measure_phases", "measure_steps", "saved_tensor_bytes",
+           "train_step"]
 
 
 @dataclass
@@ -21,6 +22,14 @@ class StepMeasurement:
     step_ms: float
     """Median step time (CUDA events on GPU, ``perf_counter`` on CPU)."""
     step_ms_all: list[float]
+
+
+def train_step(loss_fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor],
+               optimizer: torch.optim.Optimizer) -> None:
+    """One plain training step: zero the gradients (to None), forward, backward, optimizer step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss_fn(*inputs).backward()
+    optimizer.step()
 
 
 def measure_steps(loss_fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor],
@@ -36,9 +45,7 @@ def measure_steps(loss_fn: Callable[..., torch.Tensor], inputs: Sequence[torch.T
     cuda = device.type == "cuda"
 
     def step():
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(*inputs).backward()
-        optimizer.step()
+        train_step(loss_fn, inputs, optimizer)
 
     for _ in range(warmup):
         step()

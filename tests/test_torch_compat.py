@@ -1,5 +1,6 @@
 """Pin the private torch behaviour that lightning_ac._torch_compat relies on."""
 
+import pytest
 import torch
 import torch.fx as fx
 from torch import nn
@@ -70,3 +71,13 @@ def test_as_fake_makes_a_fake_tensor_of_the_graphs_mode():
     assert fake.shape == (4,) and fake.dtype == torch.uint8
     real = torch.ones(2)
     assert compat.as_fake(real, torch.zeros(1)) is real  # outside a fake mode: unchanged
+
+
+@pytest.mark.gpu
+def test_device_memory_trace_sees_an_allocation_and_its_free():
+    with compat.device_memory_trace("cuda") as events:
+        x = torch.empty(4 << 20, dtype=torch.uint8, device="cuda")
+        del x
+    sizes = [b for _, b in events]
+    assert 4 << 20 in sizes and -(4 << 20) in sizes
+    assert [t for t, _ in events] == sorted(t for t, _ in events)

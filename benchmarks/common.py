@@ -1,0 +1,37 @@
+"""What the benchmark scripts share: a workload's step, rewritten by a plan at a chosen budget."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from lightning_ac import _torch_compat as compat
+from lightning_ac.callback import parse_budget
+from lightning_ac.planner import plan
+from lightning_ac.profiler import profile_joint
+from lightning_ac.rewriter import compile_with_plan
+
+
+def planned_step(workload, optimizer: torch.optim.Optimizer, budget: str | int | None = None,
+                 share: float = 0.5, made: dict | None = None) -> Callable:
+    """``workload.loss`` compiled so that its first call captures, profiles and plans the step.
+
+    The plan's budget is ``budget`` or, when that is None, ``share`` of the way from the plan's
+    floor (everything recomputable dropped) to the un-checkpointed peak, so that something is
+    always recomputed. The plan and the profile land in ``made`` (keys ``plan``, ``profile``).
+    """
+    made = {} if made is None else made
+
+    def make_plan(joint):
+        with compat.real_tensor_mode():
+            prof = profile_joint(joint, optimizer)
+        if budget is not None:
+            target = parse_budget(budget)
+        else:
+            floor = plan(prof, 1).predicted_peak_B
+            target = int(floor + share * (prof.peak_bytes - floor))
+        made["plan"], made["profile"] = plan(prof, target), prof
+        return made["plan"]
+
+    return compile_with_plan(workload.loss, workload.model, make_plan)
