@@ -1,7 +1,7 @@
 """Train ResNet-152 on synthetic ImageNet-sized images, with MuTwoAC or without.
 
     python -m recipes.resnet152                                  # CPU: tiny images, 3 steps
-    python -m recipes.resnet152 --batch-size 256 --device-memory 16GB      # GPU, AC at the limit
+    python -m recipes.resnet152 --batch-size 128 --device-memory 16GB      # GPU, AC at the limit
     python -m recipes.resnet152 --batch-size 64 --no-ac
 """
 
