@@ -1,11 +1,14 @@
-"""Where the host's time goes in one training step: eager against the rewritten step.
+"""Where the time goes in one training step: eager against the rewritten step.
 
-Runs torch.profiler (CPU activity only) around a few steps of each and prints the ops with the
-most self CPU time, plus wall time per step and the number of op calls per step. The rewritten
-ResNet-152 step is slower than eager at every batch size by a near-constant amount (H100:
-+32 ms at batch 32, +29 ms at batch 128): a host-side cost, which this script attributes.
+Runs torch.profiler (CPU activity) around a few steps of each and prints the ops with the most
+self CPU time, plus wall time per step and the number of op calls per step. ``--kernels`` adds
+CUDA activity and lists device time by kernel: that is how backward re-running every ResNet
+BatchNorm was found (``reports/host/kernels_resnet152_b128_before_9cf386d.txt``). ``--budget``
+plans the rewritten step for a budget, to see what its recomputation costs kernel by kernel.
 
     PYTHONPATH=. python benchmarks/host_overhead.py --model resnet152 --batch-size 32
+    PYTHONPATH=. python benchmarks/host_overhead.py --model bert --batch-size 32 --budget 11GiB \\
+        --kernels      # device time by kernel, with a plan's recomputation
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from lightning_ac import _torch_compat as compat
+from lightning_ac.callback import parse_budget
 from lightning_ac.planner import plan
 from lightning_ac.profiler import profile_joint
 from lightning_ac.rewriter import compile_with_plan
@@ -39,6 +43,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--budget", default=None,
+                    help='plan the rewritten step for this budget (default: nothing recomputed)')
     ap.add_argument("--kernels", action="store_true",
                     help="also record CUDA activity and list the kernels by device time")
     args = ap.parse_args(argv)
@@ -53,7 +59,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         if label == "rewritten":
             def make_plan(joint, opt=opt):
                 with compat.real_tensor_mode():
-                    return plan(profile_joint(joint, opt, runs=1), None)
+                    p = plan(profile_joint(joint, opt, runs=1), parse_budget(args.budget))
+                print(f"plan: {p.summary()}")
+                return p
 
             fn = compile_with_plan(w.loss, w.model, make_plan)
         for _ in range(3):
