@@ -47,7 +47,7 @@ def describe_plan(p, prof) -> dict:
 
 
 def run_config(model: str, batch: int, seq_len: int, budget: int | None, steps: int,
-               rewrite: bool) -> dict:
+               rewrite: bool, cold_l2: bool = False) -> dict:
     torch.cuda.empty_cache()
     w = make_workload(model, batch, device="cuda", seq_len=seq_len)
     opt = torch.optim.Adam(w.model.parameters(), lr=1e-4)
@@ -57,7 +57,7 @@ def run_config(model: str, batch: int, seq_len: int, budget: int | None, steps: 
         def make_plan(joint):
             t0 = time.perf_counter()
             with compat.real_tensor_mode():
-                prof = profile_joint(joint, opt)
+                prof = profile_joint(joint, opt, cold_l2=cold_l2)
             p = plan(prof, budget)
             info.update(plan=p, profile=prof, first_step_s=time.perf_counter() - t0)
             return p
@@ -70,6 +70,8 @@ def run_config(model: str, batch: int, seq_len: int, budget: int | None, steps: 
            "budget_GiB": round(budget / GIB, 3) if budget else None,
            "peak_GiB": round(m.peak_B / GIB, 3), "step_ms": round(m.step_ms, 2),
            "total_s": round(time.perf_counter() - t0, 1)}
+    if rewrite:
+        row["cold_l2"] = cold_l2
     if rewrite:
         p = info["plan"]
         row.update(predicted_peak_GiB=round(p.predicted_peak_B / GIB, 3),
@@ -92,12 +94,15 @@ def main() -> None:
     ap.add_argument("--budgets", nargs="*", default=[])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", type=Path, default=Path("reports/ac"))
+    ap.add_argument("--cold-l2", action="store_true",
+                    help="profile with the L2 cache evicted before each timed node run")
     args = ap.parse_args()
     rows = [run_config(args.model, args.batch_size, args.seq_len, None, args.steps, False),
-            run_config(args.model, args.batch_size, args.seq_len, None, args.steps, True)]
+            run_config(args.model, args.batch_size, args.seq_len, None, args.steps, True,
+                       args.cold_l2)]
     for b in args.budgets:
         rows.append(run_config(args.model, args.batch_size, args.seq_len, parse_budget(b),
-                               args.steps, True))
+                               args.steps, True, args.cold_l2))
     eager = rows[0]
     args.out.mkdir(parents=True, exist_ok=True)
     plans = {}

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.fx as fx
 
 from lightning_ac.measure import measure_steps
 from lightning_ac.profiler import profile_step
@@ -210,3 +211,22 @@ def test_attention_and_dropout_recomputed_by_replaying_the_generator_state():
         assert torch.equal(runs[True][2], runs[False][2])
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_cold_l2_profile_reads_cached_sized_inputs_from_memory():
+    """A 32 MiB elementwise op fits in an H100's L2: timed warm it runs from cache, timed cold
+    (L2 evicted before each run) it reads device memory and cannot be faster."""
+    from lightning_ac.profiler import GraphProfiler
+
+    g = fx.Graph()
+    x = g.placeholder("x")
+    mul = g.call_function(torch.ops.aten.mul.Tensor, (x, 2.0))
+    g.output(mul)
+    gm = fx.GraphModule(torch.nn.Module(), g)
+    t = torch.randn(8 << 20, device="cuda")
+    times = {}
+    for cold in (False, True):
+        gp = GraphProfiler(gm, runs=9, cold_l2=cold)
+        gp.run(t)
+        times[cold] = gp.runtime_ms[mul]
+    assert times[True] >= 0.95 * times[False], times
