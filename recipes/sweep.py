@@ -110,6 +110,29 @@ def charts(df: pd.DataFrame, model: str, out: Path) -> list[Path]:
     return paths
 
 
+def summarize(df: pd.DataFrame) -> dict:
+    """The figures the sweep exists to show: the largest batch that trains with and without AC,
+    AC's overhead at the largest no-AC batch, AC's throughput at its largest batch against the
+    best without, and any AC point whose measured peak exceeded its budget."""
+    ok = df[df["status"] == "ok"]
+    no_ac, ac = ok[~ok["ac"].astype(bool)], ok[ok["ac"].astype(bool)]
+    out: dict = {"largest_batch_no_ac": int(no_ac["batch_size"].max()) if len(no_ac) else None,
+                 "largest_batch_ac": int(ac["batch_size"].max()) if len(ac) else None}
+    if out["largest_batch_no_ac"] and out["largest_batch_ac"]:
+        out["batch_ratio"] = out["largest_batch_ac"] / out["largest_batch_no_ac"]
+        at = out["largest_batch_no_ac"]
+        pair = ok[ok["batch_size"] == at].set_index("ac")["step_ms"]
+        if True in pair.index and False in pair.index:
+            out["overhead_at_largest_no_ac_pct"] = float((pair[True] / pair[False] - 1) * 100)
+        best = float(no_ac["samples_per_s"].max())
+        largest = ac[ac["batch_size"] == out["largest_batch_ac"]]["samples_per_s"].iloc[0]
+        out["throughput_ratio"] = float(largest / best)
+    if "budget_B" in ac:
+        over = ac[ac["peak_B"] > ac["budget_B"]]
+        out["over_budget_batches"] = [int(b) for b in over["batch_size"]]
+    return out
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -142,6 +165,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             df.drop(columns=[c for c in ("error",) if c in df]).to_csv(csv_path, index=False)
     for p in charts(df, args.model, args.out):
         print(f"wrote {p}")
+    summary = summarize(df)
+    (args.out / f"{args.model}_sweep_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"[sweep {args.model}] " + ", ".join(
+        f"{k.replace('_', ' ')} {v:.2f}" if isinstance(v, float) else f"{k.replace('_', ' ')} {v}"
+        for k, v in summary.items()))
     return df
 
 

@@ -55,3 +55,25 @@ def test_sweep_writes_csv_and_charts(tmp_path):
     assert csv[0].startswith("batch_size,ac,") and len(csv) == 3
     assert (tmp_path / "bert_peak_memory.png").stat().st_size > 0
     assert (tmp_path / "bert_step_time.png").stat().st_size > 0
+
+
+def test_sweep_summary_reads_the_targets_off_the_points():
+    import pandas as pd
+
+    from recipes.sweep import summarize
+
+    gib = 2**30
+    rows = [  # batch, ac, status, step_ms, peak, budget
+        (16, False, "ok", 60.0, 4 * gib, None), (16, True, "ok", 60.0, 4 * gib, 14 * gib),
+        (32, False, "ok", 100.0, 8 * gib, None), (32, True, "ok", 105.0, 7 * gib, 14 * gib),
+        (64, False, "OOM", None, None, None), (64, True, "ok", 215.0, 15 * gib, 14 * gib),
+        (128, False, "OOM", None, None, None), (128, True, "OOM", None, None, None)]
+    df = pd.DataFrame(rows, columns=["batch_size", "ac", "status", "step_ms", "peak_B",
+                                     "budget_B"])
+    df["samples_per_s"] = df["batch_size"] / df["step_ms"] * 1e3
+    s = summarize(df)
+    assert s["largest_batch_no_ac"] == 32 and s["largest_batch_ac"] == 64
+    assert s["batch_ratio"] == 2
+    assert abs(s["overhead_at_largest_no_ac_pct"] - 5.0) < 1e-9
+    assert abs(s["throughput_ratio"] - (64 / 0.215) / 320) < 1e-9
+    assert s["over_budget_batches"] == [64]
