@@ -303,6 +303,11 @@ class MuTwoAC(StepMonitor):
                     return original(*args, **kwargs)  # another shape (last batch): plain eager
                 try:
                     out = compiled(*args, **kwargs)
+                except torch.cuda.OutOfMemoryError as exc:
+                    if callback.state != "active":
+                        raise
+                    raise torch.cuda.OutOfMemoryError(
+                        f"{exc}\n{callback._out_of_memory_hint(device)}") from exc
                 except Exception as exc:
                     if callback.state != "planning":
                         raise
@@ -322,6 +327,18 @@ class MuTwoAC(StepMonitor):
         module.forward = forward
         self._module = module
         self.state = "planning"
+
+    def _out_of_memory_hint(self, device: torch.device) -> str:
+        """What the plan expected, and what to try, for an out-of-memory error in its step."""
+        p = self.plan
+        hint = (f"MuTwoAC: this step was planned for {format_bytes(p.predicted_peak_B)} under a "
+                f"budget of {format_bytes(p.budget_B)}.")
+        if device.type == "cuda":
+            idle = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+            hint += (f" The allocator holds {format_bytes(idle)} reserved but unallocated: if "
+                     "that is large, memory is fragmented; set "
+                     "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before CUDA starts.")
+        return hint + " Otherwise lower the budget (MuTwoAC(budget=...)) or the batch size."
 
     def _announce(self, device: torch.device) -> None:
         p = self.plan

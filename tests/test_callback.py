@@ -177,3 +177,30 @@ def test_a_step_that_does_not_fit_is_profiled_again_with_host_swap(tmp_path, mon
     ref, _ = _fit(tmp_path / "ref", "cnn", None, steps=3)
     for p, q in zip(m.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_out_of_memory_in_a_planned_step_says_what_was_planned(tmp_path, monkeypatch):
+    """An OOM in the rewritten step (BERT-base b32 under a 16 GB cap hit one, with 2.2 GiB
+    fragmented) comes out with the plan's figures and what to try."""
+    from lightning_ac import callback as callback_mod
+
+    real = callback_mod.compile_with_plan
+
+    def failing_after_planning(fn, module, make_plan):
+        compiled = real(fn, module, make_plan)
+        calls = []
+
+        def run(*args, **kwargs):
+            calls.append(1)
+            if len(calls) > 1:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+            return compiled(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(callback_mod, "compile_with_plan", failing_after_planning)
+    budget = int(0.85 * _baseline_peak(tmp_path, "cnn"))
+    with pytest.raises(torch.cuda.OutOfMemoryError,
+                       match=r"(?s)Tried to allocate.*MuTwoAC: this step was planned for .* "
+                             r"under a budget of .*lower the budget"):
+        _fit(tmp_path / "ac", "cnn", MuTwoAC(budget=budget), steps=3)
