@@ -46,6 +46,7 @@ from lightning_ac.capture import unwrap_compile_error
 from lightning_ac.measure import measure_steps
 from lightning_ac.planner import plan
 from lightning_ac.profiler import profile_joint
+from lightning_ac.report import pyplot
 from lightning_ac.rewriter import compile_with_plan
 from lightning_ac.zoo import Workload, make_workload
 
@@ -297,10 +298,7 @@ def _budgeted_options(rows: list[dict], done: list[float], families: set[str],
 
 def pareto_plot(out: Path) -> Path:
     """Peak memory against step time for every (model, precision) in ``out``'s CSVs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     frames = [pd.read_csv(p) for p in sorted(out.glob("compare_*.csv"))]
     df = pd.concat(frames, ignore_index=True)

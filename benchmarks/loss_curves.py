@@ -22,6 +22,7 @@ import torch
 
 from benchmarks.common import planned_step
 from lightning_ac.planner import Plan
+from lightning_ac.report import pyplot
 from lightning_ac.zoo import make_workload
 
 
@@ -47,10 +48,7 @@ def train(args, device: torch.device, ac: bool) -> tuple[list[float], Plan | Non
 
 
 def plot(df: pd.DataFrame, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax, dx) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True,
                                  gridspec_kw={"height_ratios": [3, 1]})

@@ -22,6 +22,7 @@ import torch
 from benchmarks.common import planned_step
 from lightning_ac import _torch_compat as compat
 from lightning_ac.measure import train_step
+from lightning_ac.report import pyplot
 from lightning_ac.zoo import make_workload
 
 _GIB = 2**30
@@ -53,12 +54,8 @@ def record_step(step, inputs, optimizer, device: torch.device, warmup: int = 3) 
 
 def plot(df: pd.DataFrame, title: str, budget_B: int | None, path: Path) -> None:
     """Both curves on one axis, each peak marked, the budget drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = _axes(plt, df, title, budget_B)
+    plt = pyplot()
+    fig, ax = _axes(df, title, budget_B)
     for variant, sub in df.groupby("variant", sort=False):
         ax.plot(sub.ms, sub.allocated_B / _GIB, color=_COLORS.get(variant), label=variant, lw=1.2)
         i = sub.allocated_B.idxmax()
@@ -74,13 +71,10 @@ def plot(df: pd.DataFrame, title: str, budget_B: int | None, path: Path) -> None
 def animate(df: pd.DataFrame, title: str, budget_B: int | None, path: Path,
             frames: int = 48, fps: int = 12) -> None:
     """A GIF that draws both curves up to the same moment of their steps, frame by frame."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.animation import FuncAnimation, PillowWriter
 
-    fig, ax = _axes(plt, df, title, budget_B)
+    plt = pyplot()
+    fig, ax = _axes(df, title, budget_B)
     groups = list(df.groupby("variant", sort=False))
     lines = [ax.plot([], [], color=_COLORS.get(v), label=v, lw=1.2)[0] for v, _ in groups]
     clock = ax.text(0.01, 0.97, "", transform=ax.transAxes, va="top", fontsize=9)
@@ -100,8 +94,8 @@ def animate(df: pd.DataFrame, title: str, budget_B: int | None, path: Path,
     plt.close(fig)
 
 
-def _axes(plt, df: pd.DataFrame, title: str, budget_B: int | None):
-    fig, ax = plt.subplots(figsize=(8, 4.2))
+def _axes(df: pd.DataFrame, title: str, budget_B: int | None):
+    fig, ax = pyplot().subplots(figsize=(8, 4.2))
     ax.set_xlim(0, float(df.ms.max()) * 1.02 or 1.0)
     ax.set_ylim(0, float(df.allocated_B.max()) / _GIB * 1.12)
     if budget_B:

@@ -221,9 +221,8 @@ def update_running_stats(running_means: list[torch.Tensor], running_vars: list[t
         torch._foreach_lerp_(running_means, [m.to(r.dtype) for m, r in
                                              zip(batch_means, running_means)], momentum)
         sizes = [r.numel() for r in batch_rstds]
-        rstd = torch.cat([r.reshape(-1) for r in batch_rstds]).double()
-        unbias = _unbias_factors(tuple(counts), tuple(sizes), rstd)
-        var = rstd.pow_(-2).sub_(eps).mul_(unbias)
+        var = torch.cat([r.reshape(-1) for r in batch_rstds]).double().pow_(-2).sub_(eps)
+        torch._foreach_mul_(list(var.split(sizes)), [n / max(n - 1, 1) for n in counts])
         dtypes = {r.dtype for r in running_vars}
         if len(dtypes) == 1:
             parts = list(var.to(dtypes.pop()).split(sizes))
@@ -231,20 +230,6 @@ def update_running_stats(running_means: list[torch.Tensor], running_vars: list[t
             parts = [v.to(r.dtype) for v, r in zip(var.split(sizes), running_vars)]
         torch._foreach_lerp_(running_vars, parts, momentum)
     return [*running_means, *running_vars]
-
-
-_UNBIAS: dict[tuple, torch.Tensor] = {}
-
-
-def _unbias_factors(counts: tuple[int, ...], sizes: tuple[int, ...],
-                    like: torch.Tensor) -> torch.Tensor:
-    """``n / (n - 1)`` per channel, float64, on ``like``'s device: made once per graph, device
-    and tensor type (a fake tensor's stays with fake tensors), so a step uploads nothing."""
-    key = (counts, sizes, str(like.device), type(like))
-    if key not in _UNBIAS:
-        factors = torch.tensor([n / max(n - 1, 1) for n in counts], dtype=torch.float64)
-        _UNBIAS[key] = factors.repeat_interleave(torch.tensor(sizes)).to(like.device)
-    return _UNBIAS[key]
 
 
 class _BatchNormStats(NamedTuple):
@@ -771,4 +756,3 @@ def _drop_profiler_markers(gm: fx.GraphModule) -> None:
         if node.op == "call_function" and "profiler" in str(node.target) and not node.users:
             gm.graph.erase_node(node)
     gm.recompile()
-

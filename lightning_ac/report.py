@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["format_bytes", "load", "plot_profile", "write_csv", "write_json"]
+__all__ = ["format_bytes", "load", "plot_profile", "pyplot", "write_csv", "write_json"]
 
 # stacking order of the plots: what lives through the iteration at the bottom
 _STACK = ("parameter", "optimizer_state", "other", "gradient", "activation")
@@ -25,6 +25,16 @@ def format_bytes(nbytes: float) -> str:
     """``nbytes`` in the largest binary unit that keeps it at least 1: "6.10 GiB", "812 B"."""
     unit, scale = _unit(abs(nbytes))
     return f"{nbytes / scale:.2f} {unit}" if scale > 1 else f"{int(nbytes)} B"
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (charts are written headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _plain(df: pd.DataFrame) -> pd.DataFrame:
@@ -64,10 +74,7 @@ def plot_profile(profile, directory, device_limit_B: int | None = None) -> list[
     during each node, with forward/backward/optimizer separators and the device limit.
     ``peak_breakdown.png``: one stacked bar of what is live at the peak, by category.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)

@@ -132,22 +132,22 @@ def run(name: str, args: argparse.Namespace, model: L.LightningModule,
     m = monitor.last_epoch
     peak = m.get("mutwo/peak_memory_B")
     step = m.get("mutwo/step_time_median_ms")
+    throughput = batch_size / step * 1e3 if step else None
+    plan = getattr(monitor, "plan", None)  # a plain StepMonitor (--no-ac) has none
     if args.no_ac:
         ac = "off (--no-ac)"
     elif monitor.state == "active":
-        plan = monitor.plan
         ac = (f"on ({len(plan.recomputed)} activations recomputed, predicted peak "
               f"{format_bytes(plan.predicted_peak_B)})")
     else:
-        ac = "off (the step fits)" if monitor.plan else "off (capture failed)"
-    figures = (f"median step {step:.1f} ms, {batch_size / step * 1e3:.1f} samples/s" if step
+        ac = "off (the step fits)" if plan else "off (capture failed)"
+    figures = (f"median step {step:.1f} ms, {throughput:.1f} samples/s" if step
                else "no measured steps (the first steps plan and warm up: raise --steps)")
     print(f"[{name}] batch {batch_size}, {args.precision}, AC {ac}: "
           f"peak {format_bytes(peak) if peak else 'n/a (CPU)'}, {figures}", flush=True)
-    plan = getattr(monitor, "plan", None)
     result = {"peak_B": peak, "step_ms": step, "step_ms_mean": m.get("mutwo/step_time_ms"),
               "state": getattr(monitor, "state", "no-ac"),
-              "batch_size": batch_size, "samples_per_s": batch_size / step * 1e3 if step else None,
+              "batch_size": batch_size, "samples_per_s": throughput,
               "budget_B": plan.budget_B if plan else None,
               "predicted_peak_B": plan.predicted_peak_B if plan else None,
               "device_limit_B": device_memory_limit(torch.device("cuda"), margin=0.0)

@@ -54,11 +54,11 @@ def run_point(model: str, batch: int, ac: bool, extra: list[str], timeout: int) 
 
 def charts(df: pd.DataFrame, model: str, out: Path) -> list[Path]:
     """Bar chart of peak memory and line chart of step time against batch size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from lightning_ac.report import pyplot  # only when drawing: it imports torch
+
+    plt = pyplot()
 
     batches = sorted(df["batch_size"].unique())
     x = np.arange(len(batches))
