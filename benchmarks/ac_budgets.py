@@ -22,7 +22,7 @@ import torch
 from lightning_ac import _torch_compat as compat
 from lightning_ac.callback import parse_budget
 from lightning_ac.measure import measure_steps
-from lightning_ac.planner import plan
+from lightning_ac.planner import plan, rerun_by_op
 from lightning_ac.profiler import profile_joint
 from lightning_ac.rewriter import compile_with_plan
 from lightning_ac.zoo import make_workload
@@ -31,14 +31,15 @@ GIB = 2**30
 
 
 def describe_plan(p, prof) -> dict:
-    """What was recomputed, by op, and the first picks with their sizes and costs."""
+    """What was recomputed, by op, and every pick with its size and marginal cost."""
     from collections import Counter
 
     acts = prof.activations.set_index("name")
     ops = Counter(str(acts.at[n.name, "creator"]).rstrip("_0123456789") for n in p.recomputed)
     return {"summary": p.summary(), "recomputed_by_creator": dict(ops.most_common()),
             "rerun_nodes": len(p.recomputed_nodes),
-            "first_picks": p.steps[:12],
+            "rerun_by_op": rerun_by_op(p, prof).reset_index().to_dict("records"),
+            "picks": p.steps,
             "kept_largest": [
                 {"name": n.name, "bytes": int(acts.at[n.name, "bytes"]),
                  "recomputable": bool(acts.at[n.name, "recomputable"]),

@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from lightning_ac import _torch_compat as compat
 from lightning_ac.callback import parse_budget
-from lightning_ac.planner import plan
+from lightning_ac.planner import plan, rerun_by_op
 from lightning_ac.profiler import profile_joint
 from lightning_ac.rewriter import compile_with_plan
 from lightning_ac.zoo import make_workload
@@ -59,8 +59,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         if label == "rewritten":
             def make_plan(joint, opt=opt):
                 with compat.real_tensor_mode():
-                    p = plan(profile_joint(joint, opt, runs=1), parse_budget(args.budget))
+                    prof = profile_joint(joint, opt, runs=1)
+                    p = plan(prof, parse_budget(args.budget))
                 print(f"plan: {p.summary()}")
+                if p.recomputed_nodes:  # the prediction, by op, to set beside the kernel table
+                    print(rerun_by_op(p, prof).to_string())
                 return p
 
             fn = compile_with_plan(w.loss, w.model, make_plan)

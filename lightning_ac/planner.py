@@ -25,12 +25,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import pandas as pd
 import torch.fx as fx
 
-from lightning_ac.profiler import Profile, recompute_chain
+from lightning_ac.profiler import Profile, op_name, recompute_chain
 from lightning_ac.simulator import profile_index, simulate
 
-__all__ = ["Plan", "plan"]
+__all__ = ["Plan", "plan", "rerun_by_op"]
 
 _MIN_SHARE = 1e-3  # candidates below this share of the largest activation are left alone
 HEADROOM = 0.01  # plan this share below the budget (measured vs simulated peak, see plan())
@@ -206,3 +207,14 @@ def plan(profile: Profile, budget_B: int | None, headroom: float = HEADROOM,
         recomputed_B=int(sum(size[n] for n in dropped)),
         planning_s=time.perf_counter() - t0, steps=steps,
     )
+
+
+def rerun_by_op(plan_: Plan, profile: Profile) -> pd.DataFrame:
+    """The plan's predicted recomputation per aten op: nodes re-run, their profiled ms, and the
+    share of the predicted overhead; to set beside a kernel profile of the rewritten step."""
+    ix = profile_index(profile)
+    rows = [{"op": op_name(n), "ms": ix.runtime.get(n, 0.0)} for n in plan_.recomputed_nodes]
+    df = pd.DataFrame(rows, columns=["op", "ms"])
+    out = df.groupby("op")["ms"].agg(nodes="size", ms="sum").sort_values("ms", ascending=False)
+    out["share"] = out["ms"] / max(out["ms"].sum(), 1e-9)
+    return out.round({"ms": 3, "share": 3})

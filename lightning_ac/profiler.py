@@ -426,6 +426,12 @@ class Profile:
         return plot_profile(self, directory)
 
 
+PREVIOUS_GRADS = ("freed", "until_backward", "through_step")
+"""Where the previous step's gradients die: before this step (``zero_grad(set_to_none=True)``
+before forward), when backward starts (Lightning's automatic optimization zeroes them between
+``training_step`` and backward), or never (gradient accumulation)."""
+
+
 @contextlib.contextmanager
 def _preserved_rng(device: torch.device) -> Iterator[None]:
     devices = [device] if device.type == "cuda" else []
@@ -435,7 +441,8 @@ def _preserved_rng(device: torch.device) -> Iterator[None]:
 
 def profile_iteration(joint: JointGraph, optimizer: OptimizerGraph | None = None, *,
                       runs: int = 3, warmup: bool = True, swap: bool = False,
-                      min_swap_B: int = 64 << 10, cold_l2: bool = False) -> Profile:
+                      min_swap_B: int = 64 << 10, cold_l2: bool = False,
+                      previous_grads: str = "freed") -> Profile:
     """Run and measure the captured iteration; nothing of the model or optimizer changes.
 
     Args:
@@ -454,7 +461,16 @@ def profile_iteration(joint: JointGraph, optimizer: OptimizerGraph | None = None
             inputs of up to the L2's size (50 MB on an H100) in cache, which a recomputation in
             backward does not; whether that explains BERT's under-predicted recompute time is
             to be measured.
+        previous_grads: how long the previous step's gradients stay allocated, which depends on
+            where the training loop zeroes them (see :data:`PREVIOUS_GRADS`). ``"freed"``:
+            ``zero_grad(set_to_none=True)`` before the forward pass (the benchmarks' loop).
+            ``"until_backward"``: Lightning's automatic optimization, which runs
+            ``training_step``, then ``zero_grad``, then backward, so last step's gradients are
+            live through the whole forward pass. ``"through_step"``: gradient accumulation, where
+            they are never freed.
     """
+    if previous_grads not in PREVIOUS_GRADS:
+        raise ValueError(f"previous_grads={previous_grads!r}: expected one of {PREVIOUS_GRADS}")
     t_start = time.perf_counter()
     device = joint.primal_values[0].device
     tangents = [torch.ones(t.meta["val"].shape, dtype=t.meta["val"].dtype, device=device)
@@ -485,12 +501,13 @@ def profile_iteration(joint: JointGraph, optimizer: OptimizerGraph | None = None
             op.run(*args)
         del outs, grads_by_primal, primals
     bandwidth = measure_host_device_bandwidth(device)
-    profile = _assemble(joint, optimizer, jp, op, bandwidth)
+    profile = _assemble(joint, optimizer, jp, op, bandwidth, previous_grads)
     profile.summary.update(device=str(device), device_name=_device_name(device),
                            torch_version=torch.__version__, runs_per_node=runs,
                            profile_s=round(time.perf_counter() - t_start, 3),
                            optimizer_note=optimizer.note if optimizer else "",
-                           host_swap=swap, swapped_B=jp.swapped_B, cold_l2=cold_l2)
+                           host_swap=swap, swapped_B=jp.swapped_B, cold_l2=cold_l2,
+                           previous_grads=previous_grads)
     return profile
 
 
@@ -577,7 +594,8 @@ def _classify(joint: JointGraph, optimizer: OptimizerGraph | None, storages: lis
 
 
 def _assemble(joint: JointGraph, optimizer: OptimizerGraph | None, jp: GraphProfiler,
-              op: GraphProfiler | None, bandwidth: float | None) -> Profile:
+              op: GraphProfiler | None, bandwidth: float | None,
+              previous_grads: str = "freed") -> Profile:
     profilers = [jp] + ([op] if op else [])
     # Execution order of the iteration: forward, then backward (tangents first: the gradient of
     # the output appears when backward starts), then the optimizer step. Forward nodes never
@@ -595,6 +613,7 @@ def _assemble(joint: JointGraph, optimizer: OptimizerGraph | None, jp: GraphProf
                 phase[node] = "optimizer"
     rank = {n: i for i, n in enumerate(order)}
     n_joint = sum(1 for n in order if phase[n] != "optimizer")
+    n_forward = sum(1 for n in order if phase[n] == "forward")
     end = len(order) - 1
     storages = [s for p in profilers for s in p.storages]
     storage_of = {n: s for p in profilers for n, s in p.storage_of.items()}
@@ -628,6 +647,13 @@ def _assemble(joint: JointGraph, optimizer: OptimizerGraph | None, jp: GraphProf
         records.append({"node": _representative(s), "creator": s.creator,
                         "aliases": tuple(s.aliases), "bytes": s.nbytes,
                         "category": s.category, "start": start, "stop": stop})
+    if previous_grads != "freed":
+        # The previous step's gradients, where the loop frees them late: same sizes as this
+        # step's, live from the start of the step. They alias no node of this step (so the
+        # simulator never maps a node to them), and nothing can recompute them.
+        last = n_forward - 1 if previous_grads == "until_backward" else end
+        records += [{**r, "aliases": (), "start": 0, "stop": last}
+                    for r in list(records) if r["category"] == "gradient"]
     table = pd.DataFrame(records, columns=["node", "creator", "aliases", "bytes", "category",
                                            "start", "stop"])
     after, during = {}, {}
@@ -647,7 +673,7 @@ def _assemble(joint: JointGraph, optimizer: OptimizerGraph | None, jp: GraphProf
         largest = max(own, key=lambda s: s.nbytes, default=None)
         val = n.meta.get("val")
         rows.append({
-            "rank": r, "name": n.name, "phase": phase[n], "op": _op_name(n),
+            "rank": r, "name": n.name, "phase": phase[n], "op": op_name(n),
             "node": n,
             "runtime_ms": runtime.get(n, 0.0),
             "active_mem_B": int(active[r]),
@@ -688,7 +714,8 @@ def _assemble(joint: JointGraph, optimizer: OptimizerGraph | None, jp: GraphProf
                    joint=joint, optimizer=optimizer, rank=rank, storages=table)
 
 
-def _op_name(n: fx.Node) -> str:
+def op_name(n: fx.Node) -> str:
+    """The aten overload a node calls (``aten.addmm.default``), else its target's or op's name."""
     if n.op == "call_function":
         name = getattr(n.target, "__name__", str(n.target))
         return str(n.target) if hasattr(n.target, "_schema") else name

@@ -204,3 +204,34 @@ def test_out_of_memory_in_a_planned_step_says_what_was_planned(tmp_path, monkeyp
                        match=r"(?s)Tried to allocate.*MuTwoAC: this step was planned for .* "
                              r"under a budget of .*lower the budget"):
         _fit(tmp_path / "ac", "cnn", MuTwoAC(budget=budget), steps=3)
+
+
+def test_lightning_frees_gradients_after_the_forward_pass(tmp_path):
+    """What the callback's memory model assumes of Lightning's loop: the previous step's
+    gradients still exist while training_step runs, and zero_grad sets them to None before
+    backward. If Lightning changes this order, _previous_grads must change with it."""
+
+    class Probe(LitWorkload):
+        def training_step(self, batch, batch_idx):
+            self.seen.append(all(p.grad is not None for p in self.parameters()))
+            return super().training_step(batch, batch_idx)
+
+        def on_before_backward(self, loss):
+            self.before_bwd.append(any(p.grad is not None for p in self.parameters()))
+
+    torch.manual_seed(0)
+    m = Probe("mlp")
+    m.seen, m.before_bwd = [], []
+    _trainer(tmp_path).fit(m, m.dataloader(3), m.dataloader(1))
+    assert m.seen == [False, True, True]
+    assert m.before_bwd == [False, False, False]
+
+
+@pytest.mark.parametrize("accumulate,expected", [(1, "until_backward"), (2, "through_step")])
+def test_the_plan_counts_the_previous_steps_gradients(tmp_path, accumulate, expected):
+    cb = MuTwoAC(budget=10**12)
+    m, _ = _fit(tmp_path, "mlp", cb, steps=2, accumulate_grad_batches=accumulate)
+    assert cb.profile.summary["previous_grads"] == expected
+    grads_B = sum(p.numel() * p.element_size() for p in m.parameters())
+    fwd = (cb.profile.nodes.phase == "forward").to_numpy()
+    assert cb.profile.memory["gradient"].to_numpy()[fwd][:-1].min() == grads_B

@@ -115,6 +115,25 @@ def test_measured_peak_stays_under_the_budget(tmp_path, name, batch, budget):
     assert abs(float(ac["peak_vs_predicted"]) - 1) <= 0.05
 
 
+@pytest.mark.parametrize("name,batch,budget", [("resnet152", 32, "3.5GiB"), ("bert", 16, "6GiB")])
+def test_recipe_under_lightning_stays_under_the_budget(tmp_path, name, batch, budget):
+    """The same through Trainer.fit, whose loop keeps last step's gradients through forward."""
+    import json
+    import subprocess
+    import sys
+
+    from lightning_ac.callback import parse_budget
+
+    out = tmp_path / "result.json"
+    subprocess.run([sys.executable, "-m", f"recipes.{name}", "--batch-size", str(batch),
+                    "--budget", budget, "--steps", "6", "--result-json", str(out),
+                    "--log-dir", str(tmp_path)], check=True)
+    r = json.loads(out.read_text())
+    assert r["state"] == "active"
+    assert r["peak_B"] <= parse_budget(budget)
+    assert abs(r["peak_B"] / r["predicted_peak_B"] - 1) <= 0.05
+
+
 @pytest.mark.parametrize("device", ["cuda", "cuda:0"])
 def test_default_budget_honours_the_per_process_memory_fraction(device):
     from lightning_ac.callback import device_memory_limit

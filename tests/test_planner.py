@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from lightning_ac.planner import plan
+from lightning_ac.planner import plan, rerun_by_op
 from lightning_ac.profiler import is_random_op, profile_step
 from lightning_ac.simulator import peak_breakdown, recompute_closure, simulate
 from lightning_ac.zoo import make_workload
@@ -68,6 +68,10 @@ def test_plan_meets_a_reachable_budget(name):
     rerun, sources = recompute_closure(prof, p.recomputed)
     assert rerun == set(p.recomputed_nodes)
     assert sources.isdisjoint(set(p.recomputed))
+    # the per-op breakdown accounts for every re-run node and the whole predicted overhead
+    by_op = rerun_by_op(p, prof)
+    assert by_op["nodes"].sum() == len(p.recomputed_nodes)
+    assert by_op["ms"].sum() == pytest.approx(p.predicted_extra_ms, abs=1e-2)
 
 
 def test_cnn_recomputes_relu_before_convolution():

@@ -218,3 +218,32 @@ def test_host_swap_profiles_the_same_step(name):
     assert pd_plain.reset_index(drop=True).equals(pd_swapped.reset_index(drop=True))
     a, b = plain.activations, swapped.activations
     assert list(a.name) == list(b.name) and list(a.recomputable) == list(b.recomputable)
+
+
+def test_previous_gradients_are_live_where_the_loop_frees_them():
+    """Lightning zeroes gradients between training_step and backward: last step's gradients are
+    live through forward ("until_backward"); with accumulation, through the whole step."""
+    from lightning_ac.capture import capture_joint
+    from lightning_ac.profiler import profile_joint
+
+    w = make_workload("mlp", 4)
+    opt = torch.optim.Adam(w.model.parameters(), lr=0.01)
+    joint = capture_joint(w.loss, w.inputs, w.model)
+    grad_B = sum(p.numel() * p.element_size() for p in w.model.parameters())
+    runs = {mode: profile_joint(joint, opt, previous_grads=mode)
+            for mode in ("freed", "until_backward", "through_step")}
+    phase = runs["freed"].nodes.phase.to_numpy()
+    fwd, opt_phase = phase == "forward", phase == "optimizer"
+    freed, until, through = (runs[m].memory["gradient"].to_numpy() for m in
+                             ("freed", "until_backward", "through_step"))
+    assert freed[fwd].max() == 0
+    # all of them through forward (the table is what is live *after* each node: they are set to
+    # None once the last forward node has run) and none once backward starts
+    assert np.all(until[fwd][:-1] == grad_B) and until[fwd][-1] == 0
+    assert np.array_equal(until[~fwd], freed[~fwd])
+    assert np.array_equal(through[:-1], freed[:-1] + grad_B)
+    assert runs["through_step"].peak_bytes >= runs["freed"].peak_bytes + grad_B
+    assert runs["until_backward"].summary["previous_grads"] == "until_backward"
+    assert opt_phase.any()
+    with pytest.raises(ValueError, match="previous_grads"):
+        profile_joint(joint, opt, previous_grads="sometimes")
