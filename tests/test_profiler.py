@@ -247,3 +247,25 @@ def test_previous_gradients_are_live_where_the_loop_frees_them():
     assert opt_phase.any()
     with pytest.raises(ValueError, match="previous_grads"):
         profile_joint(joint, opt, previous_grads="sometimes")
+
+
+def test_a_node_with_any_cuda_tensor_is_timed_on_the_gpu():
+    """replay_random(state, device, op, q, k, v): the first input is the generator state, a CPU
+    tensor; the op's kernels run on the GPU and must be timed by CUDA events."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lightning_ac.capture import replay_random
+    from lightning_ac.profiler import _on_cuda
+
+    g = torch.fx.Graph()
+    state, q = g.placeholder("state"), g.placeholder("q")
+    n = g.call_function(replay_random, (state, torch.device("cuda"), aten.mul.Tensor, q, q))
+    host_only = g.call_function(aten.add.Tensor, (state, state))
+    with FakeTensorMode():
+        env = {state: torch.zeros(8, dtype=torch.uint8), q: torch.empty(4, device="cuda")}
+        n.meta["val"] = torch.empty(4, device="cuda")
+        host_only.meta["val"] = torch.empty(8, dtype=torch.uint8)
+    assert _on_cuda(n, env)
+    assert not _on_cuda(host_only, env)
+    del env[q]  # inputs not in the environment (freed): the output decides
+    assert _on_cuda(n, env)
