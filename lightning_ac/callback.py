@@ -21,7 +21,7 @@ from lightning_ac.capture import (
     unwrap_compile_error,
 )
 from lightning_ac.planner import Plan, plan
-from lightning_ac.profiler import Profile, profile_joint
+from lightning_ac.profiler import NodeOutOfMemoryError, Profile, op_name, profile_joint
 from lightning_ac.report import format_bytes
 from lightning_ac.rewriter import compile_with_plan
 from lightning_ac.simulator import peak_breakdown
@@ -256,7 +256,22 @@ class MuTwoAC(StepMonitor):
         torch.cuda.empty_cache()
         rank_zero_info("MuTwoAC: the step does not fit un-checkpointed; profiling it again with "
                        "activations swapped to host memory")
-        return profile_joint(joint, optimizer, swap=True, **kwargs)
+        try:
+            return profile_joint(joint, optimizer, swap=True, **kwargs)
+        except torch.cuda.OutOfMemoryError as exc:
+            # Every activation was on the host: what did not fit is one op's own inputs,
+            # outputs and scratch space (a logits matrix over a large vocabulary, say). No plan
+            # can help; say so instead of an out-of-memory error from inside the profiler.
+            where = f" {exc.node.name} ({op_name(exc.node)}, outputs of " \
+                f"{format_bytes(exc.out_B)})" if \
+                isinstance(exc, NodeOutOfMemoryError) else " one op"
+            limit = device_memory_limit(joint.primal_values[0].device, 0.0) \
+                if joint.primal_values else None
+            raise BudgetError(
+                "MuTwoAC cannot run this step on the device even with every activation swapped "
+                f"to host memory:{where} needs more than is free next to the parameters and "
+                "optimizer state" + (f" (device limit {format_bytes(limit)})" if limit else "")
+                + ". Lower the batch size.\n" + str(exc).splitlines()[0]) from None
 
     def _make_plan(self, trainer: Trainer, device: torch.device, joint: JointGraph) -> Plan:
         t0 = time.perf_counter()

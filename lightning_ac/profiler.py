@@ -131,7 +131,12 @@ class GraphProfiler(fx.Interpreter):
     def run_node(self, n: fx.Node):
         if self.swap:
             self._swap_in(n)
-        out = self._run_and_measure(n)
+        try:
+            out = self._run_and_measure(n)
+        except torch.cuda.OutOfMemoryError as exc:
+            if isinstance(exc, NodeOutOfMemoryError):
+                raise
+            raise NodeOutOfMemoryError(n, exc) from exc
         if self.swap and n.op == "call_function":
             self.env[n] = out  # so that a swap-out right now also sees n's own output
             self._swap_out_after(n)
@@ -299,6 +304,17 @@ class GraphProfiler(fx.Interpreter):
             if storage not in found:
                 found.append(storage)
         self.storage_of[n] = found
+
+
+class NodeOutOfMemoryError(torch.cuda.OutOfMemoryError):
+    """The device ran out of memory while the profiler ran ``node``; the message names it and
+    the bytes its outputs need, so that a step one op of which cannot fit can say so."""
+
+    def __init__(self, node: fx.Node, cause: BaseException):
+        self.node = node
+        self.out_B = sum(t.numel() * t.element_size() for t in _tensors(node.meta.get("val")))
+        super().__init__(f"{cause}\n(profiling node {node.name}, {op_name(node)}, whose "
+                         f"outputs take {self.out_B / 2**30:.2f} GiB)")
 
 
 @dataclass(frozen=True, eq=False)

@@ -52,6 +52,20 @@ def run_point(model: str, batch: int, ac: bool, extra: list[str], timeout: int) 
         return row
 
 
+_COLUMNS = ["batch_size", "ac", "wall_s", "peak_B", "step_ms", "step_ms_mean", "state",
+            "samples_per_s", "budget_B", "predicted_peak_B", "device_limit_B", "status"]
+
+
+def table(rows: list[dict] | pd.DataFrame) -> pd.DataFrame:
+    """The sweep's rows with every column present (a sweep where nothing trained has no peaks),
+    one row per (batch size, AC), the last measured one kept, sorted."""
+    df = pd.DataFrame(rows)
+    df = df.reindex(columns=_COLUMNS + [c for c in df.columns if c not in _COLUMNS])
+    df["ac"] = df["ac"].astype(bool)
+    df = df.drop_duplicates(["batch_size", "ac"], keep="last")
+    return df.sort_values(["batch_size", "ac"]).reset_index(drop=True)
+
+
 def charts(df: pd.DataFrame, model: str, out: Path) -> list[Path]:
     """Bar chart of peak memory and line chart of step time against batch size."""
     import numpy as np
@@ -142,14 +156,22 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--timeout", type=int, default=300, help="seconds per point")
     ap.add_argument("--out", type=Path, default=Path("reports"))
+    ap.add_argument("--from-csv", type=Path, nargs="+", default=None,
+                    help="run nothing: merge these sweep CSVs (a later row replaces an earlier "
+                         "one of the same batch size and AC), then write the CSV, charts and "
+                         "summary")
     ap.add_argument("recipe_args", nargs="*", help="passed to the recipe (after --)")
     args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    csv_path = args.out / f"{args.model}_sweep.csv"
+    if args.from_csv:
+        df = table(pd.concat([pd.read_csv(p) for p in args.from_csv], ignore_index=True))
+        df.to_csv(csv_path, index=False)
+        return _report(df, args.model, args.out)
     extra = ["--steps", str(args.steps), *args.recipe_args]
     if args.device_memory:
         extra += ["--device-memory", args.device_memory]
     rows = []
-    args.out.mkdir(parents=True, exist_ok=True)
-    csv_path = args.out / f"{args.model}_sweep.csv"
     for batch in args.batch_sizes:
         for ac in (False, True):
             row = run_point(args.model, batch, ac, extra, args.timeout)
@@ -161,13 +183,18 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                   f"{row['status']:<7} peak {peak:>10}  step {step:>9}  "
                   f"({row.get('wall_s', '-')} s){why}", flush=True)
             # after every point, so that a sweep cut short keeps what it measured
-            df = pd.DataFrame(rows)
+            df = table(rows)
             df.drop(columns=[c for c in ("error",) if c in df]).to_csv(csv_path, index=False)
-    for p in charts(df, args.model, args.out):
+    return _report(df, args.model, args.out)
+
+
+def _report(df: pd.DataFrame, model: str, out: Path) -> pd.DataFrame:
+    """Draw the charts, write and print the summary."""
+    for p in charts(df, model, out):
         print(f"wrote {p}")
     summary = summarize(df)
-    (args.out / f"{args.model}_sweep_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"[sweep {args.model}] " + ", ".join(
+    (out / f"{model}_sweep_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"[sweep {model}] " + ", ".join(
         f"{k.replace('_', ' ')} {v:.2f}" if isinstance(v, float) else f"{k.replace('_', ' ')} {v}"
         for k, v in summary.items()))
     return df

@@ -235,3 +235,23 @@ def test_the_plan_counts_the_previous_steps_gradients(tmp_path, accumulate, expe
     grads_B = sum(p.numel() * p.element_size() for p in m.parameters())
     fwd = (cb.profile.nodes.phase == "forward").to_numpy()
     assert cb.profile.memory["gradient"].to_numpy()[fwd][:-1].min() == grads_B
+
+
+def test_a_step_that_does_not_fit_even_swapped_raises_a_budget_error(tmp_path, monkeypatch):
+    """Out of memory again with every activation on the host (one op's own working set is too
+    big): a BudgetError that names the op and says to lower the batch size, not an OOM."""
+    from lightning_ac import callback
+    from lightning_ac.profiler import NodeOutOfMemoryError
+
+    def short_of_memory(joint, opt=None, **kw):
+        if not kw.get("swap"):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        node = next(n for n in joint.graph.nodes if n.op == "call_function")
+        raise NodeOutOfMemoryError(node, torch.cuda.OutOfMemoryError("CUDA out of memory. "
+                                                                     "Tried to allocate 8 GiB"))
+
+    monkeypatch.setattr(callback, "profile_joint", short_of_memory)
+    with pytest.raises(BudgetError, match=r"(?s)even with every activation swapped to host "
+                                          r"memory: \S+ \(aten\..*outputs of .*Lower the batch "
+                                          r"size.*Tried to allocate 8 GiB"):
+        _fit(tmp_path, "cnn", MuTwoAC(budget=10**6), steps=2)

@@ -269,3 +269,24 @@ def test_a_node_with_any_cuda_tensor_is_timed_on_the_gpu():
     assert not _on_cuda(host_only, env)
     del env[q]  # inputs not in the environment (freed): the output decides
     assert _on_cuda(n, env)
+
+
+def test_out_of_memory_names_the_node_being_profiled(monkeypatch):
+    from lightning_ac.capture import capture_joint
+    from lightning_ac.profiler import GraphProfiler, NodeOutOfMemoryError, profile_iteration
+
+    w = make_workload("mlp", 4)
+    joint = capture_joint(w.loss, w.inputs, w.model)
+    victim = next(n for n in joint.graph.nodes if n.target is aten.addmm.default)
+    real = GraphProfiler._run_and_measure
+
+    def run(self, n):
+        if n is victim:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+        return real(self, n)
+
+    monkeypatch.setattr(GraphProfiler, "_run_and_measure", run)
+    with pytest.raises(NodeOutOfMemoryError, match=rf"(?s)Tried to allocate.*{victim.name}") as e:
+        profile_iteration(joint)
+    assert e.value.node is victim and e.value.out_B == 4 * 64 * 4
+    assert isinstance(e.value, torch.cuda.OutOfMemoryError)  # callers' except clauses still work

@@ -77,3 +77,33 @@ def test_sweep_summary_reads_the_targets_off_the_points():
     assert abs(s["overhead_at_largest_no_ac_pct"] - 5.0) < 1e-9
     assert abs(s["throughput_ratio"] - (64 / 0.215) / 320) < 1e-9
     assert s["over_budget_batches"] == [64]
+
+
+def test_sweep_merges_csvs_and_draws_a_sweep_where_nothing_trained(tmp_path):
+    """A sweep can be finished in a second run (--from-csv merges them, the later point wins),
+    and a run in which every point ran out of memory still gets its charts and summary."""
+    import pandas as pd
+
+    from recipes import sweep
+
+    gib = 2**30
+    first = pd.DataFrame({"batch_size": [8, 8, 16, 16], "ac": [False, True, False, True],
+                          "peak_B": [5 * gib, 5 * gib, None, None],
+                          "step_ms": [80.0, 80.0, None, None],
+                          "samples_per_s": [100.0, 100.0, None, None],
+                          "budget_B": [None, 14 * gib, None, None],
+                          "status": ["ok", "ok", "OOM", "timeout"]})
+    second = pd.DataFrame({"batch_size": [16, 16], "ac": [False, True],
+                           "status": ["OOM", "OOM"]})  # no measured column at all
+    first.to_csv(tmp_path / "a.csv", index=False)
+    second.to_csv(tmp_path / "b.csv", index=False)
+    assert sweep.charts(sweep.table(second), "bert", tmp_path / "") and \
+        (tmp_path / "bert_peak_memory.png").exists()
+    out = tmp_path / "merged"
+    df = sweep.main(["--model", "bert", "--from-csv", str(tmp_path / "a.csv"),
+                     str(tmp_path / "b.csv"), "--out", str(out)])
+    assert list(zip(df["batch_size"], df["ac"], df["status"])) == [
+        (8, False, "ok"), (8, True, "ok"), (16, False, "OOM"), (16, True, "OOM")]
+    assert pd.read_csv(out / "bert_sweep.csv")["status"].tolist() == ["ok", "ok", "OOM", "OOM"]
+    summary = (out / "bert_sweep_summary.json").read_text()
+    assert '"largest_batch_ac": 8' in summary
