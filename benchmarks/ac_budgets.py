@@ -11,7 +11,6 @@ are medians by CUDA events after warm-up (the first, planning step is a warm-up 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import workload_parser
 from lightning_ac import _torch_compat as compat
 from lightning_ac.callback import parse_budget
 from lightning_ac.measure import measure_steps
@@ -88,10 +88,7 @@ def run_config(model: str, batch: int, seq_len: int, budget: int | None, steps: 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", default="resnet152")
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--seq-len", type=int, default=512)
+    ap = workload_parser(__doc__, "resnet152", 128)
     ap.add_argument("--budgets", nargs="*", default=[])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", type=Path, default=Path("reports/ac"))

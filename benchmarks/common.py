@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 
 import torch
@@ -11,6 +12,17 @@ from lightning_ac.callback import parse_budget
 from lightning_ac.planner import plan
 from lightning_ac.profiler import profile_joint
 from lightning_ac.rewriter import compile_with_plan
+
+
+def workload_parser(doc: str | None, model: str, batch_size: int,
+                    formatter=argparse.RawDescriptionHelpFormatter) -> argparse.ArgumentParser:
+    """A benchmark's argument parser with the workload options they all take: ``--model``,
+    ``--batch-size`` and ``--seq-len`` (BERT), with this benchmark's defaults."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=formatter)
+    ap.add_argument("--model", default=model)
+    ap.add_argument("--batch-size", type=int, default=batch_size)
+    ap.add_argument("--seq-len", type=int, default=512)
+    return ap
 
 
 def planned_step(workload, optimizer: torch.optim.Optimizer, budget: str | int | None = None,

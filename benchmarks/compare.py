@@ -41,6 +41,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from benchmarks.common import workload_parser
 from lightning_ac import _torch_compat as compat
 from lightning_ac.capture import unwrap_compile_error
 from lightning_ac.measure import measure_steps
@@ -351,10 +352,7 @@ def write_rows(rows: list[dict], out: Path, model: str, precision: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--model", default="resnet152")
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--seq-len", type=int, default=512)
+    ap = workload_parser(__doc__, "resnet152", 128, formatter=argparse.RawTextHelpFormatter)
     ap.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
     ap.add_argument("--steps", type=int, default=5, help="measured steps per option")
     ap.add_argument("--options", nargs="*", default=list(FAMILIES), choices=FAMILIES)

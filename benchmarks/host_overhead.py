@@ -13,12 +13,12 @@ plans the rewritten step for a budget, to see what its recomputation costs kerne
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.common import workload_parser
 from lightning_ac import _torch_compat as compat
 from lightning_ac.callback import parse_budget
 from lightning_ac.planner import plan, rerun_by_op
@@ -36,10 +36,7 @@ def _step(fn, inputs, opt, sync):
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     """Print the tables; return wall ms and aten op calls per step for each variant."""
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", default="resnet152")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--seq-len", type=int, default=512)
+    ap = workload_parser(__doc__, "resnet152", 32)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--rows", type=int, default=25)

@@ -13,14 +13,13 @@ Dropout draws the same masks in both runs: random ops replay their generator sta
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from benchmarks.common import planned_step
+from benchmarks.common import planned_step, workload_parser
 from lightning_ac.planner import Plan
 from lightning_ac.report import pyplot
 from lightning_ac.zoo import make_workload
@@ -71,11 +70,7 @@ def plot(df: pd.DataFrame, path: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="bert")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=512)
+    ap = workload_parser(__doc__, "bert", 8)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--budget", default=None, help='e.g. "3.5GiB" (default: see --share)')
     ap.add_argument("--share", type=float, default=0.5,

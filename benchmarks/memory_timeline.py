@@ -12,14 +12,13 @@ and an animated GIF that draws them as the step runs.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from benchmarks.common import planned_step
+from benchmarks.common import planned_step, workload_parser
 from lightning_ac import _torch_compat as compat
 from lightning_ac.measure import train_step
 from lightning_ac.report import pyplot
@@ -109,11 +108,7 @@ def _axes(df: pd.DataFrame, title: str, budget_B: int | None):
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="resnet152")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--seq-len", type=int, default=512)
+    ap = workload_parser(__doc__, "resnet152", 64)
     ap.add_argument("--budget", default=None, help='e.g. "6GiB" (default: see --share)')
     ap.add_argument("--share", type=float, default=0.5,
                     help="budget this share of the way from the plan's floor to the peak")

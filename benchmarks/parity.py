@@ -10,7 +10,6 @@ backward, grouped by shape and dtype.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.common import workload_parser
 from lightning_ac import _torch_compat as compat
 from lightning_ac.planner import plan
 from lightning_ac.profiler import profile_iteration
@@ -97,10 +97,7 @@ def run(model: str, batch: int, seq_len: int, steps: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", default="resnet152")
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--seq-len", type=int, default=512)
+    ap = workload_parser(__doc__, "resnet152", 128)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("reports/parity"))
     args = ap.parse_args()

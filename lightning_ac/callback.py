@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import re
 import statistics
@@ -243,13 +244,14 @@ class MuTwoAC(StepMonitor):
         return self.budget_B if self.budget_B is not None else \
             device_memory_limit(device, self.margin)
 
-    def _profile(self, joint: JointGraph, optimizer, previous_grads: str) -> Profile:
+    def _profile(self, joint: JointGraph, optimizer, device: torch.device,
+                 previous_grads: str) -> Profile:
         """Profile the captured step, with host swap if so configured or if it does not fit."""
-        kwargs = {"previous_grads": previous_grads}
+        profile = functools.partial(profile_joint, joint, optimizer, previous_grads=previous_grads)
         if self.host_swap != "auto":
-            return profile_joint(joint, optimizer, swap=bool(self.host_swap), **kwargs)
+            return profile(swap=bool(self.host_swap))
         try:
-            return profile_joint(joint, optimizer, swap=False, **kwargs)
+            return profile(swap=False)
         except torch.cuda.OutOfMemoryError:
             pass  # leave the except block first, so that the failed attempt's tensors are freed
         gc.collect()
@@ -257,7 +259,7 @@ class MuTwoAC(StepMonitor):
         rank_zero_info("MuTwoAC: the step does not fit un-checkpointed; profiling it again with "
                        "activations swapped to host memory")
         try:
-            return profile_joint(joint, optimizer, swap=True, **kwargs)
+            return profile(swap=True)
         except torch.cuda.OutOfMemoryError as exc:
             # Every activation was on the host: what did not fit is one op's own inputs,
             # outputs and scratch space (a logits matrix over a large vocabulary, say). No plan
@@ -265,8 +267,7 @@ class MuTwoAC(StepMonitor):
             where = f" {exc.node.name} ({op_name(exc.node)}, outputs of " \
                 f"{format_bytes(exc.out_B)})" if \
                 isinstance(exc, NodeOutOfMemoryError) else " one op"
-            limit = device_memory_limit(joint.primal_values[0].device, 0.0) \
-                if joint.primal_values else None
+            limit = device_memory_limit(device, 0.0)
             raise BudgetError(
                 "MuTwoAC cannot run this step on the device even with every activation swapped "
                 f"to host memory:{where} needs more than is free next to the parameters and "
@@ -279,7 +280,7 @@ class MuTwoAC(StepMonitor):
         # the joint graph already holds the casts autocast chose; running it under autocast again
         # would cast twice
         with compat.real_tensor_mode(), torch.autocast(device.type, enabled=False):
-            profile = self._profile(joint, optimizer, _previous_grads(trainer))
+            profile = self._profile(joint, optimizer, device, _previous_grads(trainer))
         # The profile stays readable on the callback; the tensors it was captured on (parameters,
         # and the first batch, which would otherwise stay allocated) are not needed any more.
         joint.primal_values = []

@@ -134,8 +134,6 @@ class GraphProfiler(fx.Interpreter):
         try:
             out = self._run_and_measure(n)
         except torch.cuda.OutOfMemoryError as exc:
-            if isinstance(exc, NodeOutOfMemoryError):
-                raise
             raise NodeOutOfMemoryError(n, exc) from exc
         if self.swap and n.op == "call_function":
             self.env[n] = out  # so that a swap-out right now also sees n's own output
@@ -671,7 +669,7 @@ def _assemble(joint: JointGraph, optimizer: OptimizerGraph | None, jp: GraphProf
         # simulator never maps a node to them), and nothing can recompute them.
         last = n_forward - 1 if previous_grads == "until_backward" else end
         records += [{**r, "aliases": (), "start": 0, "stop": last}
-                    for r in list(records) if r["category"] == "gradient"]
+                    for r in records if r["category"] == "gradient"]
     table = pd.DataFrame(records, columns=["node", "creator", "aliases", "bytes", "category",
                                            "start", "stop"])
     after, during = {}, {}
