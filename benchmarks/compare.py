@@ -13,9 +13,10 @@ one process, in this order:
 5. ``mutwoac`` at budgets matching the peaks the other options reached (and at the eager peak:
    nothing recomputed).
 
-Peaks are ``torch.cuda.max_memory_allocated`` over the measured steps, less what was allocated
-before the option started; step times are medians by CUDA events after warm-up; ``first_step_s``
-is the first step's wall time (capture, planning, compilation). Writes
+Peaks are the allocator's peak of active bytes (``lightning_ac.measure.peak_memory_B``) over the
+measured steps, less what was allocated before the option started; step times are medians by
+CUDA events after warm-up; ``first_step_s`` is the first step's wall time (capture, planning,
+compilation). Writes
 ``<out>/compare_<model>.csv`` (rows of the same model and precision are replaced) and
 ``<out>/compare_pareto.png`` (every CSV in ``<out>``).
 

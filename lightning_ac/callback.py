@@ -21,6 +21,7 @@ from lightning_ac.capture import (
     describe_capture_failure,
     unwrap_compile_error,
 )
+from lightning_ac.measure import peak_memory_B
 from lightning_ac.planner import Plan, plan
 from lightning_ac.profiler import NodeOutOfMemoryError, Profile, op_name, profile_joint
 from lightning_ac.report import format_bytes
@@ -88,8 +89,8 @@ class StepMonitor(Callback):
 
     Logged at the end of every training epoch (through the trainer's loggers):
 
-    - ``mutwo/peak_memory_B``: ``torch.cuda.max_memory_allocated`` over the epoch's measured
-      training steps (CUDA only)
+    - ``mutwo/peak_memory_B``: the allocator's peak of active bytes over the epoch's measured
+      training steps (:func:`lightning_ac.measure.peak_memory_B`; CUDA only)
     - ``mutwo/step_time_ms``: mean time from batch start to batch end (CUDA events on GPU, read
       at epoch end so that no step waits for the GPU); ``mutwo/step_time_median_ms``: its median;
       ``mutwo/measured_steps``: how many steps they cover
@@ -148,8 +149,7 @@ class StepMonitor(Callback):
             end = torch.cuda.Event(enable_timing=True)
             end.record()
             self._step_events.append((self._step_start, end))  # read at epoch end: no sync here
-            self._epoch_peak = max(self._epoch_peak,
-                                   torch.cuda.max_memory_allocated(pl_module.device))
+            self._epoch_peak = max(self._epoch_peak, peak_memory_B(pl_module.device))
         else:
             self._step_ms.append((time.perf_counter() - self._step_start) * 1e3)
 
@@ -176,12 +176,13 @@ class StepMonitor(Callback):
 
 
 class MuTwoAC(StepMonitor):
-    r"""Train within a memory budget by recomputing the activations that are cheapest to rebuild.
+    r"""Train within a memory budget by keeping activations in host memory between forward and
+    backward where the copies hide behind compute, and recomputing the cheapest of the rest.
 
     On the first training step the module's forward and backward are captured as one aten graph,
     every node is profiled on the device (with the optimizer step), the μ-TWO planner picks the
-    activations to recompute so that the simulated peak of the whole step is within ``budget``,
-    and the module's forward is replaced by the rewritten graph. Validation, test and predict
+    activations to swap and to recompute so that the simulated peak of the whole step is within
+    ``budget``, and the module's forward is replaced by the rewritten graph. Validation, test and predict
     (and any call without gradients) use the original forward. ``state_dict()`` and the
     parameters are untouched.
 
@@ -198,6 +199,9 @@ class MuTwoAC(StepMonitor):
             out of memory (a batch that only fits with AC), again with every activation moved
             to pinned host memory between its last forward and first backward use. ``True``:
             always swap; ``False``: never.
+        swap: let the plan keep activations in pinned host memory between forward and backward
+            (copied on side streams, only where the copies hide behind compute); ``False``:
+            recompute only.
 
     Logged at the end of every training epoch (through the trainer's loggers):
 
@@ -205,7 +209,9 @@ class MuTwoAC(StepMonitor):
       step left out
     - ``mutwo/predicted_peak_B``: the plan's simulated peak
     - ``mutwo/recomputed_B``: bytes of the activations recomputed
-    - ``mutwo/recompute_overhead_ms``: predicted time added to each step by recomputation
+    - ``mutwo/swapped_B``: bytes of the activations kept in host memory
+    - ``mutwo/recompute_overhead_ms``: predicted time added to each step by recomputation (and
+      by waiting for copies back, if any)
     - ``mutwo/active``: 1 while the rewritten forward is in use, 0 otherwise
 
     Raises:
@@ -216,9 +222,12 @@ class MuTwoAC(StepMonitor):
 
     def __init__(self, budget: int | str | None = None, *, margin: float = 0.05,
                  verbose: bool = True, warmup_steps: int = 1,
-                 host_swap: bool | str = "auto") -> None:
+                 host_swap: bool | str = "auto", swap: bool = True) -> None:
         super().__init__(warmup_steps=warmup_steps)
         self.budget_B = parse_budget(budget)
+        if not isinstance(swap, bool):
+            raise MisconfigurationException(f"MuTwoAC(swap={swap!r}) must be True or False.")
+        self.swap = swap
         if host_swap not in (True, False, "auto"):
             raise MisconfigurationException(
                 f"MuTwoAC(host_swap={host_swap!r}) must be True, False or \"auto\".")
@@ -291,16 +300,17 @@ class MuTwoAC(StepMonitor):
             gc.collect()
             torch.cuda.empty_cache()
         budget = self._budget_for(device)
-        result = plan(profile, budget)
+        result = plan(profile, budget, swap=self.swap)
         result.planning_s = time.perf_counter() - t0
         self.plan, self.profile = result, profile
         if result.stop_reason == "infeasible":
-            parts = peak_breakdown(profile, result.recomputed)
+            parts = peak_breakdown(profile, result.recomputed, result.swapped)
             raise BudgetError(
                 f"MuTwoAC cannot meet the budget of {format_bytes(budget)}: the smallest peak "
                 f"the planner reaches is {format_bytes(result.predicted_peak_B)} ("
                 + ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in parts.items())
-                + f") with {len(result.recomputed)} activations recomputed. Raise the budget, "
+                + f") with {len(result.recomputed)} activations recomputed and "
+                f"{len(result.swapped)} kept in host memory. Raise the budget, "
                 "lower the batch size, or use an optimizer with less state.")
         return result
 
@@ -402,6 +412,7 @@ class MuTwoAC(StepMonitor):
             metrics.update({
                 "mutwo/predicted_peak_B": float(self.plan.predicted_peak_B),
                 "mutwo/recomputed_B": float(self.plan.recomputed_B if active else 0),
+                "mutwo/swapped_B": float(self.plan.swapped_B if active else 0),
                 "mutwo/recompute_overhead_ms": float(self.plan.predicted_extra_ms if active else 0),
             })
         self.last_epoch = metrics

@@ -9,8 +9,20 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PhaseMemory", "StepMeasurement", "measure_phases", "measure_steps", "saved_tensor_bytes",
-           "train_step"]
+__all__ = ["PhaseMemory", "StepMeasurement", "measure_phases", "measure_steps", "peak_memory_B",
+           "saved_tensor_bytes", "train_step"]
+
+
+def peak_memory_B(device: torch.device | str | None = None) -> int:
+    """The CUDA caching allocator's peak of *active* bytes since the last peak reset.
+
+    Active bytes are the allocated blocks plus the freed ones whose memory still waits for work
+    on another stream (``record_stream``: a swapped activation until its copy to the host has
+    ended). ``torch.cuda.max_memory_allocated`` drops a block as soon as it is freed, so it
+    leaves out memory that cannot be handed out yet; without side streams the two are equal.
+    """
+    return int(torch.cuda.memory_stats(device).get("active_bytes.all.peak",
+                                                   torch.cuda.max_memory_allocated(device)))
 
 
 @dataclass
@@ -18,7 +30,7 @@ class StepMeasurement:
     """Peak memory and step time of ``steps`` measured training steps after warm-up."""
 
     peak_B: int | None
-    """``torch.cuda.max_memory_allocated`` over the measured steps; None on CPU."""
+    """Peak memory over the measured steps (:func:`peak_memory_B`); None on CPU."""
     step_ms: float
     """Median step time (CUDA events on GPU, ``perf_counter`` on CPU)."""
     step_ms_all: list[float]
@@ -66,7 +78,7 @@ def measure_steps(loss_fn: Callable[..., torch.Tensor], inputs: Sequence[torch.T
             t0 = time.perf_counter()
             step()
             times.append((time.perf_counter() - t0) * 1e3)
-    peak = torch.cuda.max_memory_allocated(device) if cuda else None
+    peak = peak_memory_B(device) if cuda else None
     optimizer.zero_grad(set_to_none=True)
     return StepMeasurement(peak_B=peak, step_ms=statistics.median(times), step_ms_all=times)
 
@@ -118,7 +130,7 @@ def measure_phases(loss_fn: Callable[..., torch.Tensor], inputs: Sequence[torch.
         if not cuda:
             return None
         torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
+        peak = peak_memory_B(device)
         torch.cuda.reset_peak_memory_stats(device)
         return peak
 

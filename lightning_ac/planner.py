@@ -18,6 +18,15 @@ smaller than 0.1% of the largest activation. (Dropout's random op only draws the
 kept; its output is rebuilt from the mask, see :func:`lightning_ac.capture.replayable_dropout`.)
 When nothing qualifies and the budget is not met it stops with ``"infeasible"`` and returns the
 lowest-peak plan it found.
+
+Before recomputing anything it *swaps* (μ-TWO's hybrid): an activation idle across the peak for
+long enough is copied to pinned host memory on a side stream after its last forward use and
+copied back before backward needs it, which costs no step time as long as the copies hide behind
+compute (:func:`~lightning_ac.simulator.swap_schedule`). The copy engine is a shared queue, so
+it goes first to the activations that are dearest to recompute (lowest recompute ratio); a swap
+is taken only if the schedule stays free of stalls and the activation is on the host across the
+current peak. What swapping cannot free, recomputation does, with the swaps in place (a swapped
+activation may still be picked for recomputation; it is then dropped instead of swapped).
 """
 
 from __future__ import annotations
@@ -26,14 +35,16 @@ import time
 from dataclasses import dataclass, field
 
 import pandas as pd
+import torch
 import torch.fx as fx
 
 from lightning_ac.profiler import Profile, op_name, recompute_chain
-from lightning_ac.simulator import profile_index, simulate
+from lightning_ac.simulator import Simulation, profile_index, simulate, swap_ms, swap_schedule
 
-__all__ = ["Plan", "plan", "rerun_by_op"]
+__all__ = ["Plan", "plan", "rerun_by_op", "swappable"]
 
 _MIN_SHARE = 1e-3  # candidates below this share of the largest activation are left alone
+MIN_SWAP_B = 1 << 20  # smaller activations are not worth a copy's host work (tens of µs)
 HEADROOM = 0.01  # plan this share below the budget (measured vs simulated peak, see plan())
 CUDA_RESERVE_B = 128 << 20  # and this much below it on CUDA (see plan())
 
@@ -48,7 +59,7 @@ class Plan:
     """Simulated peak with every activation kept (the profile's peak)."""
     predicted_peak_B: int
     predicted_extra_ms: float
-    """Runtime added to each step by recomputation."""
+    """Runtime added to each step by recomputation (and by waiting for copies back, if any)."""
     stop_reason: str
     """``"fits"`` (reached the budget), ``"already fits"`` (nothing to do) or ``"infeasible"``
     (then the plan is the one with the lowest peak found, and ``predicted_peak_B`` is that peak)."""
@@ -60,6 +71,14 @@ class Plan:
     """Every forward node backward re-runs (the dropped activations and their chains)."""
     recomputed_B: int = 0
     """Bytes of the dropped activations."""
+    swapped: list[fx.Node] = field(default_factory=list)
+    """Kept activations that wait for backward in pinned host memory, in the order picked."""
+    swapped_B: int = 0
+    release_before: dict[fx.Node, fx.Node] = field(default_factory=dict)
+    """Swapped activation → the forward node before which its device memory is given back (where
+    its copy out is planned to have ended)."""
+    prefetch_before: dict[fx.Node, fx.Node] = field(default_factory=dict)
+    """Swapped activation → the backward node before which its copy back is issued."""
     planning_s: float = 0.0
     steps: list[dict] = field(default_factory=list)
     """One entry per pick: the activation, its bytes and marginal ms, and the simulated peak
@@ -67,19 +86,87 @@ class Plan:
 
 
     def summary(self) -> str:
-        """One line: budget, baseline and predicted peak, what is recomputed and its cost."""
+        """One line: budget, baseline and predicted peak, what is recomputed and swapped, and
+        what that is predicted to cost."""
         from lightning_ac.report import format_bytes as fb
 
         budget = "none" if self.budget_B is None else fb(self.budget_B)
+        swapped = (f"{len(self.swapped)} swapped to host ({fb(self.swapped_B)}), "
+                   if self.swapped else "")
         return (f"budget {budget}, baseline peak {fb(self.baseline_peak_B)}, "
                 f"predicted peak {fb(self.predicted_peak_B)}, "
                 f"{len(self.recomputed)} activations recomputed ({fb(self.recomputed_B)}), "
-                f"predicted overhead {self.predicted_extra_ms:.1f} ms/step, "
+                f"{swapped}predicted overhead {self.predicted_extra_ms:.1f} ms/step, "
                 f"planned in {self.planning_s:.2f} s [{self.stop_reason}]")
 
 
+def swappable(profile: Profile) -> list[fx.Node]:
+    """Activations that can wait for backward in host memory, dearest to recompute first.
+
+    One swap must free one storage: the activation is a single dense tensor that covers its
+    storage, of at least :data:`MIN_SWAP_B`. Activations that cannot be recomputed (random ops)
+    come first, then by recompute ratio, lowest first.
+    """
+    acts = profile.activations
+    ranked = []
+    for n, nbytes, ratio, ok in zip(acts["node"], acts["bytes"],
+                                    acts["recompute_ratio_B_per_ms"], acts["recomputable"]):
+        val = n.meta.get("val")
+        if (nbytes >= MIN_SWAP_B and isinstance(val, torch.Tensor)
+                and val.numel() * val.element_size() == nbytes and _dense(val)):
+            ranked.append((ratio if ok else 0.0, n))
+    return [n for _, n in sorted(ranked, key=lambda rn: rn[0])]
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill its memory exactly once, in some order of its dimensions."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _pick_swaps(profile: Profile, target: int, sim: Simulation) -> tuple[list[fx.Node], Simulation]:
+    """Swap activations (see the module docstring) until the simulated peak is within ``target``
+    or nothing more can be swapped for free. Returns the swaps and the simulation with them."""
+    ix = profile_index(profile)
+    t0 = ix.start_ms
+    swapped: list[fx.Node] = []
+    left = swappable(profile)
+    freed = 0
+    while left and sim.peak_B > target:
+        at, taken = sim.peak_rank, []
+        for n in left:
+            # each copy alone must fit between the value's uses and the peak
+            if not (t0[at] - t0[ix.last_fwd[n] + 1] > swap_ms(profile, ix.act_bytes[n], "to_host")
+                    and t0[ix.first_bwd[n]] - t0[at] > swap_ms(profile, ix.act_bytes[n],
+                                                                 "to_device")):
+                continue
+            s = swap_schedule(profile, [*swapped, n])
+            # every copy out must end within forward (its memory is released there), this one
+            # before the peak, and its copy back must start after the peak
+            if s.stall_ms > 0 or not s.out_done_rank[n] < at < s.prefetch_rank[n] \
+                    or max(s.out_done_rank.values()) > ix.backward_start:
+                continue
+            swapped.append(n)
+            taken.append(n)
+            freed += ix.act_bytes[n]
+            if sim.peak_B - freed <= target:  # within reach: see where the peak is now
+                sim, freed = simulate(profile, (), swapped), 0
+                if sim.peak_B <= target or sim.peak_rank != at:
+                    break
+        if freed:
+            sim, freed = simulate(profile, (), swapped), 0
+        if not taken:
+            break
+        left = [n for n in left if n not in set(taken)]
+    return swapped, sim
+
+
 def plan(profile: Profile, budget_B: int | None, headroom: float = HEADROOM,
-         reserve_B: int | None = None) -> Plan:
+         reserve_B: int | None = None, swap: bool = True) -> Plan:
     """Choose activations to recompute so that the simulated peak is at most ``budget_B``.
 
     The planner aims ``headroom`` (a share of the budget) plus ``reserve_B`` bytes below it, for
@@ -88,12 +175,16 @@ def plan(profile: Profile, budget_B: int | None, headroom: float = HEADROOM,
     the workspaces of the cuBLAS handle that autograd's backward thread creates (the profile runs
     every node in one thread) and cuDNN's algorithm choices in backward. ``reserve_B`` defaults to
     :data:`CUDA_RESERVE_B` for a profile taken on CUDA and to 0 elsewhere.
+
+    With ``swap`` (and a measured host bandwidth: CUDA profiles) it swaps before it recomputes.
+    Swaps taken for the first peak can stand in the way of a lower budget (copies still under
+    way at the end of forward hold their memory there); when swapping and recomputing together
+    miss the budget, the plan without swaps is tried too and the better of the two returned.
     """
     t0 = time.perf_counter()
     if reserve_B is None:
         reserve_B = CUDA_RESERVE_B if str(profile.summary.get("device", "")).startswith("cuda") else 0
     target = None if budget_B is None else int(budget_B * (1.0 - headroom)) - reserve_B
-    ix = profile_index(profile)
     acts = profile.activations
     baseline = simulate(profile)
     if target is None or baseline.peak_B <= target:
@@ -101,6 +192,26 @@ def plan(profile: Profile, budget_B: int | None, headroom: float = HEADROOM,
                     predicted_peak_B=baseline.peak_B, predicted_extra_ms=0.0,
                     stop_reason="already fits", kept=list(acts["node"]),
                     planning_s=time.perf_counter() - t0)
+    swap = swap and profile_index(profile).can_swap
+    best = _greedy(profile, budget_B, target, baseline, swap)
+    if swap and best.stop_reason != "fits":
+        alone = _greedy(profile, budget_B, target, baseline, False)
+        if alone.stop_reason == "fits" or alone.predicted_peak_B < best.predicted_peak_B:
+            best = alone
+    best.planning_s = time.perf_counter() - t0
+    return best
+
+
+def _greedy(profile: Profile, budget_B: int, target: int, baseline: Simulation,
+            swap: bool) -> Plan:
+    """One run of the greedy (swaps first if ``swap``, then recomputation) toward ``target``."""
+    ix = profile_index(profile)
+    acts = profile.activations
+    swapped: list[fx.Node] = []
+    sim = baseline
+    if swap:
+        swapped, sim = _pick_swaps(profile, target, baseline)
+    on_host = set(swapped)
 
     size = dict(zip(acts["node"], acts["bytes"]))
     dropped_rows: set[int] = set()
@@ -136,14 +247,13 @@ def plan(profile: Profile, budget_B: int | None, headroom: float = HEADROOM,
     # nothing that matters, and dropping them drags whole ops back into backward.
     floor = acts["bytes"].max() * _MIN_SHARE if len(acts) else 0
     for n, ok in zip(acts["node"], acts["recomputable"]):
-        if ok and size[n] > floor:
+        if ok and size[n] > floor and sim.peak_B > target:
             srcs, chain = recompute_chain(creator(n), available)
             set_chain(n, frozenset(chain), frozenset(srcs))
     last_fwd = dict(zip(acts["node"], acts["last_fwd_use_rank"]))
     first_bwd = dict(zip(acts["node"], acts["first_bwd_use_rank"]))
     dropped: list[fx.Node] = []
     steps = []
-    sim = baseline
     freed_since_sim = 0
     while chains:
         # Only an activation idle across the current peak (made before it, first needed by
@@ -153,7 +263,7 @@ def plan(profile: Profile, budget_B: int | None, headroom: float = HEADROOM,
         if not idle:
             if freed_since_sim == 0:
                 break  # nothing left that can lower this peak
-            sim = simulate(profile, dropped)  # the peak may have moved
+            sim = simulate(profile, dropped, swapped)  # the peak may have moved
             freed_since_sim = 0
             if sim.peak_B <= target:
                 break
@@ -164,6 +274,9 @@ def plan(profile: Profile, budget_B: int | None, headroom: float = HEADROOM,
         row = ix.activation_row[best]
         dropped.append(best)
         dropped_rows.add(row)
+        if best in on_host:  # dropped instead: its copy out may be what holds the new peak up
+            on_host.discard(best)
+            swapped.remove(best)
         new_nodes = chain - rerun
         rerun |= chain
         # μ-TWO's update: a candidate rebuilt from `best` is now rebuilt from best's sources, so
@@ -180,7 +293,7 @@ def plan(profile: Profile, budget_B: int | None, headroom: float = HEADROOM,
         # Dropping activations of X bytes lowers the peak by X at most: simulate only when the
         # budget is within reach, or when nothing is left to drop.
         if sim.peak_B - freed_since_sim <= target or not chains:
-            sim = simulate(profile, dropped)
+            sim = simulate(profile, dropped, swapped)
             freed_since_sim = 0
         steps.append({"activation": best.name, "bytes": int(size[best]),
                       "marginal_ms": round(marginal, 4),
@@ -188,24 +301,31 @@ def plan(profile: Profile, budget_B: int | None, headroom: float = HEADROOM,
         if freed_since_sim == 0 and sim.peak_B <= target:
             break
     if freed_since_sim:
-        sim = simulate(profile, dropped)
+        sim = simulate(profile, dropped, swapped)
     reason = "fits" if sim.peak_B <= target else "infeasible"
     if reason == "infeasible":
         # Long chains can make the full plan worse than a partial one: report the lowest peak
         # among evenly spaced prefixes of the picks (what the smallest-peak plan looks like).
         k = len(dropped)
-        prefixes = {m: simulate(profile, dropped[:m]) for m in
+        prefixes = {m: simulate(profile, dropped[:m], swapped) for m in
                     sorted({max(1, round(k * i / 20)) for i in range(1, 21)})}
+        prefixes[0] = simulate(profile, (), swapped)
         best_k = min(prefixes, key=lambda m: prefixes[m].peak_B)
         dropped, sim = dropped[:best_k], prefixes[best_k]
     dropped_set = set(dropped)
+    nodes_by_rank = profile.nodes["node"].to_list()
     return Plan(
         budget_B=budget_B, baseline_peak_B=baseline.peak_B, predicted_peak_B=sim.peak_B,
         predicted_extra_ms=sim.extra_ms, stop_reason=reason, recomputed=dropped,
         kept=[n for n in acts["node"] if n not in dropped_set],
         recomputed_nodes=sim.recomputed_nodes,
         recomputed_B=int(sum(size[n] for n in dropped)),
-        planning_s=time.perf_counter() - t0, steps=steps,
+        swapped=swapped, swapped_B=int(sum(size[n] for n in swapped)),
+        release_before={n: nodes_by_rank[r] for n, r in sim.swaps.out_done_rank.items()}
+        if sim.swaps else {},
+        prefetch_before={n: nodes_by_rank[r] for n, r in sim.swaps.prefetch_rank.items()}
+        if sim.swaps else {},
+        steps=steps,
     )
 
 

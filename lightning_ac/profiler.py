@@ -374,14 +374,16 @@ def _on_cuda(n: fx.Node, env: dict) -> bool:
     return any(t.is_cuda for t in _tensors(n.meta.get("val")))
 
 
-def measure_host_device_bandwidth(device: torch.device, nbytes: int = 256 << 20) -> float | None:
-    """Measured pinned host↔device copy bandwidth in bytes/ms (slower direction); None on CPU."""
+def measure_host_device_bandwidth(device: torch.device, nbytes: int = 256 << 20
+                                  ) -> dict[str, float] | None:
+    """Measured pinned-host copy bandwidth in bytes/ms, per direction (``"to_device"``,
+    ``"to_host"``); None on CPU."""
     if device.type != "cuda":
         return None
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    times = []
-    for src, dst in ((host, dev), (dev, host)):
+    out = {}
+    for direction, src, dst in (("to_device", host, dev), ("to_host", dev, host)):
         dst.copy_(src, non_blocking=True)  # warm-up
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -389,8 +391,8 @@ def measure_host_device_bandwidth(device: torch.device, nbytes: int = 256 << 20)
             dst.copy_(src, non_blocking=True)
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / 3)
-    return nbytes / max(times)
+        out[direction] = nbytes / (start.elapsed_time(end) / 3)
+    return out
 
 
 @dataclass
@@ -610,7 +612,7 @@ def _classify(joint: JointGraph, optimizer: OptimizerGraph | None, storages: lis
 
 
 def _assemble(joint: JointGraph, optimizer: OptimizerGraph | None, jp: GraphProfiler,
-              op: GraphProfiler | None, bandwidth: float | None,
+              op: GraphProfiler | None, bandwidth: dict[str, float] | None,
               previous_grads: str = "freed") -> Profile:
     profilers = [jp] + ([op] if op else [])
     # Execution order of the iteration: forward, then backward (tangents first: the gradient of
@@ -707,7 +709,8 @@ def _assemble(joint: JointGraph, optimizer: OptimizerGraph | None, jp: GraphProf
     # Buffers may be written back in place after forward (BatchNorm's running statistics), so a
     # value rebuilt from one in backward would read the new value: such values are never dropped.
     mutable = {p for p, r in zip(joint.primals, joint.primal_roles) if r.kind == "buffer"}
-    activations = _activation_table(storages, phase, rank, runtime, nodes, bandwidth, mutable)
+    activations = _activation_table(storages, phase, rank, runtime, nodes,
+                                    min(bandwidth.values()) if bandwidth else None, mutable)
     peak_rank = int(nodes["peak_mem_B"].idxmax())
     phase_ms = nodes.groupby("phase")["runtime_ms"].sum()
     summary = {
@@ -724,7 +727,10 @@ def _assemble(joint: JointGraph, optimizer: OptimizerGraph | None, jp: GraphProf
         "n_activations": len(activations),
         "runtime_ms": {p: round(float(phase_ms.get(p, 0.0)), 3) for p in PHASES},
         "sum_runtime_ms": round(float(nodes["runtime_ms"].sum()), 3),
-        "host_device_bandwidth_GBps": round(bandwidth / 1e6, 2) if bandwidth else None,
+        # the slower direction, and each direction (the swap schedule uses these)
+        "host_device_bandwidth_GBps": round(min(bandwidth.values()) / 1e6, 2) if bandwidth
+        else None,
+        **{f"{k}_GBps": round(v / 1e6, 2) for k, v in (bandwidth or {}).items()},
     }
     return Profile(nodes=nodes, activations=activations, memory=memory, summary=summary,
                    joint=joint, optimizer=optimizer, rank=rank, storages=table)

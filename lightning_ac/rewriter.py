@@ -2,7 +2,8 @@
 
 :func:`partition` splits the *same* joint graph the profiler measured and the planner planned on:
 the forward saves the kept activations (and whatever primals backward reads), the backward
-re-runs the forward nodes it needs to rebuild the dropped ones, each just before its first use.
+re-runs the forward nodes it needs to rebuild the dropped ones, each just before its first use,
+and the activations the plan swaps wait in host memory (:func:`insert_swaps`).
 :func:`compile_with_plan` wraps a function so that on its first call the joint graph is captured,
 handed to a planning function, and partitioned by the plan it returns.
 """
@@ -21,7 +22,7 @@ from lightning_ac.capture import JointGraph, compile_joint, use_replays
 from lightning_ac.planner import Plan
 
 __all__ = ["compile_with_plan", "empty_saved_tensors", "getitems_after_their_op",
-           "partition", "saved_values"]
+           "insert_swaps", "partition", "saved_values"]
 
 
 def saved_values(joint: JointGraph, plan: Plan) -> list[fx.Node]:
@@ -54,11 +55,87 @@ def empty_saved_tensors(joint: JointGraph) -> list[fx.Node]:
 def partition(joint: JointGraph, plan: Plan) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Forward and backward modules for ``plan``, compiled with the boxed calling convention."""
     fwd, bwd = compat.extract_fwd_bwd(joint.gm, saved_values(joint, plan), joint.num_fwd_outputs)
-    if plan.recomputed:
+    if plan.recomputed or plan.swapped:
+        # each recomputed node, and each view of a saved value (which the partition computes at
+        # the start of backward), just before its first use
         bwd = compat.reorder_backward(bwd)
         getitems_after_their_op(bwd)
     use_replays(bwd)  # random ops backward re-runs draw what forward drew
+    if plan.swapped:
+        insert_swaps(fwd, bwd, plan, joint.graph)
     return compat.use_boxed_calling_convention(fwd), compat.use_boxed_calling_convention(bwd)
+
+
+def _aliases_in(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
+    """``node`` and the nodes of ``gm`` that view its memory (view ops, and getitems of them)."""
+    out, stack = [node], [node]
+    while stack:
+        for u in stack.pop().users:
+            view = getattr(u.target, "is_view", False) or (
+                u.target is operator.getitem and u.args[0] in out)
+            if u.op == "call_function" and view and u not in out:
+                out.append(u)
+                stack.append(u)
+    return out
+
+
+def insert_swaps(fwd: fx.GraphModule, bwd: fx.GraphModule, plan: Plan,
+                 joint: fx.Graph | None = None) -> int:
+    """Keep ``plan.swapped`` activations in host memory between forward and backward.
+
+    Forward calls :func:`~lightning_ac.swapping.swap_out` after the last use of the activation
+    (or of a view of it) and saves the host tensor in its place, and
+    :func:`~lightning_ac.swapping.swap_release` before the node the plan says (the first forward
+    node at or after it in ``joint``'s order; the end of forward without ``joint``); backward calls
+    :func:`~lightning_ac.swapping.swap_in` before the node the plan says (or before the first
+    use, if reordering put that earlier) and :func:`~lightning_ac.swapping.swap_wait` just before
+    the first use. Nodes match across the joint, forward and backward graphs by name (the
+    partition keeps names). Returns how many activations it swapped.
+    """
+    from lightning_ac import swapping
+
+    fnodes = {n.name: n for n in fwd.graph.nodes}
+    bnodes = {n.name: n for n in bwd.graph.nodes}
+    f_out = fwd.graph.output_node()
+    j_pos = {n.name: i for i, n in enumerate(joint.nodes)} if joint is not None else {}
+    f_by_joint = sorted((j_pos[n.name], n) for n in fwd.graph.nodes
+                        if n.name in j_pos and n.op != "placeholder")
+    done = 0
+    for x in plan.swapped:
+        src, held = fnodes.get(x.name), bnodes.get(x.name)
+        if src is None or held is None or held.op != "placeholder" or not held.users \
+                or src not in f_out.all_input_nodes:
+            continue  # not saved as planned: nothing to swap
+        val = src.meta.get("val")
+        slot = swapping.new_slot()
+        f_pos = {n: i for i, n in enumerate(fwd.graph.nodes)}  # (grows with each swap)
+        last = max((u for a in _aliases_in(fwd, src) for u in a.users if u.op != "output"),
+                   key=f_pos.__getitem__, default=src)
+        with fwd.graph.inserting_after(last):
+            host = fwd.graph.call_function(swapping.swap_out, (src, slot))
+        host.meta["val"] = val
+        f_out.replace_input_with(src, host)
+        at = j_pos.get(getattr(plan.release_before.get(x), "name", None))
+        release = f_out if at is None else \
+            next((n for p, n in f_by_joint if p >= at and f_pos[n] > f_pos[last]), f_out)
+        with fwd.graph.inserting_before(release):
+            fwd.graph.call_function(swapping.swap_release, (src, slot))
+
+        b_pos = {n: i for i, n in enumerate(bwd.graph.nodes)}
+        first = min(held.users, key=b_pos.__getitem__)
+        before = bnodes.get(getattr(plan.prefetch_before.get(x), "name", None))
+        if before is None or before not in b_pos or b_pos[before] > b_pos[first]:
+            before = first
+        with bwd.graph.inserting_before(before):
+            back = bwd.graph.call_function(swapping.swap_in, (held, slot, str(val.device)))
+        with bwd.graph.inserting_before(first):
+            ready = bwd.graph.call_function(swapping.swap_wait, (back, slot))
+        back.meta["val"] = ready.meta["val"] = val
+        held.replace_all_uses_with(ready, delete_user_cb=lambda u, back=back: u is not back)
+        done += 1
+    fwd.recompile()
+    bwd.recompile()
+    return done
 
 
 def getitems_after_their_op(gm: fx.GraphModule) -> None:

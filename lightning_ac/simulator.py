@@ -10,9 +10,13 @@ the ranks between which it is live, plus the persistent bytes) and changes what 
   in backward (what ``reordering_to_mimic_autograd_engine`` does to the rewritten backward) and
   its output lives until its last consumer there. A node needed by several dropped activations
   runs once;
-* a kept value that a re-run node reads stays alive until that node has run.
+* a kept value that a re-run node reads stays alive until that node has run;
+* an activation that is *swapped* (μ-TWO's other tool, see :func:`swap_schedule`) is copied to
+  pinned host memory after its last forward use and back before backward needs it: its device
+  memory is free from the end of the first copy to the start of the second. Copies run on side
+  streams, one per direction, in order; a copy back that is late stalls the step.
 
-With nothing dropped it reproduces the profile's peak exactly.
+With nothing dropped or swapped it reproduces the profile's peak exactly.
 """
 
 from __future__ import annotations
@@ -25,7 +29,12 @@ import torch.fx as fx
 
 from lightning_ac.profiler import CATEGORIES, Profile, is_tensor_node
 
-__all__ = ["Simulation", "peak_breakdown", "recompute_closure", "simulate"]
+__all__ = ["SWAP_SLACK", "Simulation", "SwapSchedule", "peak_breakdown", "recompute_closure",
+           "simulate", "swap_schedule"]
+
+SWAP_SLACK = 1.25
+"""Copies are planned this many times longer than the measured bandwidth says: the bandwidth is
+measured on an idle device, and a late copy back stalls the step."""
 
 
 @dataclass
@@ -42,6 +51,28 @@ class Simulation:
     """Re-run node → rank of the backward node it runs just before."""
     during_B: np.ndarray | None = None
     """Bytes live at each point of the refined timeline (scratch space included)."""
+    swaps: SwapSchedule | None = None
+    """When the swapped activations move (None: nothing swapped)."""
+
+
+@dataclass
+class SwapSchedule:
+    """When each swapped activation moves between device and host, on the profile's timeline.
+
+    Copies to the host start after the activation's last forward use, in that order, one at a
+    time; copies back start as late as the one-at-a-time queue allows them to end by the time
+    backward needs the value ("as late as possible" keeps the memory free longest).
+    """
+
+    out_done_rank: dict[fx.Node, int]
+    """First rank that starts after the copy to the host has ended: the device memory is free
+    from there."""
+    prefetch_rank: dict[fx.Node, int]
+    """The backward rank before which the copy back is issued (its memory is allocated there)."""
+    need_rank: dict[fx.Node, int]
+    """The first rank that reads the value in backward (a use, or a re-run node that reads it)."""
+    stall_ms: float
+    """How late the latest copy back ends after its value is needed (0: all hidden)."""
 
 
 class _Index:
@@ -62,6 +93,22 @@ class _Index:
         self.runtime = dict(zip(profile.nodes["node"], profile.nodes["runtime_ms"]))
         self.workspace = profile.nodes["workspace_B"].to_numpy()
         self.n_nodes = len(profile.nodes)
+        # start time of each rank (and the end of the last) on the profiled timeline, in ms
+        self.start_ms = np.concatenate([[0.0], np.cumsum(profile.nodes["runtime_ms"].to_numpy())])
+        phases = profile.nodes["phase"].to_numpy()
+        backward = np.flatnonzero(phases == "backward")
+        self.backward_start = int(backward[0]) if len(backward) else self.n_nodes
+        acts = profile.activations
+        self.act_bytes = dict(zip(acts["node"], acts["bytes"].astype(int)))
+        self.last_fwd = dict(zip(acts["node"], acts["last_fwd_use_rank"].astype(int)))
+        self.first_bwd = dict(zip(acts["node"], acts["first_bwd_use_rank"].astype(int)))
+        # pinned-host copy bandwidth per direction (bytes/ms); the slower one where the profile
+        # has only that
+        gbps = profile.summary.get("host_device_bandwidth_GBps")
+        self.bandwidth_B_per_ms = {
+            d: float(profile.summary.get(f"{d}_GBps") or gbps) * 1e6 if gbps else None
+            for d in ("to_host", "to_device")}
+        self.can_swap = bool(gbps)
 
     def available(self, dropped_rows: set[int]):
         """Predicate: is a forward value there for backward without re-running anything?
@@ -128,6 +175,54 @@ def recompute_closure(profile: Profile, dropped: Iterable[fx.Node],
     return rerun, sources
 
 
+def swap_ms(profile: Profile, nbytes: int, direction: str = "to_host",
+            slack: float | None = None) -> float:
+    """Planned time of one copy of ``nbytes`` ``"to_host"`` or ``"to_device"`` (inf without a
+    measured bandwidth: on the CPU nothing is swapped)."""
+    bw = profile_index(profile).bandwidth_B_per_ms[direction]
+    return nbytes / bw * (SWAP_SLACK if slack is None else slack) if bw else float("inf")
+
+
+def swap_schedule(profile: Profile, swapped: Iterable[fx.Node],
+                  need_rank: dict[fx.Node, int] | None = None,
+                  slack: float | None = None) -> SwapSchedule:
+    """When the ``swapped`` activations move, and how long the step waits for them.
+
+    ``need_rank`` overrides the first backward rank that reads an activation (the simulator
+    passes the placement of re-run nodes that read it). Times are the profile's node runtimes;
+    each copy takes its bytes over the measured bandwidth of its direction, times ``slack``
+    (default :data:`SWAP_SLACK`).
+    """
+    ix = profile_index(profile)
+    t0 = ix.start_ms
+    swapped = list(swapped)
+    out_ms = {n: swap_ms(profile, ix.act_bytes[n], "to_host", slack) for n in swapped}
+    in_ms = {n: swap_ms(profile, ix.act_bytes[n], "to_device", slack) for n in swapped}
+    need = {n: ix.first_bwd[n] for n in swapped}
+    if need_rank:
+        need.update({n: r for n, r in need_rank.items() if n in need})
+
+    out_done, out_end_ms, free = {}, {}, 0.0
+    for n in sorted(swapped, key=ix.last_fwd.__getitem__):
+        begin = max(t0[ix.last_fwd[n] + 1], free)
+        free = out_end_ms[n] = begin + out_ms[n]
+        out_done[n] = int(np.searchsorted(t0, free, side="left"))
+
+    prefetch, latest = {}, np.inf
+    for n in sorted(swapped, key=lambda n: need[n], reverse=True):  # as late as possible
+        end = min(t0[need[n]], latest)
+        latest = end - in_ms[n]
+        prefetch[n] = int(min(max(np.searchsorted(t0, latest, side="right") - 1,
+                                  ix.backward_start), need[n]))
+
+    stall, free = 0.0, 0.0
+    for n in sorted(swapped, key=lambda n: (prefetch[n], need[n])):
+        free = max(t0[prefetch[n]], free, out_end_ms[n]) + in_ms[n]
+        stall = max(stall, free - t0[need[n]])
+    return SwapSchedule(out_done_rank=out_done, prefetch_rank=prefetch, need_rank=need,
+                        stall_ms=float(stall) if stall > 1e-6 else 0.0)  # (rounding)
+
+
 def _sweep(begin: np.ndarray, end: np.ndarray, nbytes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Bytes live at each event time, for allocations live over closed intervals [begin, end].
 
@@ -141,10 +236,11 @@ def _sweep(begin: np.ndarray, end: np.ndarray, nbytes: np.ndarray) -> tuple[np.n
     return np.cumsum(d[order]), t[order]
 
 
-def _timeline(profile: Profile, dropped: list[fx.Node]):
+def _timeline(profile: Profile, dropped: list[fx.Node], swapped: list[fx.Node] = ()):
     """Allocations of the iteration under a plan, on the refined timeline.
 
-    Returns (begin, end, bytes, category) arrays, the nodes re-run and their placement.
+    Returns (begin, end, bytes, category) arrays, the nodes re-run, their placement, and the
+    swap schedule (None when nothing is swapped).
     """
     ix = profile_index(profile)
     st = profile.storages
@@ -199,6 +295,25 @@ def _timeline(profile: Profile, dropped: list[fx.Node]):
             if row is not None and row not in rerun_rows and end[row] < where:
                 end[row] = where
 
+    # Swapped activations are on the host between the end of the copy out and the start of the
+    # copy back; backward needs one at its first use or at the first re-run node that reads it.
+    schedule = None
+    if swapped:
+        need = {}
+        for node in swapped:
+            aliases = st.at[ix.activation_row[node], "aliases"]
+            readers = [pos[u] for a in aliases for u in a.users if u in pos]
+            need[node] = int(np.floor(min([ix.first_bwd[node], *readers])))
+        schedule = swap_schedule(profile, swapped, need)
+        for node in swapped:
+            row = ix.activation_row[node]
+            out, back = schedule.out_done_rank[node], schedule.prefetch_rank[node]
+            if out < back:
+                extra_begin.append(back)
+                extra_end.append(end[row])
+                extra_bytes.append(nbytes[row])
+                end[row] = max(out, starts[row])
+
     # scratch space of each node counts as "other" while it runs
     ranks = np.arange(ix.n_nodes, dtype=np.float64)
     times = np.concatenate([begin, extra_begin, ranks])
@@ -206,32 +321,38 @@ def _timeline(profile: Profile, dropped: list[fx.Node]):
     amount = np.concatenate([nbytes, extra_bytes, ix.workspace]).astype(np.int64)
     cats = np.concatenate([category, ["activation"] * len(extra_bytes),
                            ["other"] * ix.n_nodes])
-    return times, until, amount, cats, rerun, placement
+    return times, until, amount, cats, rerun, placement, schedule
 
 
-def simulate(profile: Profile, dropped: Iterable[fx.Node] = ()) -> Simulation:
-    """Peak memory and added runtime of the iteration when ``dropped`` activations are recomputed.
+def simulate(profile: Profile, dropped: Iterable[fx.Node] = (),
+             swapped: Iterable[fx.Node] = ()) -> Simulation:
+    """Peak memory and added runtime of the iteration when ``dropped`` activations are recomputed
+    and ``swapped`` ones go to the host and back.
 
     Args:
         profile: the profiled iteration.
         dropped: nodes from ``profile.activations["node"]`` that are not saved for backward.
+        swapped: nodes from ``profile.activations["node"]`` that are saved on the host.
     """
     ix = profile_index(profile)
-    times, until, amount, _, rerun, placement = _timeline(profile, list(dropped))
+    times, until, amount, _, rerun, placement, swaps = _timeline(profile, list(dropped),
+                                                                 list(swapped))
     during, at = _sweep(times, until, amount)
     during = during + profile.persistent_B
     i = int(np.argmax(during))
     return Simulation(
         peak_B=int(during[i]), peak_rank=int(np.ceil(at[i])),
-        extra_ms=float(sum(ix.runtime.get(n, 0.0) for n in rerun)),
+        extra_ms=float(sum(ix.runtime.get(n, 0.0) for n in rerun))
+        + (swaps.stall_ms if swaps else 0.0),
         recomputed_nodes=sorted(rerun, key=ix.rank.__getitem__), placement=placement,
-        during_B=during,
+        during_B=during, swaps=swaps,
     )
 
 
-def peak_breakdown(profile: Profile, dropped: Iterable[fx.Node] = ()) -> dict[str, int]:
+def peak_breakdown(profile: Profile, dropped: Iterable[fx.Node] = (),
+                   swapped: Iterable[fx.Node] = ()) -> dict[str, int]:
     """Bytes per category live at the simulated peak under a plan (scratch space is "other")."""
-    times, until, amount, cats, _, _ = _timeline(profile, list(dropped))
+    times, until, amount, cats, _, _, _ = _timeline(profile, list(dropped), list(swapped))
     during, at = _sweep(times, until, amount)
     t = at[int(np.argmax(during))]
     live = (times <= t) & (until >= t)

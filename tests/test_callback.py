@@ -31,6 +31,8 @@ def test_bad_margin_and_warmup_are_rejected():
         MuTwoAC(warmup_steps=-1)
     with pytest.raises(MisconfigurationException, match="host_swap"):
         MuTwoAC(host_swap="sometimes")
+    with pytest.raises(MisconfigurationException, match="swap="):
+        MuTwoAC("1GB", swap="yes")
 
 
 def _trainer(tmp_path, cb=None, epochs=1, **kw):
@@ -70,7 +72,7 @@ def test_training_with_ac_matches_training_without(tmp_path, name):
     # metrics reach the logger under mutwo/
     metrics = pd.read_csv(next((tmp_path / "ac").rglob("metrics.csv")))
     for key in ("mutwo/step_time_ms", "mutwo/predicted_peak_B", "mutwo/recomputed_B",
-                "mutwo/recompute_overhead_ms", "mutwo/active"):
+                "mutwo/swapped_B", "mutwo/recompute_overhead_ms", "mutwo/active"):
         assert metrics[key].notna().sum() == 2, key  # once per epoch
     assert metrics["mutwo/active"].dropna().eq(1).all()
     # the planning step and one warm-up step after it are left out of the first epoch's figures

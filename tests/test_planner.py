@@ -1,11 +1,12 @@
 import copy
+from unittest import mock
 
 import pytest
 import torch
 
-from lightning_ac.planner import plan, rerun_by_op
+from lightning_ac.planner import plan, rerun_by_op, swappable
 from lightning_ac.profiler import is_random_op, profile_step
-from lightning_ac.simulator import peak_breakdown, recompute_closure, simulate
+from lightning_ac.simulator import peak_breakdown, profile_index, recompute_closure, simulate, swap_schedule
 from lightning_ac.zoo import make_workload
 
 
@@ -100,3 +101,73 @@ def test_nothing_that_draws_from_the_generator_is_rerun():
     states = [n for n in prof.joint.pinned if is_random_op(n)]
     assert len(states) == 7
     assert not any(is_random_op(n) for n in recompute_closure(prof, set(p.recomputed))[0])
+
+
+def _with_bandwidth(prof, gbps):
+    """A copy of ``prof`` as if profiled on a device with pinned-host copies at ``gbps`` GB/s."""
+    out = copy.copy(prof)
+    out.summary = {**prof.summary, "host_device_bandwidth_GBps": gbps}
+    out.__dict__.pop("_sim_index", None)  # the simulator's lookups read the bandwidth
+    return out
+
+
+@pytest.fixture
+def small_swaps():
+    """Let the tiny models' activations be swapped (they are all far below 1 MiB)."""
+    from lightning_ac import planner
+
+    with mock.patch.object(planner, "MIN_SWAP_B", 0):
+        yield
+
+
+def test_no_swaps_without_a_measured_bandwidth(profiled, small_swaps):
+    _, prof = profiled
+    floor = plan(prof, 1).predicted_peak_B
+    p = plan(prof, (floor + prof.peak_bytes) // 2)
+    assert not p.swapped and not p.prefetch_before and p.swapped_B == 0
+
+
+@pytest.mark.parametrize("name", ["cnn", "tiny-bert"])
+def test_swaps_that_hide_behind_compute_come_before_recomputation(name, small_swaps):
+    _, cpu = _profile(name)
+    floor = plan(cpu, 1).predicted_peak_B
+    budget = (floor + cpu.peak_bytes) // 2
+    fast = _with_bandwidth(cpu, 1e6)  # copies take no time: swapping is free
+    p = plan(fast, budget)
+    assert p.stop_reason == "fits" and p.swapped
+    assert p.predicted_extra_ms < plan(fast, budget, swap=False).predicted_extra_ms
+    assert set(p.swapped) <= set(p.kept) and set(p.swapped).isdisjoint(p.recomputed)
+    assert p.swapped_B == sum(int(b) for n, b in zip(fast.activations["node"],
+                                                     fast.activations["bytes"]) if n in p.swapped)
+    sim = simulate(fast, p.recomputed, p.swapped)
+    assert sim.peak_B == p.predicted_peak_B <= budget
+    assert sim.swaps.stall_ms == 0
+    # each copy back is issued in backward, before the value is needed
+    phase = dict(zip(fast.nodes["node"], fast.nodes["phase"]))
+    for n, before in p.prefetch_before.items():
+        assert phase[before] == "backward"
+        assert fast.rank[before] <= sim.swaps.need_rank[n]
+    # copies that cannot hide (a very slow link) are not taken
+    assert not plan(_with_bandwidth(cpu, 1e-9), budget).swapped
+
+
+def test_swap_schedule_queues_copies_and_reports_stalls(small_swaps):
+    _, cpu = _profile("tiny-bert")
+    acts = swappable(_with_bandwidth(cpu, 1e6))[:6]
+    fast = swap_schedule(_with_bandwidth(cpu, 1e6), acts)
+    last_fwd = dict(zip(cpu.activations["node"], cpu.activations["last_fwd_use_rank"]))
+    t0 = profile_index(_with_bandwidth(cpu, 1e6)).start_ms
+    for n in acts:  # instant copies: out right after the last forward use, back just in time
+        assert last_fwd[n] < fast.out_done_rank[n]
+        assert t0[fast.out_done_rank[n] - 1] - t0[last_fwd[n] + 1] < 1e-3  # (0 ms nodes between)
+        assert fast.prefetch_rank[n] <= fast.need_rank[n]
+        assert t0[fast.prefetch_rank[n] + 1] > t0[fast.need_rank[n]] - 1e-3  # one node ahead
+    assert fast.stall_ms == 0
+    slow_prof = _with_bandwidth(cpu, 1e-6)
+    slow = swap_schedule(slow_prof, acts)
+    assert slow.stall_ms > 0
+    # the simulator adds the stall to the step's extra time, and a swap that cannot finish
+    # its copy out before backward needs the value frees nothing
+    sim = simulate(slow_prof, (), acts)
+    assert sim.extra_ms == pytest.approx(slow.stall_ms)
+    assert sim.peak_B == slow_prof.peak_bytes
