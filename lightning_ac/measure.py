@@ -17,12 +17,13 @@ def peak_memory_B(device: torch.device | str | None = None) -> int:
     """The CUDA caching allocator's peak of *active* bytes since the last peak reset.
 
     Active bytes are the allocated blocks plus the freed ones whose memory still waits for work
-    on another stream (``record_stream``: a swapped activation until its copy to the host has
-    ended). ``torch.cuda.max_memory_allocated`` drops a block as soon as it is freed, so it
-    leaves out memory that cannot be handed out yet; without side streams the two are equal.
+    on another stream (a block used there through ``record_stream``).
+    ``torch.cuda.max_memory_allocated`` drops a block as soon as it is freed, so it leaves out
+    memory that cannot be handed out yet; without such blocks the two are equal. (The swap ops
+    free in stream order instead, see :mod:`lightning_ac.swapping`; this is what showed why.)
     """
-    return int(torch.cuda.memory_stats(device).get("active_bytes.all.peak",
-                                                   torch.cuda.max_memory_allocated(device)))
+    stats = torch.cuda.memory_stats(device)  # one call: it runs after every training step
+    return int(stats.get("active_bytes.all.peak", stats.get("allocated_bytes.all.peak", 0)))
 
 
 @dataclass

@@ -161,7 +161,8 @@ def _pick_swaps(profile: Profile, target: int, sim: Simulation) -> tuple[list[fx
             sim, freed = simulate(profile, (), swapped), 0
         if not taken:
             break
-        left = [n for n in left if n not in set(taken)]
+        taken_set = set(taken)
+        left = [n for n in left if n not in taken_set]
     return swapped, sim
 
 

@@ -709,8 +709,8 @@ def _assemble(joint: JointGraph, optimizer: OptimizerGraph | None, jp: GraphProf
     # Buffers may be written back in place after forward (BatchNorm's running statistics), so a
     # value rebuilt from one in backward would read the new value: such values are never dropped.
     mutable = {p for p, r in zip(joint.primals, joint.primal_roles) if r.kind == "buffer"}
-    activations = _activation_table(storages, phase, rank, runtime, nodes,
-                                    min(bandwidth.values()) if bandwidth else None, mutable)
+    slower = min(bandwidth.values()) if bandwidth else None
+    activations = _activation_table(storages, phase, rank, runtime, nodes, slower, mutable)
     peak_rank = int(nodes["peak_mem_B"].idxmax())
     phase_ms = nodes.groupby("phase")["runtime_ms"].sum()
     summary = {
@@ -728,8 +728,7 @@ def _assemble(joint: JointGraph, optimizer: OptimizerGraph | None, jp: GraphProf
         "runtime_ms": {p: round(float(phase_ms.get(p, 0.0)), 3) for p in PHASES},
         "sum_runtime_ms": round(float(nodes["runtime_ms"].sum()), 3),
         # the slower direction, and each direction (the swap schedule uses these)
-        "host_device_bandwidth_GBps": round(min(bandwidth.values()) / 1e6, 2) if bandwidth
-        else None,
+        "host_device_bandwidth_GBps": round(slower / 1e6, 2) if slower else None,
         **{f"{k}_GBps": round(v / 1e6, 2) for k, v in (bandwidth or {}).items()},
     }
     return Profile(nodes=nodes, activations=activations, memory=memory, summary=summary,

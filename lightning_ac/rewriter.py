@@ -79,14 +79,13 @@ def _aliases_in(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
     return out
 
 
-def insert_swaps(fwd: fx.GraphModule, bwd: fx.GraphModule, plan: Plan,
-                 joint: fx.Graph | None = None) -> int:
+def insert_swaps(fwd: fx.GraphModule, bwd: fx.GraphModule, plan: Plan, joint: fx.Graph) -> int:
     """Keep ``plan.swapped`` activations in host memory between forward and backward.
 
     Forward calls :func:`~lightning_ac.swapping.swap_out` after the last use of the activation
     (or of a view of it) and saves the host tensor in its place, and
     :func:`~lightning_ac.swapping.swap_release` before the node the plan says (the first forward
-    node at or after it in ``joint``'s order; the end of forward without ``joint``); backward calls
+    node at or after it in ``joint``'s order, the graph the plan was made on); backward calls
     :func:`~lightning_ac.swapping.swap_in` before the node the plan says (or before the first
     use, if reordering put that earlier) and :func:`~lightning_ac.swapping.swap_wait` just before
     the first use. Nodes match across the joint, forward and backward graphs by name (the
@@ -97,7 +96,7 @@ def insert_swaps(fwd: fx.GraphModule, bwd: fx.GraphModule, plan: Plan,
     fnodes = {n.name: n for n in fwd.graph.nodes}
     bnodes = {n.name: n for n in bwd.graph.nodes}
     f_out = fwd.graph.output_node()
-    j_pos = {n.name: i for i, n in enumerate(joint.nodes)} if joint is not None else {}
+    j_pos = {n.name: i for i, n in enumerate(joint.nodes)}
     f_by_joint = sorted((j_pos[n.name], n) for n in fwd.graph.nodes
                         if n.name in j_pos and n.op != "placeholder")
     done = 0
@@ -124,7 +123,7 @@ def insert_swaps(fwd: fx.GraphModule, bwd: fx.GraphModule, plan: Plan,
         b_pos = {n: i for i, n in enumerate(bwd.graph.nodes)}
         first = min(held.users, key=b_pos.__getitem__)
         before = bnodes.get(getattr(plan.prefetch_before.get(x), "name", None))
-        if before is None or before not in b_pos or b_pos[before] > b_pos[first]:
+        if before is None or b_pos[before] > b_pos[first]:
             before = first
         with bwd.graph.inserting_before(before):
             back = bwd.graph.call_function(swapping.swap_in, (held, slot, str(val.device)))

@@ -108,7 +108,11 @@ class _Index:
         self.bandwidth_B_per_ms = {
             d: float(profile.summary.get(f"{d}_GBps") or gbps) * 1e6 if gbps else None
             for d in ("to_host", "to_device")}
-        self.can_swap = bool(gbps)
+
+    @property
+    def can_swap(self) -> bool:
+        """Whether the profile measured the host link (CUDA profiles): swaps can be planned."""
+        return all(self.bandwidth_B_per_ms.values())
 
     def available(self, dropped_rows: set[int]):
         """Predicate: is a forward value there for backward without re-running anything?
