@@ -67,7 +67,9 @@ def test_rewritten_step_matches_the_unrewritten_step_and_eager(name, batch):
                     prof = profile_iteration(joint)
                 budget = None if label == "kept" else \
                     int(prof.persistent_B + 0.5 * (prof.peak_bytes - prof.persistent_B))
-                made["plan"] = plan(prof, budget)
+                # recompute only: at this budget BERT fits by swapping alone (swapping has
+                # its own test below)
+                made["plan"] = plan(prof, budget, swap=False)
                 return made["plan"]
 
             step = w.loss if label == "eager" else compile_with_plan(w.loss, w.model, make_plan)
