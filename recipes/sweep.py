@@ -44,16 +44,18 @@ def run_point(model: str, batch: int, ac: bool, extra: list[str], timeout: int) 
         row = {"batch_size": batch, "ac": ac, "wall_s": round(time.perf_counter() - t0, 1)}
         if proc.returncode == 0 and result.exists():
             row.update(json.loads(result.read_text()), status="ok")
-        elif "out of memory" in (proc.stderr + proc.stdout).lower():
-            row["status"] = "OOM"
-        else:
-            row["status"] = "error"
-            row["error"] = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
+            return row
+        lines = (proc.stdout + "\n" + proc.stderr).strip().splitlines()
+        oom = [ln for ln in lines if "out of memory" in ln.lower()]
+        row["status"] = "OOM" if oom else "error"
+        # what ran out (the allocation the allocator refused, or the node the profiler ran) or
+        # what failed: the CSV says why, not only that
+        row["error"] = (oom or lines or [""])[-1].strip()[:300]
         return row
 
 
 _COLUMNS = ["batch_size", "ac", "wall_s", "peak_B", "step_ms", "step_ms_mean", "state",
-            "samples_per_s", "budget_B", "predicted_peak_B", "device_limit_B", "status"]
+            "samples_per_s", "budget_B", "predicted_peak_B", "device_limit_B", "status", "error"]
 
 
 def table(rows: list[dict] | pd.DataFrame) -> pd.DataFrame:
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                   f"({row.get('wall_s', '-')} s){why}", flush=True)
             # after every point, so that a sweep cut short keeps what it measured
             df = table(rows)
-            df.drop(columns=[c for c in ("error",) if c in df]).to_csv(csv_path, index=False)
+            df.to_csv(csv_path, index=False)
     return _report(df, args.model, args.out)
 
 

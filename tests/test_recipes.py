@@ -57,6 +57,25 @@ def test_sweep_writes_csv_and_charts(tmp_path):
     assert (tmp_path / "bert_step_time.png").stat().st_size > 0
 
 
+def test_a_point_that_fails_says_why_in_the_csv(monkeypatch):
+    """A point that runs out of memory keeps the allocator's message (how much it asked for), and
+    one that fails otherwise its last line: the sweep records why, not only that."""
+    import subprocess
+
+    from recipes import sweep
+
+    said = {"oom": "Epoch 0: 0%|\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate "
+                   "1.50 GiB. GPU 0 has a total capacity of 79.18 GiB\n",
+            "error": "Traceback (most recent call last):\nValueError: bad batch\n"}
+    for kind, status, expect in (("oom", "OOM", "Tried to allocate 1.50 GiB"),
+                                 ("error", "error", "ValueError: bad batch")):
+        monkeypatch.setattr(subprocess, "run", lambda cmd, kind=kind, **kw: subprocess.
+                            CompletedProcess(cmd, 1, stdout="training\n", stderr=said[kind]))
+        row = sweep.run_point("bert", 128, True, [], timeout=5)
+        assert row["status"] == status and expect in row["error"], row
+        assert "error" in sweep.table([row]).columns
+
+
 def test_sweep_summary_reads_the_targets_off_the_points():
     import pandas as pd
 
