@@ -1,0 +1,179 @@
+"""Where does a swapping plan's time go? The rewritten step's GPU time split by CUDA stream.
+
+The planner times a swap as if copies and compute did not touch each other: a copy takes its
+bytes over the measured bandwidth, on its own stream, and costs the step nothing unless a copy
+back is late. This benchmark checks that on the device. For the plan at ``--budget`` with
+swapping and without it (recomputation only), it measures the step (median of ``--steps``, no
+profiler), then traces two steps under ``torch.profiler`` and reads the trace per stream:
+
+* the compute stream (the one with the most kernel time): busy time, and the idle gaps between
+  its kernels (a stream waiting in ``swap_release``/``swap_wait`` shows up as a gap);
+* the side streams: how many copies, their time, bytes and bandwidth;
+* kernels that ran while a copy was under way against the same kernels (by name) when none was.
+
+Writes ``<out>/<model>_stream_trace.json`` and prints one line per plan.
+
+    PYTHONPATH=. python benchmarks/stream_trace.py --model resnet152 --batch-size 128 \\
+        --budget 12GiB --out $OUT
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import workload_parser
+from lightning_ac import _torch_compat as compat
+from lightning_ac.callback import parse_budget
+from lightning_ac.measure import measure_steps, train_step
+from lightning_ac.planner import plan
+from lightning_ac.profiler import profile_joint
+from lightning_ac.rewriter import compile_with_plan
+from lightning_ac.zoo import make_workload
+
+GIB = 2**30
+GAP_US = 30.0
+"""Idle time between two compute-stream kernels counted as a gap (launches are a few µs apart)."""
+
+
+def summarize_trace(trace: dict, steps: int, gap_us: float = GAP_US) -> dict:
+    """Per-step figures from a Chrome trace (``torch.profiler``'s export) of ``steps`` steps.
+
+    Times in the trace are µs; the figures are ms per step. Kernel-beside-copy slowdowns compare
+    kernels of one name, which may have run on different shapes: read them as a pointer to where
+    copies and kernels meet, not as a measurement of one kernel.
+    """
+    events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
+    gpu = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    by_stream: dict = collections.defaultdict(list)
+    for e in gpu:
+        by_stream[e["args"].get("stream")].append(e)
+    if not by_stream:
+        raise ValueError("the trace has no GPU events")
+    compute = max(by_stream, key=lambda s: sum(e["dur"] for e in by_stream[s]
+                                               if e["cat"] == "kernel"))
+    work = sorted(by_stream[compute], key=lambda e: e["ts"])
+    gaps = [(b["ts"] - (a["ts"] + a["dur"]), a["name"][:60], b["name"][:60])
+            for a, b in zip(work, work[1:])]
+    gaps = sorted((g for g in gaps if g[0] > gap_us), reverse=True)
+
+    copies = sorted((e["ts"], e["ts"] + e["dur"]) for s, es in by_stream.items()
+                    if s != compute for e in es if e["cat"] == "gpu_memcpy")
+    starts = [c[0] for c in copies]
+    ends_so_far = []  # running max of copy ends: any copy started before t still running at t?
+    for _, end in copies:
+        ends_so_far.append(max(end, ends_so_far[-1]) if ends_so_far else end)
+
+    def beside_copy(e: dict) -> bool:
+        i = bisect.bisect_left(starts, e["ts"] + e["dur"])  # copies that start before it ends
+        return i > 0 and ends_so_far[i - 1] > e["ts"]
+
+    alone, beside = collections.defaultdict(list), collections.defaultdict(list)
+    for e in work:
+        if e["cat"] == "kernel":
+            (beside if beside_copy(e) else alone)[e["name"][:80]].append(e["dur"])
+    slower = []
+    for name, durs in beside.items():
+        if len(durs) >= 3 and len(alone.get(name, ())) >= 3:
+            excess = (statistics.mean(durs) - statistics.mean(alone[name])) * len(durs)
+            slower.append((excess / 1e3 / steps, name))
+    slower.sort(reverse=True)
+
+    side = {}
+    for s, es in by_stream.items():
+        cps = [e for e in es if e["cat"] == "gpu_memcpy"]
+        if s == compute or not cps:
+            continue
+        gbps = [e["args"].get("memory bandwidth (GB/s)", 0.0) for e in cps]
+        side[str(s)] = {"copies": len(cps) / steps,
+                        "ms": round(sum(e["dur"] for e in cps) / 1e3 / steps, 3),
+                        "GB": round(sum(e["args"].get("bytes", 0) for e in cps) / 1e9 / steps, 3),
+                        "GBps_min_median_max": [round(min(gbps), 1),
+                                                round(statistics.median(gbps), 1),
+                                                round(max(gbps), 1)]}
+    calls = collections.Counter(e["name"] for e in events if e.get("cat") == "cuda_runtime")
+    return {
+        "compute_stream": compute,
+        "span_ms": round((work[-1]["ts"] + work[-1]["dur"] - work[0]["ts"]) / 1e3 / steps, 3),
+        "compute_busy_ms": round(sum(e["dur"] for e in work) / 1e3 / steps, 3),
+        "gaps": len(gaps) / steps,
+        "gap_ms": round(sum(g[0] for g in gaps) / 1e3 / steps, 3),
+        "largest_gaps": [(round(g / 1e3, 3), a, b) for g, a, b in gaps[:10]],
+        "side_streams": side,
+        "beside_copy_excess_ms": round(sum(x for x, _ in slower if x > 0), 3),
+        "beside_copy_slowest": [(round(x, 3), n) for x, n in slower[:8]],
+        "stream_waits": calls.get("cudaStreamWaitEvent", 0) / steps,
+    }
+
+
+def run(model: str, batch: int, seq_len: int, budget_B: int, swap: bool, steps: int) -> dict:
+    """Plan, measure and trace one configuration (a freshly built model)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.compiler.reset()
+    torch.cuda.empty_cache()
+    w = make_workload(model, batch, device="cuda", seq_len=seq_len)
+    opt = torch.optim.Adam(w.model.parameters(), lr=1e-4)
+    made = {}
+
+    def make_plan(joint):
+        with compat.real_tensor_mode():
+            prof = profile_joint(joint, opt)
+        made["plan"], made["profile"] = plan(prof, budget_B, swap=swap), prof
+        return made["plan"]
+
+    fn = compile_with_plan(w.loss, w.model, make_plan)
+    m = measure_steps(fn, w.inputs, opt, steps=steps, warmup=3)
+    p, s = made["plan"], made["profile"].summary
+    traced = 2
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as pr:
+        for _ in range(traced):
+            train_step(fn, w.inputs, opt)
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        pr.export_chrome_trace(str(path))
+        trace = json.loads(path.read_text())
+    return {"swap": swap, "step_ms": round(m.step_ms, 2),
+            "step_ms_all": [round(t, 1) for t in m.step_ms_all],
+            "peak_GiB": round(m.peak_B / GIB, 3), "predicted_peak_GiB": round(p.predicted_peak_B / GIB, 3),
+            "predicted_extra_ms": round(p.predicted_extra_ms, 2), "swapped": len(p.swapped),
+            "swapped_GiB": round(p.swapped_B / GIB, 3), "recomputed": len(p.recomputed),
+            "profiled_GBps": {k: s.get(k) for k in ("to_host_GBps", "to_device_GBps")},
+            "traced": summarize_trace(trace, traced)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = workload_parser(__doc__, "resnet152", 128)
+    ap.add_argument("--budget", default="12GiB")
+    ap.add_argument("--steps", type=int, default=10, help="untraced steps measured per plan")
+    ap.add_argument("--swap", choices=["on", "off", "both"], default="both")
+    ap.add_argument("--out", type=Path, default=Path("reports/ac"))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("stream_trace.py traces CUDA streams: it needs a CUDA device")
+    rows = [run(args.model, args.batch_size, args.seq_len, parse_budget(args.budget), swap,
+                args.steps) for swap in {"on": [True], "off": [False], "both": [True, False]}[args.swap]]
+    for r in rows:
+        t = r["traced"]
+        print(f"[stream_trace {args.model}] swap={r['swap']}: {r['step_ms']} ms/step untraced; "
+              f"traced per step: compute busy {t['compute_busy_ms']} ms, {t['gaps']:.0f} gaps "
+              f"({t['gap_ms']} ms), kernels beside copies +{t['beside_copy_excess_ms']} ms",
+              flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"{args.model}_stream_trace.json"
+    result = {"model": args.model, "batch": args.batch_size, "budget": args.budget, "runs": rows}
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
