@@ -45,12 +45,16 @@ def run_point(model: str, batch: int, ac: bool, extra: list[str], timeout: int) 
         if proc.returncode == 0 and result.exists():
             row.update(json.loads(result.read_text()), status="ok")
             return row
-        lines = (proc.stdout + "\n" + proc.stderr).strip().splitlines()
+        lines = [ln.strip() for ln in (proc.stdout + "\n" + proc.stderr).splitlines() if ln.strip()]
         oom = [ln for ln in lines if "out of memory" in ln.lower()]
-        row["status"] = "OOM" if oom else "error"
-        # what ran out (the allocation the allocator refused, or the node the profiler ran) or
+        # MuTwoAC refusing the step (BudgetError) quotes the allocator's message when even the
+        # profile with every activation on the host ran out: that is an error, not an OOM
+        refused = [ln for ln in lines if "BudgetError" in ln]
+        row["status"] = "OOM" if oom and not refused else "error"
+        # what ran out (how much the allocator was asked for, or the node the profiler ran) or
         # what failed: the CSV says why, not only that
-        row["error"] = (oom or lines or [""])[-1].strip()[:300]
+        why = list(dict.fromkeys(refused[-1:] + oom[-1:])) or lines[-1:]
+        row["error"] = " | ".join(why)[:400]
         return row
 
 

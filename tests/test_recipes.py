@@ -58,17 +58,22 @@ def test_sweep_writes_csv_and_charts(tmp_path):
 
 
 def test_a_point_that_fails_says_why_in_the_csv(monkeypatch):
-    """A point that runs out of memory keeps the allocator's message (how much it asked for), and
-    one that fails otherwise its last line: the sweep records why, not only that."""
+    """A point that runs out of memory keeps the allocator's message (how much it asked for), one
+    that MuTwoAC refuses its BudgetError (which quotes the allocator), and one that fails
+    otherwise its last line: the sweep records why, not only that."""
     import subprocess
 
     from recipes import sweep
 
     said = {"oom": "Epoch 0: 0%|\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate "
                    "1.50 GiB. GPU 0 has a total capacity of 79.18 GiB\n",
-            "error": "Traceback (most recent call last):\nValueError: bad batch\n"}
+            "error": "Traceback (most recent call last):\nValueError: bad batch\n",
+            "refused": "lightning_ac.callback.BudgetError: MuTwoAC cannot run this step on the "
+                       "device even with every activation swapped to host memory\nCUDA out of "
+                       "memory. Tried to allocate 3.00 GiB.\n"}
     for kind, status, expect in (("oom", "OOM", "Tried to allocate 1.50 GiB"),
-                                 ("error", "error", "ValueError: bad batch")):
+                                 ("error", "error", "ValueError: bad batch"),
+                                 ("refused", "error", "BudgetError: MuTwoAC cannot run")):
         monkeypatch.setattr(subprocess, "run", lambda cmd, kind=kind, **kw: subprocess.
                             CompletedProcess(cmd, 1, stdout="training\n", stderr=said[kind]))
         row = sweep.run_point("bert", 128, True, [], timeout=5)
