@@ -218,6 +218,9 @@ class MuTwoAC(StepMonitor):
         MisconfigurationException: for an invalid ``budget`` or ``margin``.
         BudgetError: on the first step, if no plan reaches the budget; the message gives the
             smallest peak found and what it consists of.
+
+    Warns once, at the end of an epoch whose measured peak went over the budget (memory the
+    profile did not see), with the budget that would have kept it within.
     """
 
     def __init__(self, budget: int | str | None = None, *, margin: float = 0.05,
@@ -246,6 +249,7 @@ class MuTwoAC(StepMonitor):
         self._module: LightningModule | None = None
         self._planned_shapes: tuple | None = None
         self._planning_step = 0
+        self._over_budget_warned = False
 
     # -- installing the rewritten forward ------------------------------------------------------
 
@@ -417,6 +421,24 @@ class MuTwoAC(StepMonitor):
             })
         self.last_epoch = metrics
         pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False)
+        self._check_budget(metrics.get("mutwo/peak_memory_B"))
+
+    def _check_budget(self, peak_B: float | None) -> None:
+        """Warn once if a measured peak went over the budget: the plan is not corrected during
+        training, so the user has to lower the budget to get what was asked for."""
+        p = self.plan
+        if self._over_budget_warned or self.state != "active" or p is None or not peak_B \
+                or p.budget_B is None or peak_B <= p.budget_B:
+            return
+        self._over_budget_warned = True
+        over = int(peak_B) - p.budget_B
+        rank_zero_warn(
+            f"MuTwoAC: the measured peak {format_bytes(peak_B)} is over the budget of "
+            f"{format_bytes(p.budget_B)} by {format_bytes(over)} (planned "
+            f"{format_bytes(p.predicted_peak_B)}): the step uses memory the profile did not see. "
+            f"For a peak within the budget, pass one lower by that much: "
+            f"MuTwoAC(budget={p.budget_B - over})."
+        )
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

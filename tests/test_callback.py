@@ -1,4 +1,5 @@
 import copy
+import warnings
 
 import lightning.pytorch as L
 import pandas as pd
@@ -89,6 +90,26 @@ def test_ac_turns_itself_off_when_the_step_fits(tmp_path, caplog):
     assert cb.state == "off" and cb.plan.stop_reason == "already fits"
     said = [r.getMessage() for r in caplog.records if "already fits" in r.getMessage()]
     assert len(said) == 1  # said once, not every step
+
+
+def test_a_measured_peak_over_the_budget_is_warned_once(tmp_path):
+    """The plan is not corrected during training: a peak over the budget (memory the profile
+    did not see) is said once, with how much lower a budget would have kept it within."""
+    from types import SimpleNamespace
+
+    budget = int(0.85 * _baseline_peak(tmp_path, "cnn"))
+    cb = MuTwoAC(budget=budget)
+    _fit(tmp_path / "ac", "cnn", cb, steps=3)
+    assert cb.state == "active"  # (on the CPU no peak is measured: fit warned nothing)
+    logged = SimpleNamespace(log_dict=lambda *a, **kw: None)
+    cb._epoch_peak = budget  # at the budget: fine
+    cb.on_train_epoch_end(None, logged)
+    cb._epoch_peak = budget + 3 * 2**20
+    with pytest.warns(UserWarning, match=rf"over the budget .* by 3.00 MiB .*budget={budget - 3 * 2**20}\)"):
+        cb.on_train_epoch_end(None, logged)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cb.on_train_epoch_end(None, logged)  # said once
 
 
 def test_infeasible_budget_says_what_the_smallest_peak_is(tmp_path):
