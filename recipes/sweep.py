@@ -49,7 +49,7 @@ def run_point(model: str, batch: int, ac: bool, extra: list[str], timeout: int) 
         oom = [ln for ln in lines if "out of memory" in ln.lower()]
         # MuTwoAC refusing the step (BudgetError) quotes the allocator's message when even the
         # profile with every activation on the host ran out: that is an error, not an OOM
-        refused = [ln for ln in lines if "BudgetError" in ln]
+        refused = [ln for ln in lines if "BudgetError: " in ln]  # the message, not a source line
         row["status"] = "OOM" if oom and not refused else "error"
         # what ran out (how much the allocator was asked for, or the node the profiler ran) or
         # what failed: the CSV says why, not only that

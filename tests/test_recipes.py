@@ -65,10 +65,12 @@ def test_a_point_that_fails_says_why_in_the_csv(monkeypatch):
 
     from recipes import sweep
 
-    said = {"oom": "Epoch 0: 0%|\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate "
+    said = {"oom": "Epoch 0: 0%|\n    budget_error = unwrap_compile_error(exc, (BudgetError,))\n"
+                   "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate "
                    "1.50 GiB. GPU 0 has a total capacity of 79.18 GiB\n",
             "error": "Traceback (most recent call last):\nValueError: bad batch\n",
-            "refused": "lightning_ac.callback.BudgetError: MuTwoAC cannot run this step on the "
+            "refused": "    raise BudgetError(\n"  # the traceback's source line comes first
+                       "lightning_ac.callback.BudgetError: MuTwoAC cannot run this step on the "
                        "device even with every activation swapped to host memory\nCUDA out of "
                        "memory. Tried to allocate 3.00 GiB.\n"}
     for kind, status, expect in (("oom", "OOM", "Tried to allocate 1.50 GiB"),
@@ -78,6 +80,7 @@ def test_a_point_that_fails_says_why_in_the_csv(monkeypatch):
                             CompletedProcess(cmd, 1, stdout="training\n", stderr=said[kind]))
         row = sweep.run_point("bert", 128, True, [], timeout=5)
         assert row["status"] == status and expect in row["error"], row
+        assert "raise" not in row["error"]
         assert "error" in sweep.table([row]).columns
 
 
