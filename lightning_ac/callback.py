@@ -250,6 +250,7 @@ class MuTwoAC(StepMonitor):
         self._planned_shapes: tuple | None = None
         self._planning_step = 0
         self._over_budget_warned = False
+        self._unplanned_shape_warned = False
 
     # -- installing the rewritten forward ------------------------------------------------------
 
@@ -330,6 +331,7 @@ class MuTwoAC(StepMonitor):
                     torch.is_grad_enabled():
                 shapes = _shapes(args, kwargs)
                 if callback.state == "active" and shapes != callback._planned_shapes:
+                    callback._warn_unplanned_shape(shapes)
                     return original(*args, **kwargs)  # another shape (last batch): plain eager
                 try:
                     out = compiled(*args, **kwargs)
@@ -357,6 +359,19 @@ class MuTwoAC(StepMonitor):
         module.forward = forward
         self._module = module
         self.state = "planning"
+
+    def _warn_unplanned_shape(self, shapes: tuple) -> None:
+        """Say once that a batch of another shape than the planned one runs without AC: its peak
+        is not planned, and a batch only a little smaller than the planned one can still go
+        over the budget without checkpointing."""
+        if self._unplanned_shape_warned:
+            return
+        self._unplanned_shape_warned = True
+        rank_zero_warn(
+            f"MuTwoAC: a batch with inputs shaped {_describe(shapes)} runs without activation "
+            f"checkpointing: the step was planned for {_describe(self._planned_shapes)}. Its peak "
+            "memory is not planned and may go over the budget; to keep every step planned, give "
+            "every batch one shape (DataLoader(drop_last=True), padding to a fixed length).")
 
     def _out_of_memory_hint(self, device: torch.device) -> str:
         """What the plan expected, and what to try, for an out-of-memory error in its step."""
@@ -467,3 +482,15 @@ def _shapes(args, kwargs) -> tuple:
         return tuple(v.shape) if isinstance(v, torch.Tensor) else None
 
     return tuple(shape(a) for a in args) + tuple((k, shape(v)) for k, v in sorted(kwargs.items()))
+
+
+def _describe(shapes: tuple) -> str:
+    """The tensor shapes in a :func:`_shapes` key, for a message: "[8, 3, 32, 32], mask=[8, 64]"."""
+    parts = []
+    for s in shapes:
+        if s and isinstance(s[0], str):  # a keyword argument: (name, shape or None)
+            if s[1] is not None:
+                parts.append(f"{s[0]}={list(s[1])}")
+        elif s is not None:
+            parts.append(str(list(s)))
+    return ", ".join(parts)

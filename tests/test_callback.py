@@ -112,6 +112,24 @@ def test_a_measured_peak_over_the_budget_is_warned_once(tmp_path):
         cb.on_train_epoch_end(None, logged)  # said once
 
 
+def test_a_batch_of_another_shape_runs_without_ac_and_says_so_once(tmp_path):
+    """The last, smaller batch of an epoch runs the original forward: its peak is not planned,
+    so the callback says so (once, over two epochs), naming both shapes."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    budget = int(0.85 * _baseline_peak(tmp_path, "cnn"))
+    torch.manual_seed(0)
+    m = LitWorkload("cnn")
+    x, y = m.w.inputs  # batch 16
+    data = TensorDataset(torch.cat([x, x, x[:8]]), torch.cat([y, y, y[:8]]))
+    cb = MuTwoAC(budget=budget)
+    with pytest.warns(UserWarning, match=r"MuTwoAC: a batch with inputs shaped \[8, .*runs "
+                      r"without activation checkpointing: the step was planned for \[16, ") as rec:
+        _trainer(tmp_path, cb, epochs=2).fit(m, DataLoader(data, batch_size=16))
+    assert cb.state == "active" and len(m.losses) == 6
+    assert sum("runs without activation checkpointing" in str(w.message) for w in rec) == 1
+
+
 def test_infeasible_budget_says_what_the_smallest_peak_is(tmp_path):
     with pytest.raises(BudgetError, match=r"smallest peak .* \(parameter .*activation .*\)"):
         _fit(tmp_path, "cnn", MuTwoAC(budget=1000))
