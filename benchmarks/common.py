@@ -26,12 +26,13 @@ def workload_parser(doc: str | None, model: str, batch_size: int,
 
 
 def planned_step(workload, optimizer: torch.optim.Optimizer, budget: str | int | None = None,
-                 share: float = 0.5, made: dict | None = None) -> Callable:
+                 share: float = 0.5, made: dict | None = None, swap: bool = True) -> Callable:
     """``workload.loss`` compiled so that its first call captures, profiles and plans the step.
 
     The plan's budget is ``budget`` or, when that is None, ``share`` of the way from the plan's
     floor (everything recomputable dropped) to the un-checkpointed peak, so that something is
-    always recomputed. The plan and the profile land in ``made`` (keys ``plan``, ``profile``).
+    always recomputed; ``swap=False`` plans recomputation only. The plan and the profile land in
+    ``made`` (keys ``plan``, ``profile``).
     """
     made = {} if made is None else made
 
@@ -43,7 +44,7 @@ def planned_step(workload, optimizer: torch.optim.Optimizer, budget: str | int |
         else:
             floor = plan(prof, 1).predicted_peak_B
             target = int(floor + share * (prof.peak_bytes - floor))
-        made["plan"], made["profile"] = plan(prof, target), prof
+        made["plan"], made["profile"] = plan(prof, target, swap=swap), prof
         return made["plan"]
 
     return compile_with_plan(workload.loss, workload.model, make_plan)

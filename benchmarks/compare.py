@@ -45,7 +45,7 @@ from torch import nn
 from benchmarks.common import workload_parser
 from lightning_ac import _torch_compat as compat
 from lightning_ac.capture import unwrap_compile_error
-from lightning_ac.measure import measure_steps
+from lightning_ac.measure import measure_steps, train_step
 from lightning_ac.planner import plan
 from lightning_ac.profiler import profile_joint
 from lightning_ac.report import pyplot
@@ -220,9 +220,7 @@ def run_option(opt: Option, args, device: torch.device) -> dict:
             optimizer = torch.optim.Adam(w.model.parameters(), lr=1e-4)
             t0 = time.perf_counter()
             step = _autocast(opt.build(w, optimizer), device, args.precision)
-            optimizer.zero_grad(set_to_none=True)
-            step(*w.inputs).backward()
-            optimizer.step()
+            train_step(step, w.inputs, optimizer)
             if cuda:
                 torch.cuda.synchronize(device)
             row["first_step_s"] = round(time.perf_counter() - t0, 2)

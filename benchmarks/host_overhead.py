@@ -21,6 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks.common import workload_parser
 from lightning_ac import _torch_compat as compat
 from lightning_ac.callback import parse_budget
+from lightning_ac.measure import train_step
 from lightning_ac.planner import plan, rerun_by_op
 from lightning_ac.profiler import profile_joint
 from lightning_ac.rewriter import compile_with_plan
@@ -28,9 +29,7 @@ from lightning_ac.zoo import make_workload
 
 
 def _step(fn, inputs, opt, sync):
-    opt.zero_grad(set_to_none=True)
-    fn(*inputs).backward()
-    opt.step()
+    train_step(fn, inputs, opt)
     sync()
 
 

@@ -19,6 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import workload_parser
 from lightning_ac import _torch_compat as compat
+from lightning_ac.measure import train_step
 from lightning_ac.planner import plan
 from lightning_ac.profiler import profile_iteration
 from lightning_ac.rewriter import compile_with_plan
@@ -49,9 +50,7 @@ def kernel_table(fn, inputs, opt, steps: int) -> tuple[dict, float, float]:
     """GPU ms per step by kernel name, GPU busy ms per step, wall ms per step."""
 
     def step():
-        opt.zero_grad(set_to_none=True)
-        fn(*inputs).backward()
-        opt.step()
+        train_step(fn, inputs, opt)
 
     for _ in range(3):
         step()

@@ -28,13 +28,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import workload_parser
-from lightning_ac import _torch_compat as compat
+from benchmarks.common import planned_step, workload_parser
 from lightning_ac.callback import parse_budget
 from lightning_ac.measure import measure_steps, train_step
-from lightning_ac.planner import plan
-from lightning_ac.profiler import profile_joint
-from lightning_ac.rewriter import compile_with_plan
 from lightning_ac.zoo import make_workload
 
 GIB = 2**30
@@ -121,14 +117,7 @@ def run(model: str, batch: int, seq_len: int, budget_B: int, swap: bool, steps: 
     w = make_workload(model, batch, device="cuda", seq_len=seq_len)
     opt = torch.optim.Adam(w.model.parameters(), lr=1e-4)
     made = {}
-
-    def make_plan(joint):
-        with compat.real_tensor_mode():
-            prof = profile_joint(joint, opt)
-        made["plan"], made["profile"] = plan(prof, budget_B, swap=swap), prof
-        return made["plan"]
-
-    fn = compile_with_plan(w.loss, w.model, make_plan)
+    fn = planned_step(w, opt, budget_B, made=made, swap=swap)
     m = measure_steps(fn, w.inputs, opt, steps=steps, warmup=3)
     p, s = made["plan"], made["profile"].summary
     traced = 2

@@ -138,11 +138,11 @@ def _spot_check(prof, w, opt, device) -> list[dict]:
     """Per-op total runtime in our profile vs torch.profiler over one eager step."""
     from torch.profiler import ProfilerActivity, profile
 
+    from lightning_ac.measure import train_step
+
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as p:
-        opt.zero_grad(set_to_none=True)
-        w.loss(*w.inputs).backward()
-        opt.step()
+        train_step(w.loss, w.inputs, opt)
         if device.type == "cuda":
             torch.cuda.synchronize()
     opt.zero_grad(set_to_none=True)

@@ -247,8 +247,10 @@ def _greedy(profile: Profile, budget_B: int, target: int, baseline: Simulation,
     # Activations far smaller than the largest ones (BatchNorm's per-channel statistics) free
     # nothing that matters, and dropping them drags whole ops back into backward.
     floor = acts["bytes"].max() * _MIN_SHARE if len(acts) else 0
-    for n, ok in zip(acts["node"], acts["recomputable"]):
-        if ok and size[n] > floor and sim.peak_B > target:
+    # (if the swaps alone met the target, there is nothing to recompute)
+    candidates = zip(acts["node"], acts["recomputable"]) if sim.peak_B > target else ()
+    for n, ok in candidates:
+        if ok and size[n] > floor:
             srcs, chain = recompute_chain(creator(n), available)
             set_chain(n, frozenset(chain), frozenset(srcs))
     last_fwd = dict(zip(acts["node"], acts["last_fwd_use_rank"]))
