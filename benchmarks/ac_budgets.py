@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import workload_parser
+from benchmarks.common import SWAP_MODES, workload_parser
 from lightning_ac import _torch_compat as compat
 from lightning_ac.callback import parse_budget
 from lightning_ac.measure import measure_steps
@@ -77,10 +77,8 @@ def run_config(model: str, batch: int, seq_len: int, budget: int | None, steps: 
            "peak_GiB": round(m.peak_B / GIB, 3), "step_ms": round(m.step_ms, 2),
            "total_s": round(time.perf_counter() - t0, 1)}
     if rewrite:
-        row["cold_l2"] = cold_l2
-    if rewrite:
         p = info["plan"]
-        row.update(predicted_peak_GiB=round(p.predicted_peak_B / GIB, 3),
+        row.update(cold_l2=cold_l2, predicted_peak_GiB=round(p.predicted_peak_B / GIB, 3),
                    predicted_extra_ms=round(p.predicted_extra_ms, 2),
                    recomputed=len(p.recomputed), recomputed_GiB=round(p.recomputed_B / GIB, 3),
                    swapped=len(p.swapped), swapped_GiB=round(p.swapped_B / GIB, 3),
@@ -98,7 +96,7 @@ def main() -> None:
     ap.add_argument("--budgets", nargs="*", default=[])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", type=Path, default=Path("reports/ac"))
-    ap.add_argument("--swap", choices=["on", "off", "both"], default="on",
+    ap.add_argument("--swap", choices=list(SWAP_MODES), default="on",
                     help="let the planner swap activations to host memory (both: one run each)")
     ap.add_argument("--cold-l2", action="store_true",
                     help="profile with the L2 cache evicted before each timed node run")
@@ -106,7 +104,7 @@ def main() -> None:
     rows = [run_config(args.model, args.batch_size, args.seq_len, None, args.steps, False),
             run_config(args.model, args.batch_size, args.seq_len, None, args.steps, True,
                        args.cold_l2)]
-    swaps = {"on": [True], "off": [False], "both": [True, False]}[args.swap]
+    swaps = SWAP_MODES[args.swap]
     for b in args.budgets:
         for swap in swaps:
             rows.append(run_config(args.model, args.batch_size, args.seq_len, parse_budget(b),

@@ -13,6 +13,9 @@ from lightning_ac.planner import plan
 from lightning_ac.profiler import profile_joint
 from lightning_ac.rewriter import compile_with_plan
 
+SWAP_MODES = {"on": [True], "off": [False], "both": [True, False]}
+"""A benchmark's ``--swap`` choice → the planner's ``swap`` settings to run, in order."""
+
 
 def workload_parser(doc: str | None, model: str, batch_size: int,
                     formatter=argparse.RawDescriptionHelpFormatter) -> argparse.ArgumentParser:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import planned_step, workload_parser
+from benchmarks.common import SWAP_MODES, planned_step, workload_parser
 from lightning_ac.callback import parse_budget
 from lightning_ac.measure import measure_steps, train_step
 from lightning_ac.zoo import make_workload
@@ -143,13 +143,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap = workload_parser(__doc__, "resnet152", 128)
     ap.add_argument("--budget", default="12GiB")
     ap.add_argument("--steps", type=int, default=10, help="untraced steps measured per plan")
-    ap.add_argument("--swap", choices=["on", "off", "both"], default="both")
+    ap.add_argument("--swap", choices=list(SWAP_MODES), default="both")
     ap.add_argument("--out", type=Path, default=Path("reports/ac"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("stream_trace.py traces CUDA streams: it needs a CUDA device")
     rows = [run(args.model, args.batch_size, args.seq_len, parse_budget(args.budget), swap,
-                args.steps) for swap in {"on": [True], "off": [False], "both": [True, False]}[args.swap]]
+                args.steps) for swap in SWAP_MODES[args.swap]]
     for r in rows:
         t = r["traced"]
         print(f"[stream_trace {args.model}] swap={r['swap']}: {r['step_ms']} ms/step untraced; "
