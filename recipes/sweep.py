@@ -27,6 +27,10 @@ import pandas as pd
 _GIB = 2**30
 
 
+def _text(output: bytes | str | None) -> str:
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
+
+
 def run_point(model: str, batch: int, ac: bool, extra: list[str], timeout: int) -> dict:
     """One recipe run in a fresh process; status is ok, OOM or error."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -39,8 +43,12 @@ def run_point(model: str, batch: int, ac: bool, extra: list[str], timeout: int) 
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        except subprocess.TimeoutExpired:
-            return {"batch_size": batch, "ac": ac, "status": "timeout"}
+        except subprocess.TimeoutExpired as exc:  # say how far it got: planning, or training
+            said = "\n".join(_text(o) for o in (exc.stdout, exc.stderr))
+            last = [ln.strip() for ln in said.splitlines() if ln.strip()][-1:]
+            return {"batch_size": batch, "ac": ac, "wall_s": timeout, "status": "timeout",
+                    "error": f"no result after {timeout} s" + (f"; last output: {last[0][:300]}"
+                                                               if last else "")}
         row = {"batch_size": batch, "ac": ac, "wall_s": round(time.perf_counter() - t0, 1)}
         if proc.returncode == 0 and result.exists():
             row.update(json.loads(result.read_text()), status="ok")
@@ -159,7 +167,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--model", choices=["resnet152", "bert"], default="resnet152")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     ap.add_argument("--device-memory", default=None, help='emulated card, e.g. "16GB"')
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=30,
+                    help="training steps per point (the median leaves out the first, planning "
+                         "steps); 10 left the host-bound ResNet-152 points (b16 to b64) noisy")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per point")
     ap.add_argument("--out", type=Path, default=Path("reports"))
     ap.add_argument("--from-csv", type=Path, nargs="+", default=None,

@@ -84,6 +84,21 @@ def test_a_point_that_fails_says_why_in_the_csv(monkeypatch):
         assert "error" in sweep.table([row]).columns
 
 
+def test_sweep_point_that_times_out_says_how_far_it_got(monkeypatch):
+    import subprocess
+
+    from recipes import sweep
+
+    def slow(cmd, timeout, **kw):  # what run() raises: the output read so far, as bytes
+        raise subprocess.TimeoutExpired(cmd, timeout, output=b"[MuTwoAC] profiling with swap\n",
+                                        stderr=None)
+
+    monkeypatch.setattr(subprocess, "run", slow)
+    row = sweep.run_point("resnet152", 256, True, [], timeout=7)
+    assert row["status"] == "timeout" and row["wall_s"] == 7
+    assert row["error"] == "no result after 7 s; last output: [MuTwoAC] profiling with swap"
+
+
 def test_sweep_summary_reads_the_targets_off_the_points():
     import pandas as pd
 
