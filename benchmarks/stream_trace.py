@@ -7,7 +7,10 @@ swapping and without it (recomputation only), it measures the step (median of ``
 profiler), then traces two steps under ``torch.profiler`` and reads the trace per stream:
 
 * the compute stream (the one with the most kernel time): busy time, and the idle gaps between
-  its kernels (a stream waiting in ``swap_release``/``swap_wait`` shows up as a gap);
+  its kernels, split by cause through each kernel's launch (the runtime call with the same
+  correlation id): *host late* if the kernel after the gap was launched only after the one
+  before it had ended (the host, not the GPU, set the pace), else *waiting* (the kernel was
+  queued and the stream held it back: a ``swap_release``/``swap_wait`` on a copy);
 * the side streams: how many copies, their time, bytes and bandwidth;
 * kernels that ran while a copy was under way against the same kernels (by name) when none was.
 
@@ -55,9 +58,20 @@ def summarize_trace(trace: dict, steps: int, gap_us: float = GAP_US) -> dict:
     compute = max(by_stream, key=lambda s: sum(e["dur"] for e in by_stream[s]
                                                if e["cat"] == "kernel"))
     work = sorted(by_stream[compute], key=lambda e: e["ts"])
-    gaps = [(b["ts"] - (a["ts"] + a["dur"]), a["name"][:60], b["name"][:60])
-            for a, b in zip(work, work[1:])]
-    gaps = sorted((g for g in gaps if g[0] > gap_us), reverse=True)
+    # when each launch call returned (cuDNN and cuBLAS kernels go through the driver API)
+    launched = {e["args"]["correlation"]: e["ts"] + e["dur"] for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver")
+                and "correlation" in e.get("args", {})}
+    gaps, host_late = [], []  # host_late: (gap, the part of it before the host launched b)
+    for a, b in zip(work, work[1:]):
+        idle = b["ts"] - (a["ts"] + a["dur"])
+        if idle <= gap_us:
+            continue
+        gaps.append((idle, a["name"][:60], b["name"][:60]))
+        launch_end = launched.get(b["args"].get("correlation"))
+        if launch_end is not None:
+            host_late.append((idle, min(max(launch_end - (a["ts"] + a["dur"]), 0.0), idle)))
+    gaps.sort(reverse=True)
 
     copies = sorted((e["ts"], e["ts"] + e["dur"]) for s, es in by_stream.items()
                     if s != compute for e in es if e["cat"] == "gpu_memcpy")
@@ -100,6 +114,9 @@ def summarize_trace(trace: dict, steps: int, gap_us: float = GAP_US) -> dict:
         "compute_busy_ms": round(sum(e["dur"] for e in work) / 1e3 / steps, 3),
         "gaps": len(gaps) / steps,
         "gap_ms": round(sum(g[0] for g in gaps) / 1e3 / steps, 3),
+        # gaps that were mostly the host's, and the host's share of all gap time
+        "gaps_host_late": sum(late >= idle / 2 for idle, late in host_late) / steps,
+        "gap_ms_host_late": round(sum(late for _, late in host_late) / 1e3 / steps, 3),
         "largest_gaps": [(round(g / 1e3, 3), a, b) for g, a, b in gaps[:10]],
         "side_streams": side,
         "beside_copy_excess_ms": round(sum(x for x, _ in slower if x > 0), 3),
@@ -154,7 +171,9 @@ def main(argv: list[str] | None = None) -> dict:
         t = r["traced"]
         print(f"[stream_trace {args.model}] swap={r['swap']}: {r['step_ms']} ms/step untraced; "
               f"traced per step: compute busy {t['compute_busy_ms']} ms, {t['gaps']:.0f} gaps "
-              f"({t['gap_ms']} ms), kernels beside copies +{t['beside_copy_excess_ms']} ms",
+              f"({t['gap_ms']} ms; host late in {t['gaps_host_late']:.0f}, "
+              f"{t['gap_ms_host_late']} ms), kernels beside copies "
+              f"+{t['beside_copy_excess_ms']} ms",
               flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"{args.model}_stream_trace.json"

@@ -33,6 +33,22 @@ def test_gaps_copies_and_kernels_beside_copies_are_read_per_stream():
     assert s["stream_waits"] == 2
 
 
+def test_a_gap_is_host_late_when_the_next_kernel_was_launched_after_the_gpu_went_idle():
+    def launched(k, corr, at):  # kernel k, launched by a runtime call ending at ``at``
+        k["args"]["correlation"] = corr
+        return [k, {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": at - 5,
+                    "dur": 5, "args": {"correlation": corr}}]
+
+    events = (launched(_kernel(0, 10), 1, 0)
+              + launched(_kernel(60, 10), 2, 60)      # launched at 60: the GPU idled from 10
+              + launched(_kernel(200, 10), 3, 65)     # queued at 65, held back until 200
+              + launched(_kernel(215, 10), 4, 90)     # 5 µs after the last: no gap
+              + launched(_kernel(300, 10), 5, 260))   # idle 75 µs: 35 the host's, 40 waiting
+    s = summarize_trace({"traceEvents": events}, steps=1)
+    assert s["gaps"] == 3 and s["gap_ms"] == pytest.approx((50 + 130 + 75) / 1e3)
+    assert s["gaps_host_late"] == 1 and s["gap_ms_host_late"] == pytest.approx((50 + 35) / 1e3, abs=1e-3)
+
+
 def test_a_trace_without_gpu_events_is_an_error():
     with pytest.raises(ValueError, match="no GPU events"):
         summarize_trace({"traceEvents": [{"ph": "X", "cat": "cpu_op", "name": "x", "ts": 0,
