@@ -179,29 +179,26 @@ def recompute_closure(profile: Profile, dropped: Iterable[fx.Node],
     return rerun, sources
 
 
-def swap_ms(profile: Profile, nbytes: int, direction: str = "to_host",
-            slack: float | None = None) -> float:
-    """Planned time of one copy of ``nbytes`` ``"to_host"`` or ``"to_device"`` (inf without a
-    measured bandwidth: on the CPU nothing is swapped)."""
+def swap_ms(profile: Profile, nbytes: int, direction: str = "to_host") -> float:
+    """Planned time of one copy of ``nbytes`` ``"to_host"`` or ``"to_device"``, with
+    :data:`SWAP_SLACK` (inf without a measured bandwidth: on the CPU nothing is swapped)."""
     bw = profile_index(profile).bandwidth_B_per_ms[direction]
-    return nbytes / bw * (SWAP_SLACK if slack is None else slack) if bw else float("inf")
+    return nbytes / bw * SWAP_SLACK if bw else float("inf")
 
 
 def swap_schedule(profile: Profile, swapped: Iterable[fx.Node],
-                  need_rank: dict[fx.Node, int] | None = None,
-                  slack: float | None = None) -> SwapSchedule:
+                  need_rank: dict[fx.Node, int] | None = None) -> SwapSchedule:
     """When the ``swapped`` activations move, and how long the step waits for them.
 
     ``need_rank`` overrides the first backward rank that reads an activation (the simulator
     passes the placement of re-run nodes that read it). Times are the profile's node runtimes;
-    each copy takes its bytes over the measured bandwidth of its direction, times ``slack``
-    (default :data:`SWAP_SLACK`).
+    each copy takes :func:`swap_ms`.
     """
     ix = profile_index(profile)
     t0 = ix.start_ms
     swapped = list(swapped)
-    out_ms = {n: swap_ms(profile, ix.act_bytes[n], "to_host", slack) for n in swapped}
-    in_ms = {n: swap_ms(profile, ix.act_bytes[n], "to_device", slack) for n in swapped}
+    out_ms = {n: swap_ms(profile, ix.act_bytes[n], "to_host") for n in swapped}
+    in_ms = {n: swap_ms(profile, ix.act_bytes[n], "to_device") for n in swapped}
     need = {n: ix.first_bwd[n] for n in swapped}
     if need_rank:
         need.update({n: r for n, r in need_rank.items() if n in need})

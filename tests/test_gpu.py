@@ -162,7 +162,11 @@ def test_swapped_activations_wait_in_pinned_host_memory_and_change_nothing():
         torch.use_deterministic_algorithms(False)
 
 
-@pytest.mark.parametrize("name,batch,budget", [("resnet152", 32, "3.5GiB"), ("bert", 16, "6GiB")])
+BUDGET_CASES = [("resnet152", 32, "3.5GiB"), ("bert", 16, "6GiB")]
+"""Model, batch and budget of the tests that train under a budget (ac_budgets and a recipe)."""
+
+
+@pytest.mark.parametrize("name,batch,budget", BUDGET_CASES)
 def test_measured_peak_stays_under_the_budget(tmp_path, name, batch, budget):
     """In a fresh process (nothing else allocated), as benchmarks/ac_budgets.py measures it."""
     import csv
@@ -181,7 +185,7 @@ def test_measured_peak_stays_under_the_budget(tmp_path, name, batch, budget):
     assert abs(float(ac["peak_vs_predicted"]) - 1) <= 0.05
 
 
-@pytest.mark.parametrize("name,batch,budget", [("resnet152", 32, "3.5GiB"), ("bert", 16, "6GiB")])
+@pytest.mark.parametrize("name,batch,budget", BUDGET_CASES)
 def test_recipe_under_lightning_stays_under_the_budget(tmp_path, name, batch, budget):
     """The same through Trainer.fit, whose loop keeps last step's gradients through forward."""
     import json
