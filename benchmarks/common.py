@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import gc
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -12,6 +15,9 @@ from lightning_ac.callback import parse_budget
 from lightning_ac.planner import plan
 from lightning_ac.profiler import profile_joint
 from lightning_ac.rewriter import compile_with_plan
+
+PRECISIONS = ("32-true", "bf16-mixed")
+"""Lightning's names for the precisions the benchmarks run."""
 
 SWAP_MODES = {"on": [True], "off": [False], "both": [True, False]}
 """A benchmark's ``--swap`` choice → the planner's ``swap`` settings to run, in order."""
@@ -51,3 +57,42 @@ def planned_step(workload, optimizer: torch.optim.Optimizer, budget: str | int |
         return made["plan"]
 
     return compile_with_plan(workload.loss, workload.model, make_plan)
+
+
+def with_precision(fn: Callable, device: torch.device, precision: str) -> Callable:
+    """``fn`` run under ``precision`` (one of :data:`PRECISIONS`): bf16 autocast for
+    ``bf16-mixed``, as Lightning's ``precision="bf16-mixed"`` does."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {PRECISIONS}")
+    if precision == "32-true":
+        return fn
+
+    def step(*inputs):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return fn(*inputs)
+
+    return step
+
+
+@contextmanager
+def gc_pauses() -> Iterator[dict]:
+    """Count Python's garbage collections inside the block and time them, by generation:
+    ``{"collections": [gen0, gen1, gen2], "ms": [...]}`` (filled when the block ends). A
+    collection holds the host up; on a step whose host side has little lead, the GPU waits."""
+    stats = {"collections": [0, 0, 0], "ms": [0.0, 0.0, 0.0]}
+    started: list[float] = []
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            gen = info["generation"]
+            stats["collections"][gen] += 1
+            stats["ms"][gen] += (time.perf_counter() - started.pop()) * 1e3
+
+    gc.callbacks.append(callback)
+    try:
+        yield stats
+    finally:
+        gc.callbacks.remove(callback)
+        stats["ms"] = [round(x, 2) for x in stats["ms"]]

@@ -42,7 +42,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from benchmarks.common import workload_parser
+from benchmarks.common import PRECISIONS, with_precision, workload_parser
 from lightning_ac import _torch_compat as compat
 from lightning_ac.capture import unwrap_compile_error
 from lightning_ac.measure import measure_steps, train_step
@@ -173,17 +173,6 @@ def options(model: str, families: set[str]) -> list[Option]:
     return [o for o in out if o.family in families]
 
 
-def _autocast(fn: Callable, device: torch.device, precision: str) -> Callable:
-    if precision == "32-true":
-        return fn
-
-    def step(*inputs):
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            return fn(*inputs)
-
-    return step
-
-
 @contextlib.contextmanager
 def _time_limit(seconds: int) -> Iterator[None]:
     """Raise TimeoutError after ``seconds`` (main thread, POSIX); a solver may run for ages."""
@@ -219,7 +208,7 @@ def run_option(opt: Option, args, device: torch.device) -> dict:
             w = make_workload(args.model, args.batch_size, device=device, seq_len=args.seq_len)
             optimizer = torch.optim.Adam(w.model.parameters(), lr=1e-4)
             t0 = time.perf_counter()
-            step = _autocast(opt.build(w, optimizer), device, args.precision)
+            step = with_precision(opt.build(w, optimizer), device, args.precision)
             train_step(step, w.inputs, optimizer)
             if cuda:
                 torch.cuda.synchronize(device)
@@ -352,7 +341,7 @@ def write_rows(rows: list[dict], out: Path, model: str, precision: str) -> Path:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = workload_parser(__doc__, "resnet152", 128, formatter=argparse.RawTextHelpFormatter)
-    ap.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
+    ap.add_argument("--precision", default="32-true", choices=PRECISIONS)
     ap.add_argument("--steps", type=int, default=5, help="measured steps per option")
     ap.add_argument("--options", nargs="*", default=list(FAMILIES), choices=FAMILIES)
     ap.add_argument("--mutwo-budgets", nargs="*", default=None,

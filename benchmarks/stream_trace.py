@@ -14,7 +14,9 @@ profiler), then traces two steps under ``torch.profiler`` and reads the trace pe
 * the side streams: how many copies, their time, bytes and bandwidth;
 * kernels that ran while a copy was under way against the same kernels (by name) when none was.
 
-Writes ``<out>/<model>_stream_trace.json`` and prints one line per plan.
+``--baseline`` traces the eager step and the rewritten step with nothing dropped first, in the
+same process, so that the plans' compute-stream time can be read against theirs.
+Writes ``<out>/<model>_stream_trace.json`` and prints one line per configuration.
 
     PYTHONPATH=. python benchmarks/stream_trace.py --model resnet152 --batch-size 128 \\
         --budget 12GiB --out $OUT
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import SWAP_MODES, planned_step, workload_parser
+from benchmarks.common import PRECISIONS, SWAP_MODES, gc_pauses, planned_step, with_precision, workload_parser
 from lightning_ac.callback import parse_budget
 from lightning_ac.measure import measure_steps, train_step
 from lightning_ac.zoo import make_workload
@@ -39,6 +41,8 @@ from lightning_ac.zoo import make_workload
 GIB = 2**30
 GAP_US = 30.0
 """Idle time between two compute-stream kernels counted as a gap (launches are a few µs apart)."""
+TOP_KERNELS = 40
+"""Kernel names listed with their compute-stream time per step (the most time first)."""
 
 
 def summarize_trace(trace: dict, steps: int, gap_us: float = GAP_US) -> dict:
@@ -108,6 +112,17 @@ def summarize_trace(trace: dict, steps: int, gap_us: float = GAP_US) -> dict:
                                                 round(statistics.median(gbps), 1),
                                                 round(max(gbps), 1)]}
     calls = collections.Counter(e["name"] for e in events if e.get("cat") == "cuda_runtime")
+    api_ms: dict = collections.defaultdict(float)  # the host's CUDA calls: total time by name
+    for e in events:
+        if e.get("cat") in ("cuda_runtime", "cuda_driver"):
+            api_ms[e["name"]] += e["dur"] / 1e3 / steps
+    host = sorted((e for e in events if e.get("cat") in ("cpu_op", "cuda_runtime", "cuda_driver",
+                                                          "python_function")),
+                  key=lambda e: -e["dur"])[:8]
+    by_name: dict = collections.defaultdict(lambda: [0.0, 0])  # compute stream: µs, count
+    for e in work:
+        by_name[e["name"][:90]][0] += e["dur"]
+        by_name[e["name"][:90]][1] += 1
     return {
         "compute_stream": compute,
         "span_ms": round((work[-1]["ts"] + work[-1]["dur"] - work[0]["ts"]) / 1e3 / steps, 3),
@@ -122,11 +137,23 @@ def summarize_trace(trace: dict, steps: int, gap_us: float = GAP_US) -> dict:
         "beside_copy_excess_ms": round(sum(x for x, _ in slower if x > 0), 3),
         "beside_copy_slowest": [(round(x, 3), n) for x, n in slower[:8]],
         "stream_waits": calls.get("cudaStreamWaitEvent", 0) / steps,
+        "host_api_ms": [(round(ms, 3), name) for name, ms
+                        in sorted(api_ms.items(), key=lambda kv: -kv[1])[:8]],
+        "longest_host_events": [(round(e["dur"] / 1e3, 3), e["name"][:80]) for e in host],
+        # where the compute stream's time goes, to diff one configuration against another
+        "busy_by_kernel": [(round(us / 1e3 / steps, 3), n / steps, name) for name, (us, n)
+                           in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:TOP_KERNELS]],
     }
 
 
-def run(model: str, batch: int, seq_len: int, budget_B: int, swap: bool, steps: int) -> dict:
-    """Plan, measure and trace one configuration (a freshly built model)."""
+BASELINES = ("eager", "parity")
+"""``--baseline`` configurations: the eager step, and the rewritten step with nothing dropped."""
+
+
+def run(model: str, batch: int, seq_len: int, budget_B: int | None, swap: bool, steps: int,
+        config: str = "plan", precision: str = "32-true") -> dict:
+    """Plan, measure and trace one configuration (a freshly built model): ``plan`` (the plan at
+    ``budget_B``), or one of :data:`BASELINES`."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.compiler.reset()
@@ -134,9 +161,14 @@ def run(model: str, batch: int, seq_len: int, budget_B: int, swap: bool, steps: 
     w = make_workload(model, batch, device="cuda", seq_len=seq_len)
     opt = torch.optim.Adam(w.model.parameters(), lr=1e-4)
     made = {}
-    fn = planned_step(w, opt, budget_B, made=made, swap=swap)
-    m = measure_steps(fn, w.inputs, opt, steps=steps, warmup=3)
-    p, s = made["plan"], made["profile"].summary
+    if config == "eager":
+        fn = w.loss
+    else:  # parity: a budget no step reaches leaves the plan empty
+        fn = planned_step(w, opt, budget_B if config == "plan" else 2**50, made=made, swap=swap)
+    fn = with_precision(fn, torch.device("cuda"), precision)
+    train_step(fn, w.inputs, opt)  # the first step plans (and collects the garbage it leaves)
+    with gc_pauses() as gc_stats:
+        m = measure_steps(fn, w.inputs, opt, steps=steps, warmup=2)
     traced = 2
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as pr:
@@ -147,13 +179,17 @@ def run(model: str, batch: int, seq_len: int, budget_B: int, swap: bool, steps: 
         path = Path(tmp) / "trace.json"
         pr.export_chrome_trace(str(path))
         trace = json.loads(path.read_text())
-    return {"swap": swap, "step_ms": round(m.step_ms, 2),
-            "step_ms_all": [round(t, 1) for t in m.step_ms_all],
-            "peak_GiB": round(m.peak_B / GIB, 3), "predicted_peak_GiB": round(p.predicted_peak_B / GIB, 3),
-            "predicted_extra_ms": round(p.predicted_extra_ms, 2), "swapped": len(p.swapped),
-            "swapped_GiB": round(p.swapped_B / GIB, 3), "recomputed": len(p.recomputed),
-            "profiled_GBps": {k: s.get(k) for k in ("to_host_GBps", "to_device_GBps")},
-            "traced": summarize_trace(trace, traced)}
+    row = {"config": config, "swap": swap if config == "plan" else None,
+           "step_ms": round(m.step_ms, 2), "step_ms_all": [round(t, 1) for t in m.step_ms_all],
+           "peak_GiB": round(m.peak_B / GIB, 3), "gc_during_steps": gc_stats}
+    if made:
+        p, s = made["plan"], made["profile"].summary
+        row.update(predicted_peak_GiB=round(p.predicted_peak_B / GIB, 3),
+                   predicted_extra_ms=round(p.predicted_extra_ms, 2), swapped=len(p.swapped),
+                   swapped_GiB=round(p.swapped_B / GIB, 3), recomputed=len(p.recomputed),
+                   profiled_GBps={k: s.get(k) for k in ("to_host_GBps", "to_device_GBps")})
+    row["traced"] = summarize_trace(trace, traced)
+    return row
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -161,15 +197,23 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--budget", default="12GiB")
     ap.add_argument("--steps", type=int, default=10, help="untraced steps measured per plan")
     ap.add_argument("--swap", choices=list(SWAP_MODES), default="both")
+    ap.add_argument("--precision", default="32-true", choices=PRECISIONS)
+    ap.add_argument("--baseline", action="store_true",
+                    help="first trace the eager step and the rewritten one with nothing dropped")
     ap.add_argument("--out", type=Path, default=Path("reports/ac"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("stream_trace.py traces CUDA streams: it needs a CUDA device")
-    rows = [run(args.model, args.batch_size, args.seq_len, parse_budget(args.budget), swap,
-                args.steps) for swap in SWAP_MODES[args.swap]]
+    budget = parse_budget(args.budget)
+    configs = [(c, False) for c in BASELINES if args.baseline]
+    configs += [("plan", swap) for swap in SWAP_MODES[args.swap]]
+    rows = [run(args.model, args.batch_size, args.seq_len, budget, swap, args.steps, config,
+                args.precision) for config, swap in configs]
     for r in rows:
         t = r["traced"]
-        print(f"[stream_trace {args.model}] swap={r['swap']}: {r['step_ms']} ms/step untraced; "
+        name = f"swap={r['swap']}" if r["config"] == "plan" else r["config"]
+        print(f"[stream_trace {args.model}] {name}: {r['step_ms']} ms/step untraced "
+              f"(gc {r['gc_during_steps']}); "
               f"traced per step: compute busy {t['compute_busy_ms']} ms, {t['gaps']:.0f} gaps "
               f"({t['gap_ms']} ms; host late in {t['gaps_host_late']:.0f}, "
               f"{t['gap_ms_host_late']} ms), kernels beside copies "
@@ -177,7 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
               flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"{args.model}_stream_trace.json"
-    result = {"model": args.model, "batch": args.batch_size, "budget": args.budget, "runs": rows}
+    result = {"model": args.model, "batch": args.batch_size, "precision": args.precision,
+              "budget": args.budget, "runs": rows}
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
     return result

@@ -89,7 +89,8 @@ def insert_swaps(fwd: fx.GraphModule, bwd: fx.GraphModule, plan: Plan, joint: fx
     :func:`~lightning_ac.swapping.swap_in` before the node the plan says (or before the first
     use, if reordering put that earlier) and :func:`~lightning_ac.swapping.swap_wait` just before
     the first use. Nodes match across the joint, forward and backward graphs by name (the
-    partition keeps names). Returns how many activations it swapped.
+    partition keeps names). The slots (events, host buffers) live as long as either graph.
+    Returns how many activations it swapped.
     """
     from lightning_ac import swapping
 
@@ -99,14 +100,15 @@ def insert_swaps(fwd: fx.GraphModule, bwd: fx.GraphModule, plan: Plan, joint: fx
     j_pos = {n.name: i for i, n in enumerate(joint.nodes)}
     f_by_joint = sorted((j_pos[n.name], n) for n in fwd.graph.nodes
                         if n.name in j_pos and n.op != "placeholder")
+    slots = swapping.new_slots(len(plan.swapped))
+    fwd.swap_slots = bwd.swap_slots = slots
     done = 0
-    for x in plan.swapped:
+    for x, slot in zip(plan.swapped, slots.ids):
         src, held = fnodes.get(x.name), bnodes.get(x.name)
         if src is None or held is None or held.op != "placeholder" or not held.users \
                 or src not in f_out.all_input_nodes:
             continue  # not saved as planned: nothing to swap
         val = src.meta.get("val")
-        slot = swapping.new_slot()
         f_pos = {n: i for i, n in enumerate(fwd.graph.nodes)}  # (grows with each swap)
         last = max((u for a in _aliases_in(fwd, src) for u in a.users if u.op != "output"),
                    key=f_pos.__getitem__, default=src)

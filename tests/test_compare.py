@@ -91,3 +91,30 @@ def test_pareto_plot_draws_every_model_and_precision(tmp_path):
         compare.write_rows(rows, tmp_path, model, "32-true")
     path = compare.pareto_plot(tmp_path)
     assert path.exists() and path.stat().st_size > 10_000
+
+
+def test_with_precision_runs_bf16_mixed_under_autocast_and_rejects_unknown_names():
+    from benchmarks.common import with_precision
+
+    def fn(x):
+        return torch.mm(x, x)
+
+    x = torch.randn(4, 4)
+    cpu = torch.device("cpu")
+    assert with_precision(fn, cpu, "32-true") is fn
+    assert with_precision(fn, cpu, "bf16-mixed")(x).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="16-mixed"):
+        with_precision(fn, cpu, "16-mixed")
+
+
+def test_gc_pauses_counts_the_collections_inside_the_block():
+    import gc
+
+    from benchmarks.common import gc_pauses
+
+    with gc_pauses() as stats:
+        gc.collect()
+    assert stats["collections"][2] == 1 and stats["ms"][2] >= 0
+    with gc_pauses() as stats:
+        pass
+    assert stats["collections"] == [0, 0, 0]

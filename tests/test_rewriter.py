@@ -233,21 +233,33 @@ def test_swapped_activations_are_saved_as_host_copies_and_change_nothing():
         graphs.update(fwd=fwd, bwd=bwd)
         return real(fwd, bwd, p, joint)
 
+    def buffers():  # the host buffers the swapped activations' slots hold, free for reuse
+        return sorted(b.data_ptr() for i in graphs["fwd"].swap_slots.ids
+                      for b in swapping._SLOTS[i].free)
+
+    ids, mask, labels = w.inputs
+    other = ((ids + 1) % ids.max(), mask, labels.roll(1, 0))  # a second, different batch
     real = rewriter.insert_swaps
+    held = []
     with mock.patch.object(planner, "MIN_SWAP_B", 0), \
             mock.patch.object(rewriter, "insert_swaps", spy):
         step = compile_with_plan(w.loss, w.model, make_plan)
-        for i in range(2):
+        # two plain steps, then one whose loss adds two forwards (the first one's host copies
+        # must survive the second's)
+        for i, batches in enumerate([[w.inputs], [w.inputs], [w.inputs, other]]):
             for m in (w.model, ref.model):
                 m.zero_grad(set_to_none=True)
             rng = torch.get_rng_state()
-            loss = step(*w.inputs)
+            loss = sum(step(*b) for b in batches)
             loss.backward()
             torch.set_rng_state(rng)
-            ref_loss = ref.loss(*ref.inputs)
+            ref_loss = sum(ref.loss(*b) for b in batches)
             ref_loss.backward()
             assert abs(loss.item() - ref_loss.item()) <= 1e-6 * abs(ref_loss.item()), i
             assert_grads_match(w.model, ref.model)
+            held.append(buffers())
+    assert held[0] and held[1] == held[0]  # the second step reused the first one's buffers
+    assert len(held[2]) == 2 * len(held[0])  # two forwards at once: a second set
     p = made["plan"]
     assert p.swapped and p.recomputed, p.summary()
     fwd, bwd = graphs["fwd"], graphs["bwd"]

@@ -31,6 +31,8 @@ def test_gaps_copies_and_kernels_beside_copies_are_read_per_stream():
     # the three kernels beside the copy took 10 µs more each than alone: 30 µs over 2 steps
     assert s["beside_copy_excess_ms"] == pytest.approx(0.015, abs=1e-3)
     assert s["stream_waits"] == 2
+    # compute-stream time by kernel name, the most first: three 20 µs and three 10 µs "k"s
+    assert s["busy_by_kernel"] == [(pytest.approx(0.045), 3.0, "k")]
 
 
 def test_a_gap_is_host_late_when_the_next_kernel_was_launched_after_the_gpu_went_idle():
@@ -47,6 +49,9 @@ def test_a_gap_is_host_late_when_the_next_kernel_was_launched_after_the_gpu_went
     s = summarize_trace({"traceEvents": events}, steps=1)
     assert s["gaps"] == 3 and s["gap_ms"] == pytest.approx((50 + 130 + 75) / 1e3)
     assert s["gaps_host_late"] == 1 and s["gap_ms_host_late"] == pytest.approx((50 + 35) / 1e3, abs=1e-3)
+    # the host's launch calls: five of 5 µs, and the longest host event among them
+    assert s["host_api_ms"] == [(pytest.approx(0.025), "cudaLaunchKernel")]
+    assert s["longest_host_events"][0] == (0.005, "cudaLaunchKernel")
 
 
 def test_a_trace_without_gpu_events_is_an_error():

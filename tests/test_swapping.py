@@ -1,0 +1,63 @@
+"""The swap ops' host buffers: reused from step to step, never shared by two live copies, and
+released with the graph that uses them (CPU: the copies are synchronous, the bookkeeping is the
+same as on CUDA)."""
+
+import gc
+
+import torch
+
+from lightning_ac import swapping
+
+
+def _round_trip(x, slot):
+    host = swapping.swap_out(x, slot)
+    swapping.swap_release(x, slot)
+    back = swapping.swap_in(host, slot, "cpu")
+    return host, swapping.swap_wait(back, slot)
+
+
+def test_the_next_step_reuses_the_host_buffer_the_last_one_gave_back():
+    group = swapping.new_slots(1)
+    (slot,) = group.ids
+    a, b = torch.randn(4, 3), torch.randn(4, 3)
+    host_a, back_a = _round_trip(a, slot)
+    host_b, back_b = _round_trip(b, slot)
+    assert host_b.data_ptr() == host_a.data_ptr()  # one buffer, not one per step
+    assert torch.equal(back_a, a) and torch.equal(back_b, b)
+    # another shape gets its own buffer
+    host_c, back_c = _round_trip(torch.randn(2, 3), slot)
+    assert host_c.shape == (2, 3) and host_c.data_ptr() != host_a.data_ptr()
+
+
+def test_two_forwards_before_their_backwards_use_two_buffers():
+    group = swapping.new_slots(1)  # (the slots live as long as their group)
+    (slot,) = group.ids
+    a, b = torch.randn(5), torch.randn(5)
+    host_a = swapping.swap_out(a, slot)
+    host_b = swapping.swap_out(b, slot)  # the first copy is still needed
+    assert host_a.data_ptr() != host_b.data_ptr()
+    back_b = swapping.swap_wait(swapping.swap_in(host_b, slot, "cpu"), slot)
+    back_a = swapping.swap_wait(swapping.swap_in(host_a, slot, "cpu"), slot)
+    assert torch.equal(back_a, a) and torch.equal(back_b, b)
+
+
+def test_a_buffer_is_reusable_only_once_its_copy_back_was_waited_for():
+    group = swapping.new_slots(1)
+    (slot,) = group.ids
+    a = torch.randn(5)
+    host_a = swapping.swap_out(a, slot)
+    back = swapping.swap_in(host_a, slot, "cpu")
+    host_b = swapping.swap_out(torch.randn(5), slot)  # before swap_wait: a new buffer
+    assert host_b.data_ptr() != host_a.data_ptr() and torch.equal(host_a, a)
+    swapping.swap_wait(back, slot)
+    assert swapping._SLOTS[slot].free == [host_a]
+
+
+def test_the_slots_and_their_buffers_go_with_their_group():
+    group = swapping.new_slots(2)
+    ids = list(group.ids)
+    _round_trip(torch.randn(3), ids[0])
+    assert all(i in swapping._SLOTS for i in ids)
+    del group
+    gc.collect()
+    assert not any(i in swapping._SLOTS for i in ids)
