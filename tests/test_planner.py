@@ -113,10 +113,11 @@ def _with_bandwidth(prof, gbps):
 
 @pytest.fixture
 def small_swaps():
-    """Let the tiny models' activations be swapped (they are all far below 1 MiB)."""
+    """Let the tiny models' activations be swapped (they are all far below 1 MiB), at no host
+    cost (their recomputation takes microseconds: any host cost would rule swapping out)."""
     from lightning_ac import planner
 
-    with mock.patch.object(planner, "MIN_SWAP_B", 0):
+    with mock.patch.object(planner, "MIN_SWAP_B", 0), mock.patch.object(planner, "SWAP_HOST_MS", 0):
         yield
 
 
@@ -149,6 +150,25 @@ def test_swaps_that_hide_behind_compute_come_before_recomputation(name, small_sw
         assert fast.rank[before] <= sim.swaps.need_rank[n]
     # copies that cannot hide (a very slow link) are not taken
     assert not plan(_with_bandwidth(cpu, 1e-9), budget).swapped
+
+
+def test_a_swapping_plan_must_beat_recomputing_alone_by_its_swaps_host_time(small_swaps):
+    from lightning_ac import planner
+
+    _, cpu = _profile("tiny-bert")
+    fast = _with_bandwidth(cpu, 1e6)
+    floor = plan(fast, 1, swap=False).predicted_peak_B
+    budget = (floor + cpu.peak_bytes) // 2
+    swapping, alone = plan(fast, budget), plan(fast, budget, swap=False)
+    assert swapping.swapped and alone.stop_reason == "fits" and not alone.swapped
+    assert planner.swap_cost_ms(swapping) < alone.predicted_extra_ms  # free swaps win
+    # each swap's host time just over what recomputing alone costs more: recompute only
+    per_swap = (alone.predicted_extra_ms - swapping.predicted_extra_ms) / len(swapping.swapped)
+    with mock.patch.object(planner, "SWAP_HOST_MS", per_swap * 1.01):
+        p = plan(fast, budget)
+    assert not p.swapped and p.recomputed == alone.recomputed
+    with mock.patch.object(planner, "SWAP_HOST_MS", per_swap * 0.99):
+        assert plan(fast, budget).swapped == swapping.swapped
 
 
 def test_swap_schedule_queues_copies_and_reports_stalls(small_swaps):

@@ -241,7 +241,7 @@ def test_swapped_activations_are_saved_as_host_copies_and_change_nothing():
     other = ((ids + 1) % ids.max(), mask, labels.roll(1, 0))  # a second, different batch
     real = rewriter.insert_swaps
     held = []
-    with mock.patch.object(planner, "MIN_SWAP_B", 0), \
+    with mock.patch.object(planner, "MIN_SWAP_B", 0), mock.patch.object(planner, "SWAP_HOST_MS", 0), \
             mock.patch.object(rewriter, "insert_swaps", spy):
         step = compile_with_plan(w.loss, w.model, make_plan)
         # two plain steps, then one whose loss adds two forwards (the first one's host copies
@@ -309,7 +309,7 @@ def test_a_swap_only_plan_copies_back_where_planned_not_at_the_start_of_backward
         return real(fwd, bwd, p, joint)
 
     real = rewriter.insert_swaps
-    with mock.patch.object(planner, "MIN_SWAP_B", 0), \
+    with mock.patch.object(planner, "MIN_SWAP_B", 0), mock.patch.object(planner, "SWAP_HOST_MS", 0), \
             mock.patch.object(rewriter, "insert_swaps", spy):
         compile_with_plan(w.loss, w.model, make_plan)(*w.inputs).backward()
     p = made["plan"]
