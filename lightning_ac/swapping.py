@@ -23,8 +23,8 @@ copies' events and the activation's pinned host buffers. A buffer is taken by
 :func:`swap_out` and given back by :func:`swap_wait`, once the compute stream has waited for
 the copy back: every later use of it is queued behind that. From the second step on no pinned
 memory is allocated and no event created. (Asking PyTorch's caching host allocator for a new
-pinned tensor on every step instead, traced steps on the H100 and H200 found no free block and
-called ``cudaHostAlloc``: 90 to 300 ms of host time in one call.) Two forwards before their
+pinned tensor on every step instead, traced steps on the H200 found no free block and called
+``cudaHostAlloc``: 90 to 300 ms of host time in one call.) Two forwards before their
 backwards take two buffers. The slots of a rewritten graph are dropped with it
 (:func:`new_slots`).
 
