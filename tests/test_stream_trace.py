@@ -31,6 +31,7 @@ def test_gaps_copies_and_kernels_beside_copies_are_read_per_stream():
     # the three kernels beside the copy took 10 µs more each than alone: 30 µs over 2 steps
     assert s["beside_copy_excess_ms"] == pytest.approx(0.015, abs=1e-3)
     assert s["stream_waits"] == 2
+    assert s["beside_copy_slowest"][0][1] == "k"
     # compute-stream time by kernel name, the most first: three 20 µs and three 10 µs "k"s
     assert s["busy_by_kernel"] == [(pytest.approx(0.045), 3.0, "k")]
 
@@ -52,6 +53,25 @@ def test_a_gap_is_host_late_when_the_next_kernel_was_launched_after_the_gpu_went
     # the host's launch calls: five of 5 µs, and the longest host event among them
     assert s["host_api_ms"] == [(pytest.approx(0.025), "cudaLaunchKernel")]
     assert s["longest_host_events"][0] == (0.005, "cudaLaunchKernel")
+
+
+def test_kernels_beside_copies_are_compared_with_launches_of_the_same_grid():
+    # "k" on a large grid (20 µs) runs only beside the copy, on a small grid (10 µs) only alone:
+    # the same kernel on other work, not a slowdown
+    def k(ts, dur, grid):
+        e = _kernel(ts, dur)
+        e["args"].update(grid=grid, block=[128, 1, 1])
+        return e
+
+    events = [k(0, 10, [4, 1, 1]), k(15, 10, [4, 1, 1]), k(30, 10, [4, 1, 1]),
+              k(130, 20, [64, 1, 1]), k(155, 20, [64, 1, 1]), k(180, 20, [64, 1, 1]),
+              k(205, 12, [4, 1, 1]), k(220, 12, [4, 1, 1]), k(235, 12, [4, 1, 1])]
+    events.append({"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy DtoH", "ts": 120, "dur": 200,
+                   "args": {"stream": 20, "bytes": 1, "memory bandwidth (GB/s)": 1.0}})
+    s = summarize_trace({"traceEvents": events}, steps=1)
+    # only the small-grid launches are compared: 2 µs slower each beside the copy
+    assert s["beside_copy_excess_ms"] == pytest.approx(0.006, abs=1e-4)
+    assert s["beside_copy_slowest"] == [(pytest.approx(0.006, abs=1e-4), "k grid=[4, 1, 1]")]
 
 
 def test_a_trace_without_gpu_events_is_an_error():
