@@ -100,7 +100,7 @@ def insert_swaps(fwd: fx.GraphModule, bwd: fx.GraphModule, plan: Plan, joint: fx
     j_pos = {n.name: i for i, n in enumerate(joint.nodes)}
     f_by_joint = sorted((j_pos[n.name], n) for n in fwd.graph.nodes
                         if n.name in j_pos and n.op != "placeholder")
-    slots = swapping.new_slots(len(plan.swapped))
+    slots = swapping.SlotGroup(len(plan.swapped))
     fwd.swap_slots = bwd.swap_slots = slots
     done = 0
     for x, slot in zip(plan.swapped, slots.ids):

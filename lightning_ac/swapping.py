@@ -26,7 +26,7 @@ memory is allocated and no event created. (Asking PyTorch's caching host allocat
 pinned tensor on every step instead, traced steps on the H200 found no free block and called
 ``cudaHostAlloc``: 90 to 300 ms of host time in one call.) Two forwards before their
 backwards take two buffers. The slots of a rewritten graph are dropped with it
-(:func:`new_slots`).
+(:class:`SlotGroup`).
 
 On the CPU the calls copy synchronously, through the same buffers, so that the rewrite can be
 tested there.
@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["SlotGroup", "new_slots", "swap_in", "swap_out", "swap_release", "swap_wait"]
+__all__ = ["SlotGroup", "swap_in", "swap_out", "swap_release", "swap_wait"]
 
 
 @dataclass
@@ -51,9 +51,7 @@ class _Slot:
     """Buffers handed to :func:`swap_in`, given back by :func:`swap_wait`."""
     events: dict[str, torch.cuda.Event] = field(default_factory=dict)
     """``mark`` (the compute stream at a swap call), ``out``, ``in`` (the copies' ends):
-    created once, recorded again on every call."""
-    out_recorded: bool = False
-    in_recorded: bool = False
+    created at their first record, recorded again on every call."""
 
 
 _SLOTS: dict[int, _Slot] = {}
@@ -62,7 +60,10 @@ _STREAMS: dict[tuple[torch.device, str], torch.cuda.Stream] = {}
 
 
 class SlotGroup:
-    """The slots of one rewritten graph; they, and their pinned buffers, go when it goes."""
+    """``n`` fresh slots (ids in ``.ids``) for the swapped activations of one rewritten graph.
+
+    Keep the group referenced from the graphs that use the ids: when it is collected, the slots
+    and their host buffers are released."""
 
     def __init__(self, n: int):
         self.ids = [next(_NEXT) for _ in range(n)]
@@ -74,13 +75,6 @@ class SlotGroup:
 def _drop(ids: list[int]) -> None:
     for i in ids:
         _SLOTS.pop(i, None)
-
-
-def new_slots(n: int) -> SlotGroup:
-    """``n`` fresh slots (ids in ``.ids``) for the swapped activations of one rewritten graph.
-    Keep the group referenced from the graphs that use the ids: when it is collected, the slots
-    and their host buffers are released."""
-    return SlotGroup(n)
 
 
 def _event(state: _Slot, name: str) -> torch.cuda.Event:
@@ -116,23 +110,23 @@ def swap_out(x: torch.Tensor, slot: int) -> torch.Tensor:
     host = _host_buffer(state, x)
     if not x.is_cuda:
         return host.copy_(x)
+    dev = x.device
     mark, done = _event(state, "mark"), _event(state, "out")
-    side = _side_stream(x.device, "out")
-    mark.record(torch.cuda.current_stream(x.device))
+    side = _side_stream(dev, "out")
+    mark.record(torch.cuda.current_stream(dev))
     side.wait_event(mark)  # x has been written
     with torch.cuda.stream(side):
         host.copy_(x, non_blocking=True)
         done.record(side)
-    state.out_recorded = True
     return host
 
 
 def swap_release(x: torch.Tensor, slot: int) -> None:
     """Make the compute stream wait until the copy of ``x`` to the host has ended, so that the
     caller can drop ``x``: kernels queued after this point may reuse its memory."""
-    state = _SLOTS[slot]
-    if x.is_cuda and state.out_recorded:
-        torch.cuda.current_stream(x.device).wait_event(state.events["out"])
+    done = _SLOTS[slot].events.get("out")
+    if x.is_cuda and done is not None:
+        torch.cuda.current_stream(x.device).wait_event(done)
 
 
 def swap_in(host: torch.Tensor, slot: int, device: str) -> torch.Tensor:
@@ -152,12 +146,11 @@ def swap_in(host: torch.Tensor, slot: int, device: str) -> torch.Tensor:
     mark, done = _event(state, "mark"), _event(state, "in")
     mark.record(compute)
     side.wait_event(mark)
-    if state.out_recorded:
+    if "out" in state.events:
         side.wait_event(state.events["out"])
     with torch.cuda.stream(side):
         out.copy_(host, non_blocking=True)
         done.record(side)
-    state.in_recorded = True
     return out
 
 
@@ -165,7 +158,7 @@ def swap_wait(x: torch.Tensor, slot: int) -> torch.Tensor:
     """Make the compute stream wait until :func:`swap_in` has filled ``x``; returns ``x``. The
     host buffer is free from here: whatever writes it next is queued behind this wait."""
     state = _SLOTS[slot]
-    if x.is_cuda and state.in_recorded:
+    if x.is_cuda and "in" in state.events:
         torch.cuda.current_stream(x.device).wait_event(state.events["in"])
     if state.returning:
         state.free.append(state.returning.pop())

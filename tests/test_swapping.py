@@ -17,7 +17,7 @@ def _round_trip(x, slot):
 
 
 def test_the_next_step_reuses_the_host_buffer_the_last_one_gave_back():
-    group = swapping.new_slots(1)
+    group = swapping.SlotGroup(1)
     (slot,) = group.ids
     a, b = torch.randn(4, 3), torch.randn(4, 3)
     host_a, back_a = _round_trip(a, slot)
@@ -30,7 +30,7 @@ def test_the_next_step_reuses_the_host_buffer_the_last_one_gave_back():
 
 
 def test_two_forwards_before_their_backwards_use_two_buffers():
-    group = swapping.new_slots(1)  # (the slots live as long as their group)
+    group = swapping.SlotGroup(1)  # (the slots live as long as their group)
     (slot,) = group.ids
     a, b = torch.randn(5), torch.randn(5)
     host_a = swapping.swap_out(a, slot)
@@ -42,7 +42,7 @@ def test_two_forwards_before_their_backwards_use_two_buffers():
 
 
 def test_a_buffer_is_reusable_only_once_its_copy_back_was_waited_for():
-    group = swapping.new_slots(1)
+    group = swapping.SlotGroup(1)
     (slot,) = group.ids
     a = torch.randn(5)
     host_a = swapping.swap_out(a, slot)
@@ -54,7 +54,7 @@ def test_a_buffer_is_reusable_only_once_its_copy_back_was_waited_for():
 
 
 def test_the_slots_and_their_buffers_go_with_their_group():
-    group = swapping.new_slots(2)
+    group = swapping.SlotGroup(2)
     ids = list(group.ids)
     _round_trip(torch.randn(3), ids[0])
     assert all(i in swapping._SLOTS for i in ids)
