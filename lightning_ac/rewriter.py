@@ -85,7 +85,8 @@ def insert_swaps(fwd: fx.GraphModule, bwd: fx.GraphModule, plan: Plan, joint: fx
     Forward calls :func:`~lightning_ac.swapping.swap_out` after the last use of the activation
     (or of a view of it) and saves the host tensor in its place, and
     :func:`~lightning_ac.swapping.swap_release` before the node the plan says (the first forward
-    node at or after it in ``joint``'s order, the graph the plan was made on); backward calls
+    node at or after it in ``joint``'s order, the graph the plan was made on; one call for all
+    the activations released there); backward calls
     :func:`~lightning_ac.swapping.swap_in` before the node the plan says (or before the first
     use, if reordering put that earlier) and :func:`~lightning_ac.swapping.swap_wait` just before
     the first use. Nodes match across the joint, forward and backward graphs by name (the
@@ -103,6 +104,7 @@ def insert_swaps(fwd: fx.GraphModule, bwd: fx.GraphModule, plan: Plan, joint: fx
     slots = swapping.SlotGroup(len(plan.swapped))
     fwd.swap_slots = bwd.swap_slots = slots
     done = 0
+    releases: dict[fx.Node, list[tuple[fx.Node, fx.Node, int]]] = {}
     for x, slot in zip(plan.swapped, slots.ids):
         src, held = fnodes.get(x.name), bnodes.get(x.name)
         if src is None or held is None or held.op != "placeholder" or not held.users \
@@ -119,8 +121,7 @@ def insert_swaps(fwd: fx.GraphModule, bwd: fx.GraphModule, plan: Plan, joint: fx
         at = j_pos.get(getattr(plan.release_before.get(x), "name", None))
         release = f_out if at is None else \
             next((n for p, n in f_by_joint if p >= at and f_pos[n] > f_pos[last]), f_out)
-        with fwd.graph.inserting_before(release):
-            fwd.graph.call_function(swapping.swap_release, (src, slot))
+        releases.setdefault(release, []).append((host, src, slot))
 
         b_pos = {n: i for i, n in enumerate(bwd.graph.nodes)}
         first = min(held.users, key=b_pos.__getitem__)
@@ -134,6 +135,13 @@ def insert_swaps(fwd: fx.GraphModule, bwd: fx.GraphModule, plan: Plan, joint: fx
         back.meta["val"] = ready.meta["val"] = val
         held.replace_all_uses_with(ready, delete_user_cb=lambda u, back=back: u is not back)
         done += 1
+    # one release per point, waiting for the last copy out before it (they queue on one stream)
+    f_pos = {n: i for i, n in enumerate(fwd.graph.nodes)}
+    for release, swaps in releases.items():
+        _, _, last_slot = max(swaps, key=lambda s: f_pos[s[0]])
+        with fwd.graph.inserting_before(release):
+            fwd.graph.call_function(swapping.swap_release,
+                                    (tuple(src for _, src, _ in swaps), last_slot))
     fwd.recompile()
     bwd.recompile()
     return done

@@ -4,14 +4,16 @@ same as on CUDA)."""
 
 import gc
 
+import pytest
 import torch
 
+from lightning_ac import _torch_compat as compat
 from lightning_ac import swapping
 
 
 def _round_trip(x, slot):
     host = swapping.swap_out(x, slot)
-    swapping.swap_release(x, slot)
+    swapping.swap_release((x,), slot)
     back = swapping.swap_in(host, slot, "cpu")
     return host, swapping.swap_wait(back, slot)
 
@@ -61,3 +63,25 @@ def test_the_slots_and_their_buffers_go_with_their_group():
     del group
     gc.collect()
     assert not any(i in swapping._SLOTS for i in ids)
+
+
+@pytest.mark.gpu
+def test_one_release_for_several_copies_keeps_every_host_copy_intact():
+    """CUDA: copies out queue on one stream, so waiting for the last one's event covers the
+    others. After one release, kernels that reuse the dropped tensors' memory (and overwrite
+    it) must not reach the host copies; copied back, every tensor is what it was."""
+    torch.cuda.synchronize()
+    group = swapping.SlotGroup(4)
+    xs = [torch.randn(1 << 22, device="cuda") * (i + 1) for i in range(4)]  # 16 MiB each
+    want = [x.cpu() for x in xs]
+    compat.gpu_spin(50_000_000)  # the copies start late: a missing wait would show
+    hosts = [swapping.swap_out(x, s) for x, s in zip(xs, group.ids)]
+    swapping.swap_release(tuple(xs), group.ids[-1])
+    del xs
+    junk = [torch.full((1 << 22,), float(i), device="cuda") for i in range(8)]  # reuses the blocks
+    backs = [swapping.swap_in(h, s, "cuda") for h, s in zip(hosts, group.ids)]
+    backs = [swapping.swap_wait(b, s) for b, s in zip(backs, group.ids)]
+    got = [b.cpu() for b in backs]
+    del junk
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert all(torch.equal(h, w) for h, w in zip(hosts, want))

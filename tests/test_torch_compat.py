@@ -81,3 +81,17 @@ def test_device_memory_trace_sees_an_allocation_and_its_free():
     sizes = [b for _, b in events]
     assert 4 << 20 in sizes and -(4 << 20) in sizes
     assert [t for t, _ in events] == sorted(t for t, _ in events)
+
+
+def test_current_cuda_stream_id_is_there():
+    assert callable(torch._C._cuda_getCurrentStream)  # (CPU builds have it too)
+
+
+@pytest.mark.gpu
+def test_current_cuda_stream_id_names_the_current_stream_and_device():
+    side = torch.cuda.Stream()
+    assert compat.current_cuda_stream_id() == (torch.cuda.current_stream().stream_id,
+                                               torch.cuda.current_device())
+    with torch.cuda.stream(side):
+        assert compat.current_cuda_stream_id(torch.cuda.current_device())[0] == side.stream_id
+    assert compat.current_cuda_stream_id()[0] != side.stream_id
