@@ -23,6 +23,9 @@ compilation). Writes
     PYTHONPATH=. python benchmarks/compare.py --model resnet152 --batch-size 128
     PYTHONPATH=. python benchmarks/compare.py --model bert --batch-size 32 --seq-len 512 \\
         --precision bf16-mixed
+    # a family that compiles for minutes, on its own, into the rows already there:
+    PYTHONPATH=. python benchmarks/compare.py --model resnet152 --batch-size 128 \\
+        --options eager compile mutwoac --compile-budgets 0.1 0.3 --merge
 """
 
 from __future__ import annotations
@@ -158,7 +161,8 @@ def rockmate_option(budget_B: int) -> Option:
     return Option("rockmate", f"budget {budget_B / GIB:.2f} GiB", build, budget_B=budget_B)
 
 
-def options(model: str, families: set[str]) -> list[Option]:
+def options(model: str, families: set[str],
+            compile_budgets: tuple[float, ...] = COMPILE_BUDGETS) -> list[Option]:
     """Every option but MuTwoAC and Rockmate (their budgets come from the others' peaks)."""
     out = [Option("eager", "", _eager)]
     if "checkpoint" in families:
@@ -169,7 +173,7 @@ def options(model: str, families: set[str]) -> list[Option]:
     for backend, family in (("inductor", "compile"), ("aot_eager", "aot_eager")):
         if family in families:
             out += [Option(family, f"budget {b}", _compiled(backend), _memory_budget(b))
-                    for b in COMPILE_BUDGETS]
+                    for b in compile_budgets]
     return [o for o in out if o.family in families]
 
 
@@ -270,7 +274,8 @@ def _budgeted_options(rows: list[dict], done: list[float], families: set[str],
         budgets = matching_budgets(rows, eager_peak)
     else:
         budgets = []  # on the CPU there is no peak to match
-    first = not any(r["option"] == "mutwoac" for r in rows)
+    # (with --merge the table keeps the earlier run's row)
+    first = not args.merge and not any(r["option"] == "mutwoac" for r in rows)
     budgets = spread([b for b in budgets if not any(abs(b - d) <= 0.03 * d for d in done)],
                      args.max_mutwo - len(done))
     done.extend(budgets)
@@ -326,15 +331,21 @@ def pareto_plot(out: Path) -> Path:
     return path
 
 
-def write_rows(rows: list[dict], out: Path, model: str, precision: str) -> Path:
-    """Replace this (model, precision)'s rows in ``compare_<model>.csv``."""
+def write_rows(rows: list[dict], out: Path, model: str, precision: str,
+               merge: bool = False) -> Path:
+    """Replace this (model, precision)'s rows in ``compare_<model>.csv``; with ``merge``, only
+    those of the options and settings in ``rows`` (the others, from earlier runs, stay)."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"compare_{model}.csv"
     new = pd.DataFrame(rows)
     if path.exists():
         old = pd.read_csv(path)
-        old = old[~((old.model == model) & (old.precision == precision))]
-        new = pd.concat([old, new], ignore_index=True)
+        gone = (old.model == model) & (old.precision == precision)
+        if merge:
+            ran = set(zip(new.option, new.setting.fillna("")))
+            gone &= pd.Series([(o, s) in ran for o, s in zip(old.option, old.setting.fillna(""))],
+                              index=old.index)
+        new = pd.concat([old[~gone], new], ignore_index=True)
     new.to_csv(path, index=False)
     return path
 
@@ -348,6 +359,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="MuTwoAC budgets in GiB (default: the peaks the other options reached)")
     ap.add_argument("--max-mutwo", type=int, default=8, help="at most this many MuTwoAC budgets")
     ap.add_argument("--option-timeout", type=int, default=240, help="seconds per option")
+    ap.add_argument("--compile-budgets", nargs="*", type=float, default=list(COMPILE_BUDGETS),
+                    help="activation_memory_budget values for compile and aot_eager")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep this model and precision's rows of options not run now (a family "
+                         "that takes long, run on its own); this run's rows are marked in "
+                         "'process'")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=Path("reports"))
     ap.add_argument("--verbose", action="store_true")
@@ -360,17 +377,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
         eager = next((r for r in rows if r["option"] == "eager" and r.get("step_ms")), None)
         if eager and row.get("step_ms"):
             row["overhead_vs_eager"] = round(row["step_ms"] / eager["step_ms"] - 1, 4)
+        if args.merge:  # its overhead is against this run's eager, not the kept rows'
+            row["process"] = f"separate run ({time.strftime('%Y-%m-%d %H:%M')})"
         rows.append(row)
         shown = {k: row.get(k) for k in ("option", "setting", "status", "peak_GiB", "step_ms",
                                           "overhead_vs_eager", "first_step_s", "error")}
         print(" ".join(f"{k}={v}" for k, v in shown.items() if v is not None), flush=True)
-        write_rows(rows, args.out, args.model, args.precision)  # nothing lost if a later one hangs
+        # nothing lost if a later one hangs
+        write_rows(rows, args.out, args.model, args.precision, merge=args.merge)
 
     # Cheap options first, then MuTwoAC at their peaks, then the compiled ones (minutes of
     # compilation each) and MuTwoAC at the new peaks they reach: a run cut short by a time
     # limit still holds a comparison.
-    cheap = [o for o in options(args.model, families) if o.family not in COMPILED]
-    compiled = [o for o in options(args.model, families) if o.family in COMPILED]
+    every = options(args.model, families, tuple(args.compile_budgets))
+    cheap = [o for o in every if o.family not in COMPILED]
+    compiled = [o for o in every if o.family in COMPILED]
     done: list[float] = []
     for stage in (cheap, compiled):
         for opt in stage:

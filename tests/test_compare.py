@@ -118,3 +118,30 @@ def test_gc_pauses_counts_the_collections_inside_the_block():
     with gc_pauses() as stats:
         pass
     assert stats["collections"] == [0, 0, 0]
+
+
+def test_merge_replaces_only_the_options_run_now_and_marks_them(tmp_path, monkeypatch):
+    """A compiled family run on its own (``--merge``, some ``--compile-budgets``) adds its rows
+    and this run's eager to the table and keeps the rest."""
+    peaks = {"eager": 10.0, "checkpoint": 4.0, "compile": 6.0}
+
+    def fake_run(opt, args, device):
+        return {"option": opt.family, "setting": opt.setting, "status": "ok", "step_ms": 2.0,
+                "peak_GiB": peaks.get(opt.family, 5.0), "model": "resnet152",
+                "precision": args.precision}
+
+    monkeypatch.setattr(compare, "run_option", fake_run)
+    monkeypatch.setattr(compare, "pareto_plot", lambda out: out / "p.png")
+    base = ["--model", "resnet152", "--out", str(tmp_path), "--device", "cpu"]
+    compare.main(base + ["--options", "eager", "checkpoint"])
+    compare.main(base + ["--options", "eager", "checkpoint", "--precision", "bf16-mixed"])
+    compare.main(base + ["--options", "eager", "compile", "--compile-budgets", "0.1", "0.5",
+                         "--merge"])
+    df = pd.read_csv(tmp_path / "compare_resnet152.csv").fillna("")
+    fp32 = df[df.precision == "32-true"]
+    assert sorted(zip(fp32.option, fp32.setting)) == sorted(
+        [("eager", ""), ("checkpoint", "every block"), ("checkpoint", "every 2"),
+         ("checkpoint", "every 3"), ("compile", "budget 0.1"), ("compile", "budget 0.5")])
+    merged = fp32[fp32.process != ""]
+    assert set(merged.option) == {"eager", "compile"} and len(merged) == 3
+    assert len(df[df.precision == "bf16-mixed"]) == 4  # the other precision is untouched
