@@ -232,6 +232,12 @@ def run_option(opt: Option, args, device: torch.device) -> dict:
     if p is not None:
         row.update(predicted_peak_GiB=round(p.predicted_peak_B / GIB, 3),
                    recomputed=len(p.recomputed), stop_reason=p.stop_reason)
+        if p.stop_reason == "infeasible" and row["status"] == "ok":
+            # the smallest plan ran, over the budget (the callback raises here): not a point of
+            # MuTwoAC's curve at this budget
+            row.update(status="infeasible",
+                       error=f"smallest plan predicted at {p.predicted_peak_B / GIB:.2f} GiB, "
+                             f"over the budget; measured as run at it")
     torch.compiler.reset()
     return row
 

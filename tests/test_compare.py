@@ -145,3 +145,16 @@ def test_merge_replaces_only_the_options_run_now_and_marks_them(tmp_path, monkey
     merged = fp32[fp32.process != ""]
     assert set(merged.option) == {"eager", "compile"} and len(merged) == 3
     assert len(df[df.precision == "bf16-mixed"]) == 4  # the other precision is untouched
+
+
+def test_mutwoac_below_its_floor_is_marked_infeasible_not_a_point_of_its_curve():
+    import argparse
+
+    args = argparse.Namespace(model="tiny-bert", batch_size=2, seq_len=16, precision="32-true",
+                              option_timeout=0, steps=1, verbose=False)
+    row = compare.run_option(compare.mutwoac_option("budget 1 B", 1), args, torch.device("cpu"))
+    assert row["status"] == "infeasible" and row["stop_reason"] == "infeasible"
+    assert "smallest plan" in row["error"]
+    row = compare.run_option(compare.mutwoac_option("nothing recomputed", None), args,
+                             torch.device("cpu"))
+    assert row["status"] == "ok"
