@@ -349,8 +349,7 @@ def write_rows(rows: list[dict], out: Path, model: str, precision: str,
         gone = (old.model == model) & (old.precision == precision)
         if merge:
             ran = set(zip(new.option, new.setting.fillna("")))
-            gone &= pd.Series([(o, s) in ran for o, s in zip(old.option, old.setting.fillna(""))],
-                              index=old.index)
+            gone &= pd.MultiIndex.from_arrays([old.option, old.setting.fillna("")]).isin(ran)
         new = pd.concat([old[~gone], new], ignore_index=True)
     new.to_csv(path, index=False)
     return path

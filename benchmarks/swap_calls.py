@@ -53,8 +53,10 @@ def time_swap_calls(swapping, n: int, numel: int, rounds: int, grouped: bool) ->
     """Median host µs per call of each swap op over ``rounds`` rounds of ``n`` activations."""
     group = swapping.SlotGroup(n)
     xs = [torch.randn(numel, device="cuda") for _ in range(n)]
-    # versions before 2026-11-23 released one tensor per call: swap_release(x, slot)
+    # versions before 2026-11-23 released one tensor per call, swap_release(x, slot), and
+    # named the device to copy back to, swap_in(host, slot, device)
     one_each = "xs" not in inspect.signature(swapping.swap_release).parameters
+    to = ("cuda",) if "device" in inspect.signature(swapping.swap_in).parameters else ()
     calls: dict[str, list[float]] = {"swap_out": [], "swap_release": [], "swap_in": [],
                                      "swap_wait": []}
     for r in range(rounds + 2):  # two rounds unmeasured: buffers, events and streams made
@@ -67,7 +69,7 @@ def time_swap_calls(swapping, n: int, numel: int, rounds: int, grouped: bool) ->
             for x, s in zip(xs, group.ids):
                 arg = x if one_each else (x,)
                 _us(lambda arg=arg, s=s: swapping.swap_release(arg, s), t["swap_release"])
-        backs = [_us(lambda h=h, s=s: swapping.swap_in(h, s, "cuda"), t["swap_in"])
+        backs = [_us(lambda h=h, s=s: swapping.swap_in(h, s, *to), t["swap_in"])
                  for h, s in reversed(list(zip(hosts, group.ids)))]
         for b, s in zip(backs, reversed(group.ids)):
             _us(lambda b=b, s=s: swapping.swap_wait(b, s), t["swap_wait"])

@@ -129,7 +129,7 @@ def insert_swaps(fwd: fx.GraphModule, bwd: fx.GraphModule, plan: Plan, joint: fx
         if before is None or b_pos[before] > b_pos[first]:
             before = first
         with bwd.graph.inserting_before(before):
-            back = bwd.graph.call_function(swapping.swap_in, (held, slot, str(val.device)))
+            back = bwd.graph.call_function(swapping.swap_in, (held, slot))
         with bwd.graph.inserting_before(first):
             ready = bwd.graph.call_function(swapping.swap_wait, (back, slot))
         back.meta["val"] = ready.meta["val"] = val

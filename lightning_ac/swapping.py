@@ -173,8 +173,8 @@ def swap_release(xs: Sequence[torch.Tensor], slot: int) -> None:
         state.compute_stream().wait_event(state.out)
 
 
-def swap_in(host: torch.Tensor, slot: int, device: str) -> torch.Tensor:
-    """Start copying ``host`` back to ``device`` (where :func:`swap_out` found it); returns the
+def swap_in(host: torch.Tensor, slot: int) -> torch.Tensor:
+    """Start copying ``host`` back to the device :func:`swap_out` found it on; returns the
     device tensor (filled once :func:`swap_wait` returns)."""
     state = _SLOTS[slot]
     state.returning.append(host)

@@ -14,7 +14,7 @@ from lightning_ac import swapping
 def _round_trip(x, slot):
     host = swapping.swap_out(x, slot)
     swapping.swap_release((x,), slot)
-    back = swapping.swap_in(host, slot, "cpu")
+    back = swapping.swap_in(host, slot)
     return host, swapping.swap_wait(back, slot)
 
 
@@ -38,8 +38,8 @@ def test_two_forwards_before_their_backwards_use_two_buffers():
     host_a = swapping.swap_out(a, slot)
     host_b = swapping.swap_out(b, slot)  # the first copy is still needed
     assert host_a.data_ptr() != host_b.data_ptr()
-    back_b = swapping.swap_wait(swapping.swap_in(host_b, slot, "cpu"), slot)
-    back_a = swapping.swap_wait(swapping.swap_in(host_a, slot, "cpu"), slot)
+    back_b = swapping.swap_wait(swapping.swap_in(host_b, slot), slot)
+    back_a = swapping.swap_wait(swapping.swap_in(host_a, slot), slot)
     assert torch.equal(back_a, a) and torch.equal(back_b, b)
 
 
@@ -48,7 +48,7 @@ def test_a_buffer_is_reusable_only_once_its_copy_back_was_waited_for():
     (slot,) = group.ids
     a = torch.randn(5)
     host_a = swapping.swap_out(a, slot)
-    back = swapping.swap_in(host_a, slot, "cpu")
+    back = swapping.swap_in(host_a, slot)
     host_b = swapping.swap_out(torch.randn(5), slot)  # before swap_wait: a new buffer
     assert host_b.data_ptr() != host_a.data_ptr() and torch.equal(host_a, a)
     swapping.swap_wait(back, slot)
@@ -79,7 +79,7 @@ def test_one_release_for_several_copies_keeps_every_host_copy_intact():
     swapping.swap_release(tuple(xs), group.ids[-1])
     del xs
     junk = [torch.full((1 << 22,), float(i), device="cuda") for i in range(8)]  # reuses the blocks
-    backs = [swapping.swap_in(h, s, "cuda") for h, s in zip(hosts, group.ids)]
+    backs = [swapping.swap_in(h, s) for h, s in zip(hosts, group.ids)]
     backs = [swapping.swap_wait(b, s) for b, s in zip(backs, group.ids)]
     got = [b.cpu() for b in backs]
     del junk
