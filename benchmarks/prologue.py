@@ -9,8 +9,13 @@ and at the backward graph's first and last node (for eager: at the first leaf mo
 pre-hook), and prints the medians per step; then it profiles the forward call with ``cProfile``
 and lists the functions with the most own time.
 
+On CUDA it also records an event with each stamp and reports the GPU's lag behind the host
+at each point (``lead_*``): where it is near zero the GPU was waiting for the host.
+
 ``--skip-guards`` adds the rewritten step run under
 ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)`` to see what the guards cost.
+``--budget`` (with ``--swap on|off``) plans the rewritten step for a budget instead of keeping
+everything.
 
     PYTHONPATH=. python benchmarks/prologue.py --model resnet152 --batch-size 128 --out $OUT
 """
@@ -38,13 +43,23 @@ PHASES = ("call_to_forward", "forward_graph", "forward_to_return", "backward_to_
 the call's return, ``backward()`` → the backward graph's first node."""
 
 
+LEADS = ("fwd_in", "fwd_out", "returned", "bwd_in", "backward_done", "step_done")
+"""Points of the step at which the GPU's lag behind the host is measured (see :func:`_phases`)."""
+
 STAMPS: dict[str, float] = {}
 """Host clock stamps by name, set from inside graphs and hooks."""
 
+EVENTS: dict[str, torch.cuda.Event] = {}
+"""A CUDA event recorded with each stamp, when the step runs on CUDA."""
+
 
 def stamp(name: str) -> None:
-    """Set ``STAMPS[name]`` to now (called from the stamped graphs, so a plain function)."""
+    """Set ``STAMPS[name]`` to now, and record a CUDA event if the step is on CUDA (called from
+    the stamped graphs, so a plain function)."""
     STAMPS[name] = time.perf_counter()
+    if EVENTS.get("start") is not None:
+        EVENTS[name] = torch.cuda.Event(enable_timing=True)
+        EVENTS[name].record()
 
 
 def _stamped_partition():
@@ -68,25 +83,47 @@ def _stamped_partition():
 
 
 def _phases(fn, inputs, opt, steps: int) -> dict[str, float]:
-    """Median host ms of each of :data:`PHASES` over ``steps`` steps, synchronized between."""
+    """Median host ms of each of :data:`PHASES` over ``steps`` steps, synchronized between.
+
+    On CUDA also the GPU's lag at each of :data:`LEADS` (``lead_<point>``): how long after the
+    host reached the point the GPU reached it, in ms. The step starts with an empty queue, so
+    an event recorded then marks the host's clock on the GPU's. A lag near zero means the GPU
+    was waiting for the host there; everything the host does next is step time.
+    """
+    cuda = inputs[0].is_cuda
     rows = []
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
-        if inputs[0].is_cuda:
+        STAMPS.clear()
+        EVENTS.clear()
+        if cuda:
             torch.cuda.synchronize()
+            EVENTS["start"] = torch.cuda.Event(enable_timing=True)
         t0 = time.perf_counter()
+        if cuda:
+            EVENTS["start"].record()
         loss = fn(*inputs)
-        t1 = time.perf_counter()
+        stamp("returned")
         loss.backward()
+        stamp("backward_done")
         opt.step()
+        stamp("step_done")
         t = STAMPS
-        rows.append({
+        row = {
             "call_to_forward": t["fwd_in"] - t0,
-            "forward_graph": t.get("fwd_out", t1) - t["fwd_in"],
-            "forward_to_return": t1 - t.get("fwd_out", t1),
-            "backward_to_graph": t["bwd_in"] - t1 if "bwd_in" in t else float("nan"),
-        })
-    return {k: round(1e3 * statistics.median(r[k] for r in rows), 3) for k in PHASES}
+            "forward_graph": t.get("fwd_out", t["returned"]) - t["fwd_in"],
+            "forward_to_return": t["returned"] - t.get("fwd_out", t["returned"]),
+            "backward_to_graph": t["bwd_in"] - t["returned"] if "bwd_in" in t else float("nan"),
+        }
+        if cuda:
+            torch.cuda.synchronize()
+            start = EVENTS.pop("start")
+            for name in LEADS:
+                if name in EVENTS:
+                    row[f"lead_{name}"] = start.elapsed_time(EVENTS[name]) / 1e3 - (t[name] - t0)
+        rows.append(row)
+    EVENTS.clear()
+    return {k: round(1e3 * statistics.median(r[k] for r in rows), 3) for k in rows[0]}
 
 
 def _top_own_time(fn, inputs, opt, steps: int, rows: int) -> str:
@@ -111,10 +148,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip-guards", action="store_true",
                     help="also run the rewritten step with dynamo's guard evaluation skipped")
+    ap.add_argument("--budget", default=None,
+                    help="plan the rewritten step for this budget (default: nothing recomputed)")
+    ap.add_argument("--swap", choices=("on", "off"), default="on",
+                    help="with --budget: let the plan swap (on) or recompute only (off)")
     ap.add_argument("--out", default=None, help="write <out>/<model>_prologue.json")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    results: dict = {"model": args.model, "batch_size": args.batch_size, "torch": torch.__version__}
+    results: dict = {"model": args.model, "batch_size": args.batch_size, "torch": torch.__version__,
+                     "budget": args.budget, "swap": args.swap if args.budget else None}
     for label in ("eager", "rewritten"):
         torch.compiler.reset()
         w = make_workload(args.model, args.batch_size, device=device, seq_len=args.seq_len)
@@ -127,8 +169,12 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             rewriter.partition, plain = _stamped_partition(), rewriter.partition
             try:
-                fn = planned_step(w, opt, budget=2**50)  # nothing recomputed
+                made: dict = {}
+                fn = planned_step(w, opt, budget=args.budget or 2**50,  # default: nothing dropped
+                                  made=made, swap=args.swap == "on")
                 fn(*w.inputs).backward()  # capture, profile, plan
+                results["plan"] = made["plan"].summary()
+                print(f"plan: {results['plan']}")
             finally:
                 rewriter.partition = plain
         variants = {label: contextlib.nullcontext}
@@ -146,7 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(top)
         del w, opt, fn
     if args.out:
-        path = Path(args.out) / f"{args.model}_prologue.json"
+        suffix = f"_{args.budget}_swap_{args.swap}" if args.budget else ""
+        path = Path(args.out) / f"{args.model}_prologue{suffix}.json"
         path.write_text(json.dumps(results, indent=1))
         print(f"wrote {path}")
     return results
