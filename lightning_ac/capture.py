@@ -265,16 +265,23 @@ def count_batches_in_place(joint: JointGraph) -> int:
         inc = graph.call_function(increment_counters, ([a.args[0] for a in adds],))
     inc.meta.update(partitioner_tag=adds[-1].meta.get("partitioner_tag"),
                     val=[a.meta["val"] for a in adds])
-    anchor = inc
-    for k, add in enumerate(adds):
-        with graph.inserting_after(anchor):
-            item = graph.call_function(operator.getitem, (inc, k))
-        item.meta.update(add.meta)
-        add.replace_all_uses_with(item)
-        graph.erase_node(add)
-        anchor = item
+    _hand_out(graph, inc, [(add, k) for k, add in enumerate(adds)])
     joint.gm.recompile()
     return len(adds)
+
+
+def _hand_out(graph: fx.Graph, node: fx.Node, replaced: list[tuple[fx.Node, int]]) -> fx.Node:
+    """Replace each ``(old, j)`` of ``replaced`` by ``node[j]``, a getitem inserted (in this
+    order) right after ``node``, and erase ``old``; returns the last getitem."""
+    anchor = node
+    for old, j in replaced:
+        with graph.inserting_after(anchor):
+            item = graph.call_function(operator.getitem, (node, j))
+        item.meta.update(old.meta)
+        old.replace_all_uses_with(item)
+        graph.erase_node(old)
+        anchor = item
+    return anchor
 
 
 class _BatchNormStats(NamedTuple):
@@ -355,16 +362,8 @@ def batch_norm_without_buffers(joint: JointGraph) -> int:
                 momentum, eps, [bn.count for bn in group]))
         upd.meta.update(partitioner_tag=group[0].outs[1].meta.get("partitioner_tag"),
                         val=[*(m.meta["val"] for m in means), *(v.meta["val"] for v in variances)])
-        anchor = upd
-        for k, bn in enumerate(group):
-            outs = bn.outs
-            for i, j in ((3, k), (4, len(group) + k)):
-                with graph.inserting_after(anchor):
-                    new = graph.call_function(operator.getitem, (upd, j))
-                new.meta.update(outs[i].meta)
-                anchor = new
-                outs[i].replace_all_uses_with(new)
-                graph.erase_node(outs[i])
+        anchor = _hand_out(graph, upd, [(bn.outs[i], j) for k, bn in enumerate(group)
+                                        for i, j in ((3, k), (4, len(group) + k))])
     joint.gm.recompile()
     return sum(len(g) for g in groups.values())
 
