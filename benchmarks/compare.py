@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          "that takes long, run on its own); this run's rows are marked in "
                          "'process'")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", type=Path, default=Path("reports"))
+    ap.add_argument("--out", type=Path, default=Path("reports/compare"))
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     device = torch.device(args.device)

@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                     help="training steps per point (the median leaves out the first, planning "
                          "steps); 10 left the host-bound ResNet-152 points (b16 to b64) noisy")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per point")
-    ap.add_argument("--out", type=Path, default=Path("reports"))
+    ap.add_argument("--out", type=Path, default=Path("reports/sweep"))
     ap.add_argument("--from-csv", type=Path, nargs="+", default=None,
                     help="run nothing: merge these sweep CSVs (a later row replaces an earlier "
                          "one of the same batch size and AC), then write the CSV, charts and "
