@@ -15,18 +15,13 @@ from __future__ import annotations
 import csv
 import json
 import time
-from pathlib import Path
 
 import torch
 
-from benchmarks.common import SWAP_MODES, workload_parser
-from lightning_ac import _torch_compat as compat
-from lightning_ac.callback import parse_budget
+from benchmarks.common import NO_LIMIT, SWAP_MODES, load_workload, planned_step, workload_parser
+from lightning_ac import parse_budget
 from lightning_ac.measure import measure_steps
-from lightning_ac.planner import plan, rerun_by_op
-from lightning_ac.profiler import profile_joint
-from lightning_ac.rewriter import compile_with_plan
-from lightning_ac.zoo import make_workload
+from lightning_ac.planner import rerun_by_op
 
 GIB = 2**30
 
@@ -51,69 +46,59 @@ def describe_plan(p, prof) -> dict:
                 for n in sorted(p.kept, key=lambda n: -acts.at[n.name, "bytes"])[:8]]}
 
 
-def run_config(model: str, batch: int, seq_len: int, budget: int | None, steps: int,
-               rewrite: bool, cold_l2: bool = False, swap: bool = True) -> dict:
-    torch.cuda.empty_cache()
-    w = make_workload(model, batch, device="cuda", seq_len=seq_len)
+def run_config(args, budget: int | None, rewrite: bool, swap: bool = True) -> dict:
+    """One configuration: eager (``rewrite`` False), the rewritten step with nothing recomputed
+    (``budget`` None) or planned for ``budget``; its row of the table."""
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    w = load_workload(args.model, args.batch_size, device=args.device, seq_len=args.seq_len)
     opt = torch.optim.Adam(w.model.parameters(), lr=1e-4)
-    info: dict = {}
-    fn = w.loss
-    if rewrite:
-        def make_plan(joint):
-            t0 = time.perf_counter()
-            with compat.real_tensor_mode():
-                prof = profile_joint(joint, opt, cold_l2=cold_l2)
-            p = plan(prof, budget, swap=swap)
-            info.update(plan=p, profile=prof, first_step_s=time.perf_counter() - t0)
-            return p
-
-        fn = compile_with_plan(w.loss, w.model, make_plan)
+    fn = planned_step(w, opt, budget or NO_LIMIT, swap=swap,
+                      profile_options={"cold_l2": args.cold_l2}) if rewrite else w.loss
     t0 = time.perf_counter()
-    m = measure_steps(fn, w.inputs, opt, steps=steps, warmup=2)
-    row = {"model": model, "batch": batch, "config": "eager" if not rewrite else
+    m = measure_steps(fn, w.inputs, opt, steps=args.steps, warmup=args.warmup)
+    row = {"model": args.model, "batch": args.batch_size, "config": "eager" if not rewrite else
            ("rewritten, nothing recomputed" if budget is None else
             "MuTwoAC" if swap else "MuTwoAC, recompute only"),
            "budget_GiB": round(budget / GIB, 3) if budget else None,
-           "peak_GiB": round(m.peak_B / GIB, 3), "step_ms": round(m.step_ms, 2),
-           "total_s": round(time.perf_counter() - t0, 1)}
+           "peak_GiB": round(m.peak_B / GIB, 3) if m.peak_B else None,
+           "step_ms": round(m.step_ms, 2), "total_s": round(time.perf_counter() - t0, 1)}
     if rewrite:
-        p = info["plan"]
-        row.update(cold_l2=cold_l2, predicted_peak_GiB=round(p.predicted_peak_B / GIB, 3),
+        p, prof = fn.plan, fn.profile
+        row.update(cold_l2=args.cold_l2, predicted_peak_GiB=round(p.predicted_peak_B / GIB, 3),
                    predicted_extra_ms=round(p.predicted_extra_ms, 2),
                    recomputed=len(p.recomputed), recomputed_GiB=round(p.recomputed_B / GIB, 3),
                    swapped=len(p.swapped), swapped_GiB=round(p.swapped_B / GIB, 3),
                    stop_reason=p.stop_reason, planning_s=round(p.planning_s, 2),
-                   capture_profile_plan_s=round(info["first_step_s"], 1),
-                   profile_peak_GiB=round(info["profile"].peak_bytes / GIB, 3))
-        row["peak_vs_predicted"] = round(m.peak_B / p.predicted_peak_B, 4)
-        row["plan"] = describe_plan(p, info["profile"])
+                   capture_profile_plan_s=round(fn.planning_call_s, 1),
+                   profile_peak_GiB=round(prof.peak_bytes / GIB, 3))
+        if m.peak_B:
+            row["peak_vs_predicted"] = round(m.peak_B / p.predicted_peak_B, 4)
+        row["plan"] = describe_plan(p, prof)
     torch.compiler.reset()  # drop compiled graphs (and the tensors they hold) between configs
     return row
 
 
-def main() -> None:
-    ap = workload_parser(__doc__, "resnet152", 128)
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = workload_parser(__doc__, "resnet152", 128, out="reports/ac")
     ap.add_argument("--budgets", nargs="*", default=[])
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--out", type=Path, default=Path("reports/ac"))
     ap.add_argument("--swap", choices=list(SWAP_MODES), default="on",
                     help="let the planner swap activations to host memory (both: one run each)")
     ap.add_argument("--cold-l2", action="store_true",
                     help="profile with the L2 cache evicted before each timed node run")
-    args = ap.parse_args()
-    rows = [run_config(args.model, args.batch_size, args.seq_len, None, args.steps, False),
-            run_config(args.model, args.batch_size, args.seq_len, None, args.steps, True,
-                       args.cold_l2)]
-    swaps = SWAP_MODES[args.swap]
+    args = ap.parse_args(argv)
+    if args.precision != "32-true":
+        ap.error("ac_budgets runs fp32 only (see compare.py for bf16-mixed)")
+    rows = [run_config(args, None, False), run_config(args, None, True)]
     for b in args.budgets:
-        for swap in swaps:
-            rows.append(run_config(args.model, args.batch_size, args.seq_len, parse_budget(b),
-                                   args.steps, True, args.cold_l2, swap))
+        for swap in SWAP_MODES[args.swap]:
+            rows.append(run_config(args, parse_budget(b), True, swap))
     eager = rows[0]
     args.out.mkdir(parents=True, exist_ok=True)
     plans = {}
     for r in rows:
-        r["peak_vs_eager"] = round(r["peak_GiB"] / eager["peak_GiB"], 4)
+        if eager["peak_GiB"]:
+            r["peak_vs_eager"] = round(r["peak_GiB"] / eager["peak_GiB"], 4)
         r["time_vs_eager"] = round(r["step_ms"] / eager["step_ms"], 4)
         if "plan" in r:
             plans[f"{r['config']} {r['budget_GiB']}"] = r.pop("plan")  # one per config
@@ -126,6 +111,7 @@ def main() -> None:
         wr.writeheader()
         wr.writerows(rows)
     print(f"wrote {path}")
+    return rows
 
 
 if __name__ == "__main__":

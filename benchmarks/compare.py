@@ -45,15 +45,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from benchmarks.common import PRECISIONS, with_precision, workload_parser
-from lightning_ac import _torch_compat as compat
-from lightning_ac.capture import unwrap_compile_error
+from benchmarks.common import NO_LIMIT, load_workload, planned_step, with_precision, workload_parser
+from benchmarks.zoo import Workload
+from lightning_ac.errors import unwrap_compile_error
 from lightning_ac.measure import measure_steps, train_step
-from lightning_ac.planner import plan
-from lightning_ac.profiler import profile_joint
 from lightning_ac.report import pyplot
-from lightning_ac.rewriter import compile_with_plan
-from lightning_ac.zoo import Workload, make_workload
 
 GIB = 2**30
 COMPILE_BUDGETS = (0.1, 0.3, 0.5, 0.7)
@@ -133,12 +129,10 @@ def mutwoac_option(setting: str, budget_B: int | None) -> Option:
     made: dict = {}
 
     def build(w: Workload, optimizer):
-        def make_plan(joint):
-            with compat.real_tensor_mode():
-                made["plan"] = plan(profile_joint(joint, optimizer), budget_B)
-            return made["plan"]
-
-        return compile_with_plan(w.loss, w.model, make_plan)
+        # below the floor, the lowest-peak plan runs (the callback raises there): the row says
+        # so and is no point of MuTwoAC's curve
+        made["ac"] = planned_step(w, optimizer, budget_B or NO_LIMIT)
+        return made["ac"]
 
     return Option("mutwoac", setting, build, budget_B=budget_B, made=made)
 
@@ -209,7 +203,7 @@ def run_option(opt: Option, args, device: torch.device) -> dict:
     try:
         with opt.config(), _time_limit(args.option_timeout):
             torch.compiler.reset()
-            w = make_workload(args.model, args.batch_size, device=device, seq_len=args.seq_len)
+            w = load_workload(args.model, args.batch_size, device=device, seq_len=args.seq_len)
             optimizer = torch.optim.Adam(w.model.parameters(), lr=1e-4)
             t0 = time.perf_counter()
             step = with_precision(opt.build(w, optimizer), device, args.precision)
@@ -217,7 +211,8 @@ def run_option(opt: Option, args, device: torch.device) -> dict:
             if cuda:
                 torch.cuda.synchronize(device)
             row["first_step_s"] = round(time.perf_counter() - t0, 2)
-            m = measure_steps(step, w.inputs, optimizer, steps=args.steps, warmup=2)
+            m = measure_steps(step, w.inputs, optimizer, steps=args.steps,
+                              warmup=getattr(args, "warmup", 2))
         row.update(status="ok", step_ms=round(m.step_ms, 2),
                    peak_GiB=round((m.peak_B - base) / GIB, 3) if m.peak_B is not None else None)
     except Exception as exc:  # one option failing (OOM, compile error) must not stop the others
@@ -228,7 +223,8 @@ def run_option(opt: Option, args, device: torch.device) -> dict:
                    if str(exc).strip() else type(exc).__name__)
         if not oom and args.verbose:
             traceback.print_exc()
-    p = opt.made.pop("plan", None)
+    ac = opt.made.pop("ac", None)
+    p = ac.plan if ac is not None else None
     if p is not None:
         row.update(predicted_peak_GiB=round(p.predicted_peak_B / GIB, 3),
                    recomputed=len(p.recomputed), stop_reason=p.stop_reason)
@@ -356,9 +352,8 @@ def write_rows(rows: list[dict], out: Path, model: str, precision: str,
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = workload_parser(__doc__, "resnet152", 128, formatter=argparse.RawTextHelpFormatter)
-    ap.add_argument("--precision", default="32-true", choices=PRECISIONS)
-    ap.add_argument("--steps", type=int, default=5, help="measured steps per option")
+    ap = workload_parser(__doc__, "resnet152", 128, out="reports/compare",
+                         formatter=argparse.RawTextHelpFormatter)
     ap.add_argument("--options", nargs="*", default=list(FAMILIES), choices=FAMILIES)
     ap.add_argument("--mutwo-budgets", nargs="*", default=None,
                     help="MuTwoAC budgets in GiB (default: the peaks the other options reached)")
@@ -370,8 +365,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="keep this model and precision's rows of options not run now (a family "
                          "that takes long, run on its own); this run's rows are marked in "
                          "'process'")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", type=Path, default=Path("reports/compare"))
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     device = torch.device(args.device)

@@ -18,14 +18,9 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.common import workload_parser
-from lightning_ac import _torch_compat as compat
-from lightning_ac.callback import parse_budget
+from benchmarks.common import NO_LIMIT, load_workload, planned_step, workload_parser
 from lightning_ac.measure import train_step
-from lightning_ac.planner import plan, rerun_by_op
-from lightning_ac.profiler import profile_joint
-from lightning_ac.rewriter import compile_with_plan
-from lightning_ac.zoo import make_workload
+from lightning_ac.planner import rerun_by_op
 
 
 def _step(fn, inputs, opt, sync):
@@ -36,8 +31,6 @@ def _step(fn, inputs, opt, sync):
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     """Print the tables; return wall ms and aten op calls per step for each variant."""
     ap = workload_parser(__doc__, "resnet152", 32)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--budget", default=None,
                     help='plan the rewritten step for this budget (default: nothing recomputed)')
@@ -49,22 +42,17 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for label in ("eager", "rewritten"):
         torch.compiler.reset()
-        w = make_workload(args.model, args.batch_size, device=device, seq_len=args.seq_len)
+        w = load_workload(args.model, args.batch_size, device=device, seq_len=args.seq_len)
         opt = torch.optim.Adam(w.model.parameters(), lr=1e-4)
         fn = w.loss
         if label == "rewritten":
-            def make_plan(joint, opt=opt):
-                with compat.real_tensor_mode():
-                    prof = profile_joint(joint, opt, runs=1)
-                    p = plan(prof, parse_budget(args.budget))
-                print(f"plan: {p.summary()}")
-                if p.recomputed_nodes:  # the prediction, by op, to set beside the kernel table
-                    print(rerun_by_op(p, prof).to_string())
-                return p
-
-            fn = compile_with_plan(w.loss, w.model, make_plan)
-        for _ in range(3):
+            fn = planned_step(w, opt, args.budget or NO_LIMIT, profile_options={"runs": 1})
+        for _ in range(max(1, args.warmup)):
             _step(fn, w.inputs, opt, sync)
+        if label == "rewritten":
+            print(f"plan: {fn.plan.summary()}")
+            if fn.plan.recomputed_nodes:  # the prediction, by op, to set beside the kernel table
+                print(rerun_by_op(fn.plan, fn.profile).to_string())
         t0 = time.perf_counter()
         for _ in range(args.steps):
             _step(fn, w.inputs, opt, sync)

@@ -7,8 +7,8 @@ recomputable dropped) to the un-checkpointed peak, so that something is always r
 Dropout draws the same masks in both runs: random ops replay their generator state. Writes
 ``<out>/<model>_loss_curves.csv`` and ``.png`` and prints the largest relative difference.
 
-    PYTHONPATH=. python benchmarks/loss_curves.py --model bert --batch-size 8 --seq-len 512
-    PYTHONPATH=. python benchmarks/loss_curves.py --model resnet152 --batch-size 32
+    PYTHONPATH=. python benchmarks/loss_curves.py --model bert --batch-size 8 --seq-len 512 --steps 50
+    PYTHONPATH=. python benchmarks/loss_curves.py --model resnet152 --batch-size 32 --steps 50
 """
 
 from __future__ import annotations
@@ -19,19 +19,17 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from benchmarks.common import planned_step, workload_parser
+from benchmarks.common import load_workload, planned_step, workload_parser
 from lightning_ac.planner import Plan
 from lightning_ac.report import pyplot
-from lightning_ac.zoo import make_workload
 
 
 def train(args, device: torch.device, ac: bool) -> tuple[list[float], Plan | None]:
     """Losses of ``args.steps`` steps; with ``ac``, the plan the rewritten step ran."""
-    w = make_workload(args.model, args.batch_size, device=device, seq_len=args.seq_len,
+    w = load_workload(args.model, args.batch_size, device=device, seq_len=args.seq_len,
                       seed=args.seed)
     opt = torch.optim.Adam(w.model.parameters(), lr=args.lr)
-    made: dict = {}
-    step = planned_step(w, opt, args.budget, args.share, made) if ac else w.loss
+    step = planned_step(w, opt, args.budget, args.share) if ac else w.loss
     torch.manual_seed(args.seed)  # the same dropout draws in both runs
     if device.type == "cuda":
         torch.cuda.manual_seed(args.seed)
@@ -43,7 +41,7 @@ def train(args, device: torch.device, ac: bool) -> tuple[list[float], Plan | Non
         opt.step()
         losses.append(loss.item())
     torch.compiler.reset()
-    return losses, made.get("plan")
+    return losses, step.plan if ac else None
 
 
 def plot(df: pd.DataFrame, path: Path, title: str) -> None:
@@ -70,15 +68,12 @@ def plot(df: pd.DataFrame, path: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
-    ap = workload_parser(__doc__, "bert", 8)
-    ap.add_argument("--steps", type=int, default=50)
+    ap = workload_parser(__doc__, "bert", 8, out="reports/curves")
     ap.add_argument("--budget", default=None, help='e.g. "3.5GiB" (default: see --share)')
     ap.add_argument("--share", type=float, default=0.5,
                     help="budget this share of the way from the plan's floor to the peak")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", type=Path, default=Path("reports/curves"))
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS

@@ -18,11 +18,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from benchmarks.common import planned_step, workload_parser
+from benchmarks.common import load_workload, planned_step, workload_parser
 from lightning_ac import _torch_compat as compat
 from lightning_ac.measure import train_step
 from lightning_ac.report import pyplot
-from lightning_ac.zoo import make_workload
 
 _GIB = 2**30
 _COLORS = {"without AC": "#c44e52", "with MuTwoAC": "#4c72b0"}
@@ -108,29 +107,26 @@ def _axes(df: pd.DataFrame, title: str, budget_B: int | None):
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
-    ap = workload_parser(__doc__, "resnet152", 64)
+    ap = workload_parser(__doc__, "resnet152", 64, out="reports/memory", device="cuda")
     ap.add_argument("--budget", default=None, help='e.g. "6GiB" (default: see --share)')
     ap.add_argument("--share", type=float, default=0.5,
                     help="budget this share of the way from the plan's floor to the peak")
     ap.add_argument("--frames", type=int, default=48)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--out", type=Path, default=Path("reports/memory"))
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type != "cuda":
         ap.error("the allocator's history is recorded on CUDA only")
-    parts, made = [], {}
+    parts, p = [], None
     for variant in ("without AC", "with MuTwoAC"):
         torch.cuda.empty_cache()
-        w = make_workload(args.model, args.batch_size, device=device, seq_len=args.seq_len)
+        w = load_workload(args.model, args.batch_size, device=device, seq_len=args.seq_len)
         opt = torch.optim.Adam(w.model.parameters(), lr=1e-4)
-        step = w.loss if variant == "without AC" else \
-            planned_step(w, opt, args.budget, args.share, made)
+        step = w.loss if variant == "without AC" else planned_step(w, opt, args.budget, args.share)
         parts.append(record_step(step, w.inputs, opt, device).assign(variant=variant))
+        p = getattr(step, "plan", p)
         del w, opt, step
         torch.compiler.reset()
     df = pd.concat(parts, ignore_index=True)[["variant", "ms", "allocated_B"]]
-    p = made["plan"]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{args.model}_memory_timeline"
     df.to_csv(stem.with_suffix(".csv"), index=False)

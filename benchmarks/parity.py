@@ -12,18 +12,12 @@ from __future__ import annotations
 
 import collections
 import json
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.common import workload_parser
-from lightning_ac import _torch_compat as compat
+from benchmarks.common import NO_LIMIT, load_workload, planned_step, workload_parser
 from lightning_ac.measure import train_step
-from lightning_ac.planner import plan
-from lightning_ac.profiler import profile_iteration
-from lightning_ac.rewriter import compile_with_plan
-from lightning_ac.zoo import make_workload
 
 
 def saved_by_shape(fn, inputs, params) -> collections.Counter:
@@ -46,13 +40,13 @@ def saved_by_shape(fn, inputs, params) -> collections.Counter:
     return out
 
 
-def kernel_table(fn, inputs, opt, steps: int) -> tuple[dict, float, float]:
+def kernel_table(fn, inputs, opt, steps: int, warmup: int = 3) -> tuple[dict, float, float]:
     """GPU ms per step by kernel name, GPU busy ms per step, wall ms per step."""
 
     def step():
         train_step(fn, inputs, opt)
 
-    for _ in range(3):
+    for _ in range(warmup):
         step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
@@ -70,23 +64,19 @@ def kernel_table(fn, inputs, opt, steps: int) -> tuple[dict, float, float]:
     return dict(per_kernel), sum(per_kernel.values()), wall
 
 
-def run(model: str, batch: int, seq_len: int, steps: int) -> dict:
+def run(args) -> dict:
     result = {}
     for label in ("eager", "rewritten"):
         torch.compiler.reset()
         torch.cuda.empty_cache()
-        w = make_workload(model, batch, device="cuda", seq_len=seq_len)
+        w = load_workload(args.model, args.batch_size, device=args.device, seq_len=args.seq_len)
         opt = torch.optim.Adam(w.model.parameters(), lr=1e-4)
         fn = w.loss
         if label == "rewritten":
-            def make_plan(joint):
-                with compat.real_tensor_mode():
-                    prof = profile_iteration(joint)
-                return plan(prof, None)
-
-            fn = compile_with_plan(w.loss, w.model, make_plan)
+            # profiled without the optimizer, as before: only the rewritten step is wanted
+            fn = planned_step(w, None, NO_LIMIT)
             fn(*w.inputs).backward()  # capture, profile, compile
-        kernels, busy, wall = kernel_table(fn, w.inputs, opt, steps)
+        kernels, busy, wall = kernel_table(fn, w.inputs, opt, args.steps, max(1, args.warmup))
         saved = saved_by_shape(fn, w.inputs, list(w.model.parameters()))
         result[label] = {"wall_ms": wall, "gpu_busy_ms": busy, "kernels": kernels,
                          "n_kernels": len(kernels), "saved": dict(saved),
@@ -95,12 +85,12 @@ def run(model: str, batch: int, seq_len: int, steps: int) -> dict:
     return result
 
 
-def main() -> None:
-    ap = workload_parser(__doc__, "resnet152", 128)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=Path("reports/parity"))
-    args = ap.parse_args()
-    r = run(args.model, args.batch_size, args.seq_len, args.steps)
+def main(argv: list[str] | None = None) -> dict:
+    ap = workload_parser(__doc__, "resnet152", 128, out="reports/parity", device="cuda")
+    args = ap.parse_args(argv)
+    if not args.device.startswith("cuda"):
+        ap.error("parity traces CUDA kernels: it needs --device cuda")
+    r = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.model}_parity.json").write_text(json.dumps(r, indent=1))
     e, w = r["eager"], r["rewritten"]
@@ -117,6 +107,7 @@ def main() -> None:
     print("saved (MiB): eager rewritten")
     for k in sdiff[:12]:
         print(f"  {e['saved'].get(k, 0) / 2**20:9.1f} {w['saved'].get(k, 0) / 2**20:9.1f}  {k}")
+    return r
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ at each point (``lead_*``): where it is near zero the GPU was waiting for the ho
 ``--budget`` (with ``--swap on|off``) plans the rewritten step for a budget instead of keeping
 everything.
 
-    PYTHONPATH=. python benchmarks/prologue.py --model resnet152 --batch-size 128 --out $OUT
+    PYTHONPATH=. python benchmarks/prologue.py --model resnet152 --batch-size 128 --steps 20 --out $OUT
 """
 
 from __future__ import annotations
@@ -33,10 +33,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import planned_step, workload_parser
+from benchmarks.common import NO_LIMIT, load_workload, planned_step, workload_parser
 from lightning_ac import rewriter
 from lightning_ac.measure import measure_steps
-from lightning_ac.zoo import make_workload
 
 PHASES = ("call_to_forward", "forward_graph", "forward_to_return", "backward_to_graph")
 """Host ms per step: call → forward graph's first node, the forward graph itself, its last node →
@@ -143,23 +142,20 @@ def _top_own_time(fn, inputs, opt, steps: int, rows: int) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = workload_parser(__doc__, "resnet152", 128)
-    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rows", type=int, default=25)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip-guards", action="store_true",
                     help="also run the rewritten step with dynamo's guard evaluation skipped")
     ap.add_argument("--budget", default=None,
                     help="plan the rewritten step for this budget (default: nothing recomputed)")
     ap.add_argument("--swap", choices=("on", "off"), default="on",
                     help="with --budget: let the plan swap (on) or recompute only (off)")
-    ap.add_argument("--out", default=None, help="write <out>/<model>_prologue.json")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     results: dict = {"model": args.model, "batch_size": args.batch_size, "torch": torch.__version__,
                      "budget": args.budget, "swap": args.swap if args.budget else None}
     for label in ("eager", "rewritten"):
         torch.compiler.reset()
-        w = make_workload(args.model, args.batch_size, device=device, seq_len=args.seq_len)
+        w = load_workload(args.model, args.batch_size, device=device, seq_len=args.seq_len)
         opt = torch.optim.Adam(w.model.parameters(), lr=1e-4)
         STAMPS.clear()
         if label == "eager":
@@ -169,11 +165,10 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             rewriter.partition, plain = _stamped_partition(), rewriter.partition
             try:
-                made: dict = {}
-                fn = planned_step(w, opt, budget=args.budget or 2**50,  # default: nothing dropped
-                                  made=made, swap=args.swap == "on")
+                fn = planned_step(w, opt, budget=args.budget or NO_LIMIT,  # default: nothing dropped
+                                  swap=args.swap == "on")
                 fn(*w.inputs).backward()  # capture, profile, plan
-                results["plan"] = made["plan"].summary()
+                results["plan"] = fn.plan.summary()
                 print(f"plan: {results['plan']}")
             finally:
                 rewriter.partition = plain
@@ -183,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "default", skip_guard_eval_unsafe=True)
         for name, ctx in variants.items():
             with ctx():
-                step = measure_steps(fn, w.inputs, opt, steps=args.steps, warmup=3)
+                step = measure_steps(fn, w.inputs, opt, steps=args.steps, warmup=args.warmup)
                 phases = _phases(fn, w.inputs, opt, args.steps)
                 top = _top_own_time(fn, w.inputs, opt, 5, args.rows)
             results[name] = {"step_ms": round(step.step_ms, 2), **phases, "cprofile_forward": top}

@@ -33,10 +33,17 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import PRECISIONS, SWAP_MODES, gc_pauses, planned_step, with_precision, workload_parser
-from lightning_ac.callback import parse_budget
+from benchmarks.common import (
+    NO_LIMIT,
+    SWAP_MODES,
+    gc_pauses,
+    load_workload,
+    planned_step,
+    with_precision,
+    workload_parser,
+)
+from lightning_ac import parse_budget
 from lightning_ac.measure import measure_steps, train_step
-from lightning_ac.zoo import make_workload
 
 GIB = 2**30
 GAP_US = 30.0
@@ -157,24 +164,24 @@ BASELINES = ("eager", "parity")
 
 
 def run(model: str, batch: int, seq_len: int, budget_B: int | None, swap: bool, steps: int,
-        config: str = "plan", precision: str = "32-true") -> dict:
+        config: str = "plan", precision: str = "32-true", warmup: int = 2) -> dict:
     """Plan, measure and trace one configuration (a freshly built model): ``plan`` (the plan at
     ``budget_B``), or one of :data:`BASELINES`."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.compiler.reset()
     torch.cuda.empty_cache()
-    w = make_workload(model, batch, device="cuda", seq_len=seq_len)
+    w = load_workload(model, batch, device="cuda", seq_len=seq_len)
     opt = torch.optim.Adam(w.model.parameters(), lr=1e-4)
-    made = {}
+    ac = None
     if config == "eager":
         fn = w.loss
     else:  # parity: a budget no step reaches leaves the plan empty
-        fn = planned_step(w, opt, budget_B if config == "plan" else 2**50, made=made, swap=swap)
+        fn = ac = planned_step(w, opt, budget_B if config == "plan" else NO_LIMIT, swap=swap)
     fn = with_precision(fn, torch.device("cuda"), precision)
     train_step(fn, w.inputs, opt)  # the first step plans (and collects the garbage it leaves)
     with gc_pauses() as gc_stats:
-        m = measure_steps(fn, w.inputs, opt, steps=steps, warmup=2)
+        m = measure_steps(fn, w.inputs, opt, steps=steps, warmup=warmup)
     traced = 2
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as pr:
@@ -188,8 +195,8 @@ def run(model: str, batch: int, seq_len: int, budget_B: int | None, swap: bool, 
     row = {"config": config, "swap": swap if config == "plan" else None,
            "step_ms": round(m.step_ms, 2), "step_ms_all": [round(t, 1) for t in m.step_ms_all],
            "peak_GiB": round(m.peak_B / GIB, 3), "gc_during_steps": gc_stats}
-    if made:
-        p, s = made["plan"], made["profile"].summary
+    if ac is not None:
+        p, s = ac.plan, ac.profile.summary
         row.update(predicted_peak_GiB=round(p.predicted_peak_B / GIB, 3),
                    predicted_extra_ms=round(p.predicted_extra_ms, 2), swapped=len(p.swapped),
                    swapped_GiB=round(p.swapped_B / GIB, 3), recomputed=len(p.recomputed),
@@ -199,22 +206,19 @@ def run(model: str, batch: int, seq_len: int, budget_B: int | None, swap: bool, 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = workload_parser(__doc__, "resnet152", 128)
+    ap = workload_parser(__doc__, "resnet152", 128, out="reports/ac", device="cuda")
     ap.add_argument("--budget", default="12GiB")
-    ap.add_argument("--steps", type=int, default=10, help="untraced steps measured per plan")
     ap.add_argument("--swap", choices=list(SWAP_MODES), default="both")
-    ap.add_argument("--precision", default="32-true", choices=PRECISIONS)
     ap.add_argument("--baseline", action="store_true",
                     help="first trace the eager step and the rewritten one with nothing dropped")
-    ap.add_argument("--out", type=Path, default=Path("reports/ac"))
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() or not args.device.startswith("cuda"):
         raise SystemExit("stream_trace.py traces CUDA streams: it needs a CUDA device")
     budget = parse_budget(args.budget)
     configs = [(c, False) for c in BASELINES if args.baseline]
     configs += [("plan", swap) for swap in SWAP_MODES[args.swap]]
     rows = [run(args.model, args.batch_size, args.seq_len, budget, swap, args.steps, config,
-                args.precision) for config, swap in configs]
+                args.precision, args.warmup) for config, swap in configs]
     for r in rows:
         t = r["traced"]
         name = f"swap={r['swap']}" if r["config"] == "plan" else r["config"]

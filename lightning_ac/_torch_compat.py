@@ -106,7 +106,7 @@ def use_boxed_calling_convention(gm: fx.GraphModule) -> fx.GraphModule:
 
     AOTAutograd calls compiled graphs "boxed": the runtime hands over the list of saved
     tensors, and a boxed graph drops each one at its last use. With plain calling, every saved
-    activation stays alive until backward returns (1.5 GiB more on ResNet-152, DESIGN.md).
+    activation stays alive until backward returns (1.5 GiB more on ResNet-152 b128, H100: docs/design.md).
     """
     gm.graph.set_codegen(torch.fx.graph._BoxedCodeGen())
     gm.recompile()

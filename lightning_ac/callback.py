@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import functools
-import gc
-import re
+import logging
 import statistics
 import time
 from typing import Any
@@ -12,76 +10,26 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
-from lightning_ac import _torch_compat as compat
-from lightning_ac.capture import (
-    JointGraph,
-    describe_capture_failure,
-    unwrap_compile_error,
+from lightning_ac.errors import BudgetError
+from lightning_ac.install import (
+    AutoCheckpoint,
+    State,
+    auto_checkpoint,
+    device_memory_limit,
+    parse_budget,
+    validate_options,
 )
 from lightning_ac.measure import peak_memory_B
-from lightning_ac.planner import Plan, plan
-from lightning_ac.profiler import NodeOutOfMemoryError, Profile, op_name, profile_joint
+from lightning_ac.planner import Plan
+from lightning_ac.profiler import Profile
 from lightning_ac.report import format_bytes
-from lightning_ac.rewriter import compile_with_plan
-from lightning_ac.simulator import peak_breakdown
 
 __all__ = ["BudgetError", "MuTwoAC", "StepMonitor", "device_memory_limit", "parse_budget"]
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-_BUDGET_FORMS = ('an int number of bytes, or a string such as "6GB", "5.5GiB", "800MB" '
-                 '(GB = 10^9 bytes, GiB = 2^30), or None for the device\'s memory limit')
-
-
-class BudgetError(RuntimeError):
-    """The memory budget cannot be met even by recomputing every activation that can be."""
-
-
-def parse_budget(budget: int | str | None) -> int | None:
-    """Bytes of a budget given as an int, a string with a unit, or None (no explicit budget).
-
-    Raises:
-        MisconfigurationException: for anything else, or a budget that is not positive.
-    """
-    if budget is None:
-        return None
-    if isinstance(budget, bool) or not isinstance(budget, (int, str)):
-        raise MisconfigurationException(
-            f"MuTwoAC(budget={budget!r}) is not a valid budget: expected {_BUDGET_FORMS}.")
-    if isinstance(budget, int):
-        value = budget
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", budget)
-        unit = m.group(2).upper() if m else None
-        if m is None or unit not in _UNITS:
-            raise MisconfigurationException(
-                f"MuTwoAC(budget={budget!r}) is not a valid budget: expected {_BUDGET_FORMS}.")
-        value = int(float(m.group(1)) * _UNITS[unit])
-    if value <= 0:
-        raise MisconfigurationException(
-            f"MuTwoAC(budget={budget!r}) must be positive: expected {_BUDGET_FORMS}.")
-    return value
-
-
-def device_memory_limit(device: torch.device, margin: float = 0.05) -> int | None:
-    """Bytes this process may allocate on ``device``, less a safety margin; None on the CPU.
-
-    The smaller of the per-process memory fraction's share of the card and what the card has
-    left once other processes' memory is taken out; ``margin`` leaves room for fragmentation
-    (the allocator reserves more than it hands out).
-    """
-    if device.type != "cuda":
-        return None
-    # torch.cuda's getters want an index: a bare "cuda" is refused by some of them (torch 2.11)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    free, total = torch.cuda.mem_get_info(index)
-    others = max(0, (total - free) - torch.cuda.memory_reserved(index))
-    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-    fraction = get_fraction(index) if get_fraction else 1.0
-    return int(min(total * fraction, total - others) * (1.0 - margin))
+log = logging.getLogger(__name__)
 
 
 class StepMonitor(Callback):
@@ -182,9 +130,10 @@ class MuTwoAC(StepMonitor):
     On the first training step the module's forward and backward are captured as one aten graph,
     every node is profiled on the device (with the optimizer step), the μ-TWO planner picks the
     activations to swap and to recompute so that the simulated peak of the whole step is within
-    ``budget``, and the module's forward is replaced by the rewritten graph. Validation, test and predict
-    (and any call without gradients) use the original forward. ``state_dict()`` and the
-    parameters are untouched.
+    ``budget``, and the module's forward is replaced by the rewritten graph
+    (:func:`lightning_ac.auto_checkpoint` does this; the callback drives it from Lightning's
+    hooks). Validation, test and predict (and any call without gradients) use the original
+    forward. ``state_dict()`` and the parameters are untouched.
 
     Args:
         budget: peak memory of a training step, in bytes (int) or as a string with a unit:
@@ -205,8 +154,9 @@ class MuTwoAC(StepMonitor):
 
     Logged at the end of every training epoch (through the trainer's loggers):
 
-    - ``mutwo/peak_memory_B``, ``mutwo/step_time_ms``: as :class:`StepMonitor`, the planning
-      step left out
+    - ``mutwo/peak_memory_B``, ``mutwo/step_time_ms``, ``mutwo/step_time_median_ms``,
+      ``mutwo/measured_steps``: as :class:`StepMonitor`, the planning step left out
+    - ``mutwo/budget_B``: the budget planned for, in bytes (absent without a limit)
     - ``mutwo/predicted_peak_B``: the plan's simulated peak
     - ``mutwo/recomputed_B``: bytes of the activations recomputed
     - ``mutwo/swapped_B``: bytes of the activations kept in host memory
@@ -215,12 +165,14 @@ class MuTwoAC(StepMonitor):
     - ``mutwo/active``: 1 while the rewritten forward is in use, 0 otherwise
 
     Raises:
-        MisconfigurationException: for an invalid ``budget`` or ``margin``.
+        MisconfigurationException: for an invalid ``budget``, ``margin``, ``swap``,
+            ``host_swap`` or ``warmup_steps``.
         BudgetError: on the first step, if no plan reaches the budget; the message gives the
             smallest peak found and what it consists of.
 
     Warns once, at the end of an epoch whose measured peak went over the budget (memory the
-    profile did not see), with the budget that would have kept it within.
+    profile did not see), with the budget that would have kept it within; and in ``setup`` if
+    the strategy is one it cannot plan under yet (then it stays off).
     """
 
     def __init__(self, budget: int | str | None = None, *, margin: float = 0.05,
@@ -228,190 +180,68 @@ class MuTwoAC(StepMonitor):
                  host_swap: bool | str = "auto", swap: bool = True) -> None:
         super().__init__(warmup_steps=warmup_steps)
         self.budget_B = parse_budget(budget)
-        if not isinstance(swap, bool):
-            raise MisconfigurationException(f"MuTwoAC(swap={swap!r}) must be True or False.")
-        self.swap = swap
-        if host_swap not in (True, False, "auto"):
-            raise MisconfigurationException(
-                f"MuTwoAC(host_swap={host_swap!r}) must be True, False or \"auto\".")
-        self.host_swap = host_swap
-        if not 0.0 <= margin < 1.0:
-            raise MisconfigurationException(
-                f"MuTwoAC(margin={margin!r}) must be in [0, 1): the share of the device limit "
-                "kept free.")
-        self.margin = margin
+        validate_options("MuTwoAC", swap=swap, host_swap=host_swap, margin=margin)
+        self.swap, self.host_swap, self.margin = swap, host_swap, margin
         self.verbose = verbose
-        self.plan: Plan | None = None
-        self.profile: Profile | None = None
-        self.state = "idle"
-        """``idle`` (not installed yet), ``planning`` (first step), ``active``, ``off`` (the step
-        fits, or capture failed). It keeps its value after fit."""
-        self._module: LightningModule | None = None
-        self._planned_shapes: tuple | None = None
+        self.ac: AutoCheckpoint | None = None
+        """The planned step of the current (or last) fit."""
+        self._disabled: str | None = None  # why setup() turned the callback off for this fit
+        self._final_state: State | None = None  # the state when the fit ended
         self._planning_step = 0
         self._over_budget_warned = False
-        self._unplanned_shape_warned = False
 
-    # -- installing the rewritten forward ------------------------------------------------------
+    @property
+    def state(self) -> State:
+        """A :class:`~lightning_ac.State`: ``IDLE`` before the first training step of a fit,
+        then the planned step's state. It keeps its value after fit."""
+        if self._disabled is not None:
+            return State.OFF
+        if self._final_state is not None:
+            return self._final_state
+        return self.ac.state if self.ac is not None else State.IDLE
 
-    def _budget_for(self, device: torch.device) -> int | None:
-        return self.budget_B if self.budget_B is not None else \
-            device_memory_limit(device, self.margin)
+    @property
+    def plan(self) -> Plan | None:
+        """The plan of the current (or last) fit; None before its first training step."""
+        return self.ac.plan if self.ac is not None else None
 
-    def _profile(self, joint: JointGraph, optimizer, device: torch.device,
-                 previous_grads: str) -> Profile:
-        """Profile the captured step, with host swap if so configured or if it does not fit."""
-        profile = functools.partial(profile_joint, joint, optimizer, previous_grads=previous_grads)
-        if self.host_swap != "auto":
-            return profile(swap=bool(self.host_swap))
-        try:
-            return profile(swap=False)
-        except torch.cuda.OutOfMemoryError:
-            pass  # leave the except block first, so that the failed attempt's tensors are freed
-        gc.collect()
-        torch.cuda.empty_cache()
-        rank_zero_info("MuTwoAC: the step does not fit un-checkpointed; profiling it again with "
-                       "activations swapped to host memory")
-        try:
-            return profile(swap=True)
-        except torch.cuda.OutOfMemoryError as exc:
-            # Every activation was on the host: what did not fit is one op's own inputs,
-            # outputs and scratch space (a logits matrix over a large vocabulary, say). No plan
-            # can help; say so instead of an out-of-memory error from inside the profiler.
-            where = f" {exc.node.name} ({op_name(exc.node)}, outputs of " \
-                f"{format_bytes(exc.out_B)})" if \
-                isinstance(exc, NodeOutOfMemoryError) else " one op"
-            limit = device_memory_limit(device, 0.0)
-            raise BudgetError(
-                "MuTwoAC cannot run this step on the device even with every activation swapped "
-                f"to host memory:{where} needs more than is free next to the parameters and "
-                "optimizer state" + (f" (device limit {format_bytes(limit)})" if limit else "")
-                + ". Lower the batch size.\n" + str(exc).splitlines()[0]) from None
-
-    def _make_plan(self, trainer: Trainer, device: torch.device, joint: JointGraph) -> Plan:
-        t0 = time.perf_counter()
-        optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        # the joint graph already holds the casts autocast chose; running it under autocast again
-        # would cast twice
-        with compat.real_tensor_mode(), torch.autocast(device.type, enabled=False):
-            profile = self._profile(joint, optimizer, device, _previous_grads(trainer))
-        # The profile stays readable on the callback; the tensors it was captured on (parameters,
-        # and the first batch, which would otherwise stay allocated) are not needed any more.
-        joint.primal_values = []
-        if device.type == "cuda":
-            # The profile's blocks (and a failed un-swapped attempt's) are cached in a layout
-            # the training step does not share; left there they fragment its memory (BERT-base
-            # b32 under a 16 GB cap ran out with 2.2 GiB reserved but unallocated).
-            gc.collect()
-            torch.cuda.empty_cache()
-        budget = self._budget_for(device)
-        result = plan(profile, budget, swap=self.swap)
-        result.planning_s = time.perf_counter() - t0
-        self.plan, self.profile = result, profile
-        if result.stop_reason == "infeasible":
-            parts = peak_breakdown(profile, result.recomputed, result.swapped)
-            raise BudgetError(
-                f"MuTwoAC cannot meet the budget of {format_bytes(budget)}: the smallest peak "
-                f"the planner reaches is {format_bytes(result.predicted_peak_B)} ("
-                + ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in parts.items())
-                + f") with {len(result.recomputed)} activations recomputed and "
-                f"{len(result.swapped)} kept in host memory. Raise the budget, "
-                "lower the batch size, or use an optimizer with less state.")
-        return result
-
-    def _install(self, trainer: Trainer, module: LightningModule) -> None:
-        original = module.forward
-        device = module.device
-        compiled = compile_with_plan(original, module,
-                                     lambda joint: self._make_plan(trainer, device, joint))
-        callback = self
-
-        def forward(*args, **kwargs):
-            if callback.state in ("planning", "active") and module.training and \
-                    torch.is_grad_enabled():
-                shapes = _shapes(args, kwargs)
-                if callback.state == "active" and shapes != callback._planned_shapes:
-                    callback._warn_unplanned_shape(shapes)
-                    return original(*args, **kwargs)  # another shape (last batch): plain eager
-                try:
-                    out = compiled(*args, **kwargs)
-                except torch.cuda.OutOfMemoryError as exc:
-                    if callback.state != "active":
-                        raise
-                    raise torch.cuda.OutOfMemoryError(
-                        f"{exc}\n{callback._out_of_memory_hint(device)}") from exc
-                except Exception as exc:
-                    if callback.state != "planning":
-                        raise
-                    budget_error = unwrap_compile_error(exc, (BudgetError,))
-                    if budget_error is not None:
-                        raise budget_error from None
-                    callback.state = "off"
-                    rank_zero_warn(f"MuTwoAC: {describe_capture_failure(original, exc)}\n"
-                                   "Training continues without activation checkpointing.")
-                    return original(*args, **kwargs)
-                if callback.state == "planning":
-                    callback._planned_shapes = shapes
-                    callback._announce(device)
-                return out
-            return original(*args, **kwargs)
-
-        module.forward = forward
-        self._module = module
-        self.state = "planning"
-
-    def _warn_unplanned_shape(self, shapes: tuple) -> None:
-        """Say once that a batch of another shape than the planned one runs without AC: its peak
-        is not planned, and a batch only a little smaller than the planned one can still go
-        over the budget without checkpointing."""
-        if self._unplanned_shape_warned:
-            return
-        self._unplanned_shape_warned = True
-        rank_zero_warn(
-            f"MuTwoAC: a batch with inputs shaped {_describe(shapes)} runs without activation "
-            f"checkpointing: the step was planned for {_describe(self._planned_shapes)}. Its peak "
-            "memory is not planned and may go over the budget; to keep every step planned, give "
-            "every batch one shape (DataLoader(drop_last=True), padding to a fixed length).")
-
-    def _out_of_memory_hint(self, device: torch.device) -> str:
-        """What the plan expected, and what to try, for an out-of-memory error in its step."""
-        p = self.plan
-        hint = (f"MuTwoAC: this step was planned for {format_bytes(p.predicted_peak_B)} under a "
-                f"budget of {format_bytes(p.budget_B)}.")
-        if device.type == "cuda":
-            idle = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-            hint += (f" The allocator holds {format_bytes(idle)} reserved but unallocated: if "
-                     "that is large, memory is fragmented; set "
-                     "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before CUDA starts.")
-        return hint + " Otherwise lower the budget (MuTwoAC(budget=...)) or the batch size."
-
-    def _announce(self, device: torch.device) -> None:
-        p = self.plan
-        if p is None:
-            return
-        if p.stop_reason == "already fits":
-            self.state = "off"
-            limit = "no limit on the CPU" if p.budget_B is None else \
-                f"the budget of {format_bytes(p.budget_B)}"
-            rank_zero_info(f"MuTwoAC: the step already fits ({format_bytes(p.baseline_peak_B)} "
-                           f"peak, {limit}); activation checkpointing is off.")
-            return
-        self.state = "active"
-        if self.verbose:
-            rank_zero_info(f"MuTwoAC: {p.summary()}")
-
-    def _restore(self) -> None:
-        if self._module is not None and "forward" in self._module.__dict__:
-            del self._module.forward
-        self._module = None
+    @property
+    def profile(self) -> Profile | None:
+        """The profile the plan was made from."""
+        return self.ac.profile if self.ac is not None else None
 
     # -- Lightning hooks -------------------------------------------------------------------------
 
     @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Check, before the first batch, that this fit is one MuTwoAC can plan."""
+        self._disabled = None
+        if stage != "fit":
+            return
+        if trainer.world_size > 1:
+            self._disabled = f"{type(trainer.strategy).__name__} over {trainer.world_size} ranks"
+            rank_zero_warn(
+                f"MuTwoAC does not plan under {self._disabled} yet (each rank's step is split "
+                "into several graphs); training continues without activation checkpointing.")
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        self.ac, self._final_state = None, None  # a new fit plans its own step (of another model?)
+        if self._disabled is None and len(trainer.optimizers) > 1:
+            rank_zero_warn(
+                f"MuTwoAC: this fit has {len(trainer.optimizers)} optimizers; the plan counts "
+                "the first one's step and state only.")
+
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self._module is None and self.state != "off":  # first step of this fit
-            self._install(trainer, pl_module)
+        if self.ac is None and self._disabled is None:  # first step of this fit
+            self.ac = auto_checkpoint(
+                pl_module, trainer.optimizers[0] if trainer.optimizers else None,
+                budget=self.budget_B, swap=self.swap, host_swap=self.host_swap,
+                margin=self.margin, verbose=self.verbose,
+                previous_grads=_previous_grads(trainer))
             self._planning_step = self._steps_seen + 1  # the step about to run
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
@@ -419,15 +249,17 @@ class MuTwoAC(StepMonitor):
         # The planning step profiles the whole graph: not a training step's figure. The warm-up
         # steps count from the step after it, which starts on an emptied allocator cache (and,
         # when the step fits, is the first eager step).
-        return self.state != "planning" and \
+        return self.state is not State.PLANNING and \
             self._steps_seen - self._planning_step > self.warmup_steps
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         metrics = self.epoch_metrics()
-        metrics["mutwo/active"] = float(self.state == "active")
+        active = self.state is State.ACTIVE
+        metrics["mutwo/active"] = float(active)
         if self.plan is not None:
-            active = self.state == "active"
+            if self.plan.budget_B is not None:
+                metrics["mutwo/budget_B"] = float(self.plan.budget_B)
             metrics.update({
                 "mutwo/predicted_peak_B": float(self.plan.predicted_peak_B),
                 "mutwo/recomputed_B": float(self.plan.recomputed_B if active else 0),
@@ -442,7 +274,7 @@ class MuTwoAC(StepMonitor):
         """Warn once if a measured peak went over the budget: the plan is not corrected during
         training, so the user has to lower the budget to get what was asked for."""
         p = self.plan
-        if self._over_budget_warned or self.state != "active" or p is None or not peak_B \
+        if self._over_budget_warned or self.state is not State.ACTIVE or p is None or not peak_B \
                 or p.budget_B is None or peak_B <= p.budget_B:
             return
         self._over_budget_warned = True
@@ -457,11 +289,21 @@ class MuTwoAC(StepMonitor):
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._restore()  # the state stays readable after fit; a later fit plans again
+        # the original forward is back; the state and plan stay readable; a later fit plans again
+        if self.ac is not None and self._final_state is None:
+            self._final_state = self.ac.state
+            self.ac.remove()
 
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"budget_B": self.budget_B}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the budget a checkpoint was trained under (the plan is made anew on the first
+        step after resuming: it depends on the device and the batch)."""
+        budget = state_dict.get("budget_B")
+        self.budget_B = parse_budget(budget)
 
 
 def _previous_grads(trainer: Trainer) -> str:
@@ -475,22 +317,3 @@ def _previous_grads(trainer: Trainer) -> str:
     gradient accumulation they live through the whole step.
     """
     return "through_step" if trainer.accumulate_grad_batches > 1 else "until_backward"
-
-
-def _shapes(args, kwargs) -> tuple:
-    def shape(v):
-        return tuple(v.shape) if isinstance(v, torch.Tensor) else None
-
-    return tuple(shape(a) for a in args) + tuple((k, shape(v)) for k, v in sorted(kwargs.items()))
-
-
-def _describe(shapes: tuple) -> str:
-    """The tensor shapes in a :func:`_shapes` key, for a message: "[8, 3, 32, 32], mask=[8, 64]"."""
-    parts = []
-    for s in shapes:
-        if s and isinstance(s[0], str):  # a keyword argument: (name, shape or None)
-            if s[1] is not None:
-                parts.append(f"{s[0]}={list(s[1])}")
-        elif s is not None:
-            parts.append(str(list(s)))
-    return ", ".join(parts)

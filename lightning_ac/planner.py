@@ -15,7 +15,7 @@ Only activations idle across the current simulated peak (made before it, first n
 after it) are considered: dropping anything else cannot lower that peak. It never drops a
 candidate whose chain contains a random op or reads a buffer that is updated in place, nor one
 smaller than 0.1% of the largest activation. (Dropout's random op only draws the mask, which is
-kept; its output is rebuilt from the mask, see :func:`lightning_ac.capture.replayable_dropout`.)
+kept; its output is rebuilt from the mask, see :func:`lightning_ac.graph_passes.replayable_dropout`.)
 When nothing qualifies and the budget is not met it stops with ``"infeasible"`` and returns the
 lowest-peak plan it found.
 
@@ -87,6 +87,9 @@ class Plan:
     its copy out is planned to have ended)."""
     prefetch_before: dict[fx.Node, fx.Node] = field(default_factory=dict)
     """Swapped activation → the backward node before which its copy back is issued."""
+    target_B: int | None = None
+    """What the planner aimed the simulated peak at: the budget less its headroom and reserve
+    for memory the profile does not see (see :func:`plan`)."""
     planning_s: float = 0.0
     steps: list[dict] = field(default_factory=list)
     """One entry per pick: the activation, its bytes and marginal ms, and the simulated peak
@@ -201,7 +204,7 @@ def plan(profile: Profile, budget_B: int | None, headroom: float = HEADROOM,
     if target is None or baseline.peak_B <= target:
         return Plan(budget_B=budget_B, baseline_peak_B=baseline.peak_B,
                     predicted_peak_B=baseline.peak_B, predicted_extra_ms=0.0,
-                    stop_reason="already fits", kept=list(acts["node"]),
+                    stop_reason="already fits", kept=list(acts["node"]), target_B=target,
                     planning_s=time.perf_counter() - t0)
     swap = swap and profile_index(profile).can_swap
     best = _greedy(profile, budget_B, target, baseline, swap)
@@ -212,6 +215,7 @@ def plan(profile: Profile, budget_B: int | None, headroom: float = HEADROOM,
                 best = alone
         elif alone.stop_reason == "fits" or alone.predicted_peak_B < best.predicted_peak_B:
             best = alone
+    best.target_B = target
     best.planning_s = time.perf_counter() - t0
     return best
 

@@ -29,13 +29,8 @@ import torch.fx as fx
 from torch import nn
 
 from lightning_ac import _torch_compat as compat
-from lightning_ac.capture import (
-    JointGraph,
-    OptimizerGraph,
-    capture_joint,
-    capture_optimizer_step,
-    is_random_op,
-)
+from lightning_ac.capture import JointGraph, OptimizerGraph, capture_joint, capture_optimizer_step
+from lightning_ac.graph_passes import is_random_op
 
 __all__ = [
     "CATEGORIES",
@@ -493,7 +488,7 @@ def profile_iteration(joint: JointGraph, optimizer: OptimizerGraph | None = None
     device = joint.primal_values[0].device
     tangents = [torch.ones(t.meta["val"].shape, dtype=t.meta["val"].dtype, device=device)
                 for t in joint.tangents]
-    # The graph updates buffers in place (BatchNorm statistics, capture.batch_norm_without_
+    # The graph updates buffers in place (BatchNorm statistics, graph_passes.batch_norm_without_
     # buffers): the profile runs on copies of them, so the model is left as it was.
     primals = [v.clone() if r.kind == "buffer" else v
                for v, r in zip(joint.primal_values, joint.primal_roles)]

@@ -18,7 +18,8 @@ import torch.fx as fx
 from torch import nn
 
 from lightning_ac import _torch_compat as compat
-from lightning_ac.capture import JointGraph, compile_joint, use_replays
+from lightning_ac.capture import JointGraph, compile_joint
+from lightning_ac.graph_passes import use_replays
 from lightning_ac.planner import Plan
 
 __all__ = ["compile_with_plan", "empty_saved_tensors", "getitems_after_their_op",
@@ -170,6 +171,6 @@ def compile_with_plan(fn: Callable, module: nn.Module | None,
 
     ``make_plan(joint)`` runs inside compilation with the real primals at hand (use
     :func:`lightning_ac._torch_compat.real_tensor_mode` to run them); errors it raises come out of
-    the first call (under dynamo's wrapper; :func:`lightning_ac.capture.unwrap_compile_error`).
+    the first call (under dynamo's wrapper; :func:`lightning_ac.errors.unwrap_compile_error`).
     """
     return compile_joint(fn, module, lambda joint: partition(joint, make_plan(joint)))

@@ -28,9 +28,9 @@ def force_cudnn_batch_norm(monkeypatch):
     """Make capture build the cuDNN BatchNorm graph (CUDA only) on the CPU, with the empty
     reserve space cuDNN hands out for NCHW training; the graph can be partitioned, not run."""
     from lightning_ac import _torch_compat as compat
-    from lightning_ac import capture
+    from lightning_ac import graph_passes
 
     def fake_reserve(x, *_):
         return compat.as_fake(torch.empty(0, dtype=torch.uint8), x.meta["val"])
 
-    monkeypatch.setattr(capture, "_cudnn_reserve", fake_reserve)
+    monkeypatch.setattr(graph_passes, "_cudnn_reserve", fake_reserve)

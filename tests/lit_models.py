@@ -4,7 +4,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_ac.zoo import make_workload
+from benchmarks.zoo import make_workload
 
 
 class LitWorkload(LightningModule):

@@ -195,9 +195,9 @@ def test_bf16_mixed_precision(tmp_path):
 def test_a_step_that_does_not_fit_is_profiled_again_with_host_swap(tmp_path, monkeypatch, caplog):
     """The device runs out of memory profiling the un-checkpointed step: MuTwoAC profiles it
     again with activations on the host, plans, and trains as without AC."""
-    from lightning_ac import callback
+    from lightning_ac import install
 
-    real, calls = callback.profile_joint, []
+    real, calls = install.profile_joint, []
 
     def short_of_memory(joint, opt=None, **kw):
         calls.append(kw.get("swap", False))
@@ -205,7 +205,7 @@ def test_a_step_that_does_not_fit_is_profiled_again_with_host_swap(tmp_path, mon
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(joint, opt, **kw)
 
-    monkeypatch.setattr(callback, "profile_joint", short_of_memory)
+    monkeypatch.setattr(install, "profile_joint", short_of_memory)
     budget = int(0.85 * _baseline_peak(tmp_path, "cnn"))
     cb = MuTwoAC(budget=budget)
     with caplog.at_level("INFO"):
@@ -214,7 +214,7 @@ def test_a_step_that_does_not_fit_is_profiled_again_with_host_swap(tmp_path, mon
     assert cb.profile.summary["host_swap"] and cb.profile.summary["swapped_B"] > 0
     assert cb.state == "active" and cb.plan.recomputed
     assert any("swapped to host memory" in r.getMessage() for r in caplog.records)
-    monkeypatch.setattr(callback, "profile_joint", real)
+    monkeypatch.setattr(install, "profile_joint", real)
     ref, _ = _fit(tmp_path / "ref", "cnn", None, steps=3)
     for p, q in zip(m.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
@@ -223,9 +223,9 @@ def test_a_step_that_does_not_fit_is_profiled_again_with_host_swap(tmp_path, mon
 def test_out_of_memory_in_a_planned_step_says_what_was_planned(tmp_path, monkeypatch):
     """An OOM in the rewritten step (BERT-base b32 under a 16 GB cap hit one, with 2.2 GiB
     fragmented) comes out with the plan's figures and what to try."""
-    from lightning_ac import callback as callback_mod
+    from lightning_ac import install
 
-    real = callback_mod.compile_with_plan
+    real = install.compile_with_plan
 
     def failing_after_planning(fn, module, make_plan):
         compiled = real(fn, module, make_plan)
@@ -239,7 +239,7 @@ def test_out_of_memory_in_a_planned_step_says_what_was_planned(tmp_path, monkeyp
 
         return run
 
-    monkeypatch.setattr(callback_mod, "compile_with_plan", failing_after_planning)
+    monkeypatch.setattr(install, "compile_with_plan", failing_after_planning)
     budget = int(0.85 * _baseline_peak(tmp_path, "cnn"))
     with pytest.raises(torch.cuda.OutOfMemoryError,
                        match=r"(?s)Tried to allocate.*MuTwoAC: this step was planned for .* "
@@ -281,7 +281,7 @@ def test_the_plan_counts_the_previous_steps_gradients(tmp_path, accumulate, expe
 def test_a_step_that_does_not_fit_even_swapped_raises_a_budget_error(tmp_path, monkeypatch):
     """Out of memory again with every activation on the host (one op's own working set is too
     big): a BudgetError that names the op and says to lower the batch size, not an OOM."""
-    from lightning_ac import callback
+    from lightning_ac import install
     from lightning_ac.profiler import NodeOutOfMemoryError
 
     def short_of_memory(joint, opt=None, **kw):
@@ -291,8 +291,52 @@ def test_a_step_that_does_not_fit_even_swapped_raises_a_budget_error(tmp_path, m
         raise NodeOutOfMemoryError(node, torch.cuda.OutOfMemoryError("CUDA out of memory. "
                                                                      "Tried to allocate 8 GiB"))
 
-    monkeypatch.setattr(callback, "profile_joint", short_of_memory)
+    monkeypatch.setattr(install, "profile_joint", short_of_memory)
     with pytest.raises(BudgetError, match=r"(?s)even with every activation swapped to host "
                                           r"memory: \S+ \(aten\..*outputs of .*Lower the batch "
                                           r"size.*Tried to allocate 8 GiB"):
         _fit(tmp_path, "cnn", MuTwoAC(budget=10**6), steps=2)
+
+
+def test_setup_turns_it_off_under_several_ranks_before_the_first_batch():
+    """Checked in setup(), before anything is captured: more than one rank is not planned yet,
+    and the warning says so (instead of a capture failure on the first step)."""
+    from types import SimpleNamespace
+
+    cb = MuTwoAC(budget="1GB")
+    trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace())
+    with pytest.warns(UserWarning, match="does not plan under SimpleNamespace over 2 ranks"):
+        cb.setup(trainer, None, "fit")
+    assert cb.state == "off"
+    cb.setup(SimpleNamespace(world_size=1), None, "fit")  # a later single-device fit plans
+    assert cb.state == "idle"
+
+
+def test_the_budget_round_trips_through_a_checkpoint():
+    cb = MuTwoAC(budget="6GB")
+    other = MuTwoAC()
+    other.load_state_dict(cb.state_dict())
+    assert other.budget_B == 6 * 10**9
+    other.load_state_dict({"budget_B": None})
+    assert other.budget_B is None
+
+
+def test_twenty_fits_in_one_process_each_plan_their_own_model(tmp_path):
+    """Hyper-parameter searches, k-fold and notebooks fit fresh models in one process: each fit
+    plans (dynamo's per-code recompile limit must not turn AC off after a few fits)."""
+    compiled = []
+
+    def counting(gm, example_inputs):
+        compiled.append(gm)
+        return gm.forward
+
+    users_own = torch.compile(lambda x: torch.sin(x) * 2, backend=counting)
+    x = torch.ones(3)
+    budget = int(0.85 * _baseline_peak(tmp_path, "cnn"))
+    users_own(x)  # (after a fit: Trainer(deterministic=True) changes a global its guards read)
+    for i in range(20):
+        cb = MuTwoAC(budget=budget, verbose=False)
+        _fit(tmp_path / str(i), "cnn", cb, steps=1)
+        assert cb.state == "active", f"fit {i}: {cb.state}"
+    users_own(x)
+    assert len(compiled) == 1  # the user's compiled function was not recompiled

@@ -4,14 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_ac.capture import (
-    CaptureError,
-    capture_joint,
-    capture_optimizer_step,
-    replay_random,
-    save_rng_state,
-)
-from lightning_ac.zoo import make_workload
+from benchmarks.zoo import make_workload
+from lightning_ac.capture import CaptureError, capture_joint, capture_optimizer_step
+from lightning_ac.runtime_ops import replay_random, save_rng_state
 
 aten = torch.ops.aten
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.fx as fx
 
+from benchmarks.zoo import make_workload
 from lightning_ac.measure import measure_steps, peak_memory_B
 from lightning_ac.profiler import profile_step
-from lightning_ac.zoo import make_workload
 
 pytestmark = pytest.mark.gpu
 

@@ -4,10 +4,10 @@ from unittest import mock
 import pytest
 import torch
 
+from benchmarks.zoo import make_workload
 from lightning_ac.planner import plan, rerun_by_op, swappable
 from lightning_ac.profiler import is_random_op, profile_step
 from lightning_ac.simulator import peak_breakdown, profile_index, recompute_closure, simulate, swap_schedule
-from lightning_ac.zoo import make_workload
 
 
 def _profile(name, batch=16):

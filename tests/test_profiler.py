@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.zoo import make_workload
 from lightning_ac.profiler import CATEGORIES, profile_step
-from lightning_ac.zoo import make_workload
 
 aten = torch.ops.aten
 
@@ -133,9 +133,9 @@ def test_activation_records_are_sensible():
     assert (acts.first_bwd_use_rank > acts.last_fwd_use_rank).all()
     assert (acts.last_bwd_use_rank >= acts.first_bwd_use_rank).all()
     assert (acts.inactive_ms >= 0).all() and (acts.recompute_ms > 0).all()
-    # dropout is random, but it replays the generator state it read (capture.replayable_
+    # dropout is random, but it replays the generator state it read (graph_passes.replayable_
     # random_ops): its masks can be recomputed; its outputs are rebuilt from the masks
-    # (capture.replayable_dropout), so they and what follows them can be too
+    # (graph_passes.replayable_dropout), so they and what follows them can be too
     masks = acts[acts.creator.str.fullmatch(r"native_dropout(_\d+)?_replay")]
     assert len(masks) > 0 and masks.recomputable.all()
     states = prof.nodes[prof.nodes.name.str.endswith("_rng_state")]
@@ -185,9 +185,9 @@ def test_outputs_are_written(mlp, tmp_path):
 
 
 def test_command_line(tmp_path):
-    from lightning_ac.__main__ import main
+    from benchmarks.profile import main
 
-    assert main(["profile", "--model", "mlp", "--batch-size", "4", "--device", "cpu",
+    assert main(["--model", "mlp", "--batch-size", "4", "--device", "cpu",
                  "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["model"] == "mlp" and summary["eager_step_ms"] > 0
@@ -254,8 +254,8 @@ def test_a_node_with_any_cuda_tensor_is_timed_on_the_gpu():
     tensor; the op's kernels run on the GPU and must be timed by CUDA events."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from lightning_ac.capture import replay_random
     from lightning_ac.profiler import _on_cuda
+    from lightning_ac.runtime_ops import replay_random
 
     g = torch.fx.Graph()
     state, q = g.placeholder("state"), g.placeholder("q")

@@ -7,16 +7,16 @@ from unittest import mock
 import pytest
 import torch
 
+from benchmarks.zoo import make_workload
 from lightning_ac import _torch_compat as compat
 from lightning_ac.measure import saved_tensor_bytes
 from lightning_ac.planner import Plan, plan
 from lightning_ac.profiler import profile_iteration
 from lightning_ac.rewriter import compile_with_plan, partition
-from lightning_ac.zoo import make_workload
 
 
 def assert_grads_match(model, ref, atol=1e-7):
-    """Per tensor: ‖g − g_ref‖ ≤ 1e-6·‖g_ref‖ + atol (see DESIGN.md)."""
+    """Per tensor: ‖g − g_ref‖ ≤ 1e-6·‖g_ref‖ + atol (see docs/design.md)."""
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         assert (p.grad - q.grad).norm() <= 1e-6 * q.grad.norm() + atol, name
 
@@ -63,7 +63,7 @@ def test_loss_and_gradients_match_eager_over_several_steps(name):
 
 
 def test_batch_norm_statistics_follow_eager_while_batch_norm_is_recomputed():
-    """BatchNorm runs without its buffers and one node updates them all (capture.batch_norm_
+    """BatchNorm runs without its buffers and one node updates them all (graph_passes.batch_norm_
     without_buffers): after several steps they equal eager's, recomputation included."""
     w, step, made = _planned("cnn", 0.0)
     ref = make_workload("cnn", 16)
@@ -80,7 +80,8 @@ def test_batch_norm_statistics_follow_eager_while_batch_norm_is_recomputed():
 
 
 def test_batch_norm_reads_no_buffer_and_nothing_copies_them():
-    from lightning_ac.capture import capture_joint, increment_counters, update_running_stats
+    from lightning_ac.capture import capture_joint
+    from lightning_ac.runtime_ops import increment_counters, update_running_stats
 
     w = make_workload("cnn", 4)
     joint = capture_joint(w.loss, w.inputs, w.model)

@@ -1,9 +1,11 @@
-"""Command line: ``python -m lightning_ac profile --model resnet152 --batch-size 32``.
+"""Profile one training iteration: ``python -m benchmarks.profile --model resnet152 --batch-size 32``.
 
 Captures and profiles one training iteration (forward, backward, optimizer) of a reference
-workload on synthetic data, checks the profile against a real eager step of the same model, and
-writes ``nodes.csv``, ``activations.csv``, ``memory.csv``, ``summary.json``, ``memory.png`` and
-``peak_breakdown.png``.
+workload on synthetic data (or ``--model pkg.module:function``, a workload of your own), checks
+the profile against a real eager step of the same model, and writes ``nodes.csv``,
+``activations.csv``, ``memory.csv``, ``summary.json``, ``memory.png`` and ``peak_breakdown.png``
+into ``--out`` (default ``reports/profile/<model>``). The batch size defaults to 32 on a GPU and
+2 on the CPU; ``--steps`` and ``--warmup`` are the eager steps of the check.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_ac.zoo import WORKLOADS
+from benchmarks.common import load_workload, workload_parser
 
 _GIB = 2**30
 _OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
@@ -27,21 +29,12 @@ _SPOT_CHECK_OPS = ("convolution", "convolution_backward", "addmm", "mm", "bmm",
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lightning_ac", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    prof = sub.add_parser("profile", help="profile one training iteration of a named model")
-    prof.add_argument("--model", choices=WORKLOADS, default="resnet152")
-    prof.add_argument("--batch-size", type=int, default=None,
-                      help="default: 32 on GPU, 2 on CPU")
-    prof.add_argument("--seq-len", type=int, default=512, help="tokens per sample (BERT)")
-    prof.add_argument("--optimizer", choices=sorted(_OPTIMIZERS), default="adam")
-    prof.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    prof.add_argument("--runs", type=int, default=3, help="timed runs per node (median kept)")
-    prof.add_argument("--out", type=Path, default=None,
-                      help="output folder (default: reports/profile/<model>)")
-    prof.add_argument("--no-check", action="store_true",
-                      help="skip the eager reference step and the torch.profiler spot check")
+    p = workload_parser(__doc__, "resnet152", 0)
+    p.set_defaults(batch_size=None)
+    p.add_argument("--optimizer", choices=sorted(_OPTIMIZERS), default="adam")
+    p.add_argument("--runs", type=int, default=3, help="timed runs per node (median kept)")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip the eager reference step and the torch.profiler spot check")
     return p
 
 
@@ -51,16 +44,15 @@ def _log(msg: str) -> None:
 
 def profile_command(args: argparse.Namespace) -> dict:
     from lightning_ac.profiler import profile_step
-    from lightning_ac.zoo import make_workload
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device)
     batch = args.batch_size or (32 if device.type == "cuda" else 2)
     if batch < 1:
         raise SystemExit(f"--batch-size must be positive, got {batch}")
-    out = args.out or Path("reports/profile") / args.model
+    out = args.out or Path("reports/profile") / args.model.replace(":", "_")
     _log(f"[lightning-ac] profiling {args.model} batch {batch} on {device} "
          f"({args.optimizer}, {args.runs} timed runs per node)")
-    w = make_workload(args.model, batch, device=device, seq_len=args.seq_len)
+    w = load_workload(args.model, batch, device=device, seq_len=args.seq_len)
     opt = _OPTIMIZERS[args.optimizer](w.model.parameters(), lr=1e-3)
     t0 = time.perf_counter()
     prof = profile_step(w.loss, w.inputs, w.model, opt, runs=args.runs)
@@ -68,7 +60,7 @@ def profile_command(args: argparse.Namespace) -> dict:
     s = prof.summary
     s.update(title=f"{args.model} batch {batch}, {args.optimizer}", model=args.model,
              batch_size=batch, optimizer=args.optimizer, capture_profile_s=round(total_s, 2),
-             command="python -m lightning_ac " + " ".join(sys.argv[1:]))
+             command="python -m benchmarks.profile " + " ".join(sys.argv[1:]))
     if args.model in ("bert", "tiny-bert"):
         s["seq_len"] = w.inputs[0].shape[1]
     if device.type == "cuda":
@@ -78,7 +70,7 @@ def profile_command(args: argparse.Namespace) -> dict:
          f"optimizer {s['n_nodes']['optimizer']}), {s['n_activations']} activations, "
          f"capture {s['capture_s']:.1f} s + profile {s['profile_s']:.1f} s")
     if not args.no_check:
-        _check_against_eager(prof, w, opt, device)
+        _check_against_eager(prof, w, opt, device, args.steps, args.warmup)
     out.mkdir(parents=True, exist_ok=True)
     paths = prof.to_csv(out)
     prof.to_json(out / "summary.json")
@@ -103,13 +95,13 @@ def profile_command(args: argparse.Namespace) -> dict:
     return s
 
 
-def _check_against_eager(prof, w, opt, device) -> None:
+def _check_against_eager(prof, w, opt, device, steps: int, warmup: int) -> None:
     """Add the eager step's measured peak and time, and a torch.profiler spot check."""
     from lightning_ac.measure import measure_steps
 
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    m = measure_steps(w.loss, w.inputs, opt, steps=5, warmup=2)
+    m = measure_steps(w.loss, w.inputs, opt, steps=steps, warmup=warmup)
     s = prof.summary
     s["eager_step_ms"] = round(m.step_ms, 3)
     s["runtime_ratio"] = round(s["sum_runtime_ms"] / m.step_ms, 4)
@@ -167,13 +159,12 @@ def _spot_check(prof, w, opt, device) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "profile":
-        summary = profile_command(args)
-        if summary.get("torch_profiler_spot_check"):
-            _log("  torch.profiler spot check (total ms per op, ours vs torch.profiler):")
-            for row in summary["torch_profiler_spot_check"]:
-                _log(f"    {row['op']:<36} {row['ours_ms']:>9.3f} vs {row['torch_profiler_ms']:>9.3f}"
-                     f"  (x{row['ratio']})")
+    summary = profile_command(args)
+    if summary.get("torch_profiler_spot_check"):
+        _log("  torch.profiler spot check (total ms per op, ours vs torch.profiler):")
+        for row in summary["torch_profiler_spot_check"]:
+            _log(f"    {row['op']:<36} {row['ours_ms']:>9.3f} vs {row['torch_profiler_ms']:>9.3f}"
+                 f"  (x{row['ratio']})")
     return 0
 
 

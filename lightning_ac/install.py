@@ -1,0 +1,477 @@
+"""Put a plan in place: the one public path from a model (or a step function) to a planned step.
+
+:func:`auto_checkpoint` compiles the target so that its first training call runs the whole
+pipeline: capture the step (:mod:`~lightning_ac.capture`), profile it on the device together
+with the optimizer step (:mod:`~lightning_ac.profiler`), plan it under the budget
+(:mod:`~lightning_ac.planner`) and partition the same graph by the plan
+(:mod:`~lightning_ac.rewriter`). Later training calls run the rewritten graphs. The returned
+:class:`AutoCheckpoint` shows the plan and puts the original forward back with
+:meth:`~AutoCheckpoint.remove`.
+
+The Lightning callback (:class:`~lightning_ac.callback.MuTwoAC`) and every benchmark go through
+here; plain PyTorch and Fabric users call it themselves::
+
+    ac = auto_checkpoint(model, optimizer, budget="6GB")
+    for x, y in loader:                     # train as usual
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    print(ac.plan.summary())
+    ac.remove()
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import gc
+import logging
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from lightning_ac import _torch_compat as compat
+from lightning_ac.capture import JointGraph
+from lightning_ac.errors import BudgetError, describe_capture_failure, unwrap_compile_error
+from lightning_ac.planner import Plan, plan
+from lightning_ac.profiler import PREVIOUS_GRADS, NodeOutOfMemoryError, Profile, op_name, profile_joint
+from lightning_ac.report import format_bytes
+from lightning_ac.rewriter import compile_with_plan
+from lightning_ac.simulator import peak_breakdown
+
+__all__ = ["AutoCheckpoint", "Budget", "State", "auto_checkpoint", "device_memory_limit",
+           "parse_budget"]
+
+log = logging.getLogger(__name__)
+
+Budget = int | str | Callable[[Profile], int] | None
+"""A budget: bytes (int), a string with a unit (``"6GB"``, ``"5.5GiB"``), a function of the
+profile that returns bytes (``lambda p: int(0.6 * p.peak_bytes)``), or None (the device's
+limit)."""
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_BUDGET_FORMS = ('an int number of bytes, or a string such as "6GB", "5.5GiB", "800MB" '
+                 '(GB = 10^9 bytes, GiB = 2^30), or None for the device\'s memory limit')
+
+
+class State(str, enum.Enum):
+    """Where an :class:`AutoCheckpoint` stands. (A ``str`` enum: ``State.ACTIVE == "active"``.)"""
+
+    IDLE = "idle"
+    """Nothing installed yet (a callback before its first training step)."""
+    PLANNING = "planning"
+    """Installed; the next training call captures, profiles and plans the step."""
+    ACTIVE = "active"
+    """Training calls run the rewritten step."""
+    OFF = "off"
+    """Training calls run the original forward: the step already fits, capture failed, or the
+    plan was removed."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def parse_budget(budget: int | str | None, owner: str = "MuTwoAC") -> int | None:
+    """Bytes of a budget given as an int, a string with a unit, or None (no explicit budget).
+
+    Raises:
+        MisconfigurationException: for anything else, or a budget that is not positive. The
+            message names ``owner(budget=...)`` and the forms accepted.
+    """
+    if budget is None:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, (int, str)):
+        raise MisconfigurationException(
+            f"{owner}(budget={budget!r}) is not a valid budget: expected {_BUDGET_FORMS}.")
+    if isinstance(budget, int):
+        value = budget
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", budget)
+        unit = m.group(2).upper() if m else None
+        if m is None or unit not in _UNITS:
+            raise MisconfigurationException(
+                f"{owner}(budget={budget!r}) is not a valid budget: expected {_BUDGET_FORMS}.")
+        value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise MisconfigurationException(
+            f"{owner}(budget={budget!r}) must be positive: expected {_BUDGET_FORMS}.")
+    return value
+
+
+def device_memory_limit(device: torch.device, margin: float = 0.05) -> int | None:
+    """Bytes this process may allocate on ``device``, less a safety margin; None on the CPU.
+
+    The smaller of the per-process memory fraction's share of the card and what the card has
+    left once other processes' memory is taken out; ``margin`` leaves room for fragmentation
+    (the allocator reserves more than it hands out).
+    """
+    if device.type != "cuda":
+        return None
+    # torch.cuda's getters want an index: a bare "cuda" is refused by some of them (torch 2.11)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
+    others = max(0, (total - free) - torch.cuda.memory_reserved(index))
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    fraction = get_fraction(index) if get_fraction else 1.0
+    return int(min(total * fraction, total - others) * (1.0 - margin))
+
+
+def validate_options(owner: str, *, swap: Any, host_swap: Any, margin: Any,
+                     previous_grads: Any = "until_backward") -> None:
+    """Check the options :func:`auto_checkpoint` and ``MuTwoAC`` share; the message names
+    ``owner(argument=value)`` and what is expected.
+
+    Raises:
+        MisconfigurationException: for the first invalid one.
+    """
+    if not isinstance(swap, bool):
+        raise MisconfigurationException(f"{owner}(swap={swap!r}) must be True or False.")
+    if host_swap not in (True, False, "auto") or not isinstance(host_swap, (bool, str)):
+        raise MisconfigurationException(
+            f"{owner}(host_swap={host_swap!r}) must be True, False or \"auto\".")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or \
+            not 0.0 <= margin < 1.0:
+        raise MisconfigurationException(
+            f"{owner}(margin={margin!r}) must be in [0, 1): the share of the device limit kept "
+            "free.")
+    if previous_grads not in PREVIOUS_GRADS:
+        raise MisconfigurationException(
+            f"{owner}(previous_grads={previous_grads!r}) must be one of {PREVIOUS_GRADS}.")
+
+
+class AutoCheckpoint:
+    """A step planned under a memory budget: what :func:`auto_checkpoint` returns.
+
+    Call it as the step (for a step function), or let the module call it (for a module, whose
+    ``forward`` it replaces). Only training calls (module in training mode, gradients enabled)
+    run the rewritten step; the first one plans it. Everything else runs the original forward.
+
+    Attributes:
+        plan: the :class:`~lightning_ac.planner.Plan` (None before the first training call).
+        profile: the :class:`~lightning_ac.profiler.Profile` it was made from.
+        state: a :class:`State`.
+    """
+
+    def __init__(self, fn: Callable, module: nn.Module, optimizer: torch.optim.Optimizer | None,
+                 *, budget: Budget, swap: bool, host_swap: bool | str, margin: float,
+                 verbose: bool, previous_grads: str, always_rewrite: bool, on_infeasible: str,
+                 profile_options: dict[str, Any], installed_on: nn.Module | None) -> None:
+        self.fn, self.module, self.optimizer = fn, module, optimizer
+        self.budget = budget
+        self.swap, self.host_swap, self.margin = swap, host_swap, margin
+        self.verbose, self.previous_grads = verbose, previous_grads
+        self.always_rewrite, self.on_infeasible = always_rewrite, on_infeasible
+        self.profile_options = profile_options
+        self.plan: Plan | None = None
+        self.profile: Profile | None = None
+        self.state = State.PLANNING
+        self.planning_call_s: float | None = None
+        """Wall time of the planning call: capture, profile, plan, partition and the step itself."""
+        self.planned_shapes: tuple | None = None
+        """The input shapes the step was planned for (another shape runs the original forward)."""
+        self.on_unplanned_shape: Callable[[tuple], None] = self._warn_unplanned_shape
+        self._unplanned_shape_warned = False
+        self._installed_on = installed_on
+        self._compiled: Callable | None = compile_with_plan(fn, module, self._make_plan)
+        functools.update_wrapper(self, fn, updated=())
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def __call__(self, *args, **kwargs):
+        if self.state not in (State.PLANNING, State.ACTIVE) or not self.module.training or \
+                not torch.is_grad_enabled():
+            return self.fn(*args, **kwargs)
+        shapes = input_shapes(args, kwargs)
+        if self.state is State.ACTIVE and shapes != self.planned_shapes:
+            self.on_unplanned_shape(shapes)
+            return self.fn(*args, **kwargs)  # another shape (last batch): plain eager
+        planning = self.state is State.PLANNING
+        t0 = time.perf_counter()
+        try:
+            out = self._compiled(*args, **kwargs)
+        except torch.cuda.OutOfMemoryError as exc:
+            if planning:
+                raise
+            raise torch.cuda.OutOfMemoryError(f"{exc}\n{self._out_of_memory_hint()}") from exc
+        except Exception as exc:
+            if not planning:
+                raise
+            budget_error = unwrap_compile_error(exc, (BudgetError,))
+            if budget_error is not None:
+                raise budget_error from None
+            self._turn_off()
+            rank_zero_warn(f"MuTwoAC: {describe_capture_failure(self.fn, exc)}\n"
+                           "Training continues without activation checkpointing.")
+            return self.fn(*args, **kwargs)
+        if planning:
+            self.planning_call_s = time.perf_counter() - t0
+            self.planned_shapes = shapes
+            self._announce()
+        return out
+
+    def remove(self) -> None:
+        """Put the original forward back and let the compiled graphs go. Idempotent."""
+        module = self._installed_on
+        if module is not None and module.__dict__.get("forward") is self:
+            del module.forward
+        self._installed_on = None
+        self._turn_off()
+
+    def summary(self) -> str:
+        """The plan line (see :meth:`Plan.summary`), or what the state is before/without one."""
+        if self.plan is None:
+            return f"MuTwoAC: {self.state}, no plan yet"
+        return f"MuTwoAC: {self.state}, {self.plan.summary()}"
+
+    def __repr__(self) -> str:
+        return f"AutoCheckpoint({getattr(self.fn, '__qualname__', self.fn)!r}, state={self.state})"
+
+    # -- planning (runs inside the first call's compilation) --------------------------------
+
+    def budget_for(self, profile: Profile | None = None) -> int | None:
+        """The budget in bytes for ``profile``'s device (None: no limit)."""
+        if callable(self.budget):
+            if profile is None:
+                return None
+            return parse_budget(self.budget(profile), owner="auto_checkpoint")
+        if self.budget is not None:
+            return parse_budget(self.budget, owner="auto_checkpoint")
+        device = self._device()
+        return device_memory_limit(device, self.margin) if device is not None else None
+
+    def _device(self) -> torch.device | None:
+        p = next(self.module.parameters(), None)
+        return p.device if p is not None else None
+
+    def _make_plan(self, joint: JointGraph) -> Plan:
+        t0 = time.perf_counter()
+        device = joint.primal_values[0].device
+        # the joint graph already holds the casts autocast chose; running it under autocast
+        # again would cast twice
+        with compat.real_tensor_mode(), torch.autocast(device.type, enabled=False):
+            profile = self._profile(joint, device)
+        # The profile stays readable; the tensors it was captured on (parameters, and the first
+        # batch, which would otherwise stay allocated) are not needed any more.
+        joint.primal_values = []
+        if device.type == "cuda":
+            # The profile's blocks (and a failed un-swapped attempt's) are cached in a layout
+            # the training step does not share; left there they fragment its memory (BERT-base
+            # b32 under a 16 GB cap ran out with 2.2 GiB reserved but unallocated).
+            gc.collect()
+            torch.cuda.empty_cache()
+        budget = self.budget_for(profile)
+        result = plan(profile, budget, swap=self.swap)
+        result.planning_s = time.perf_counter() - t0
+        self.plan, self.profile = result, profile
+        log.debug("planned %d nodes in %.2f s: %s", len(profile.nodes), result.planning_s,
+                 result.summary())
+        if result.stop_reason == "infeasible":
+            if self.on_infeasible == "raise":
+                raise BudgetError(infeasible_message(profile, result))
+            rank_zero_warn(infeasible_message(profile, result) + " Training with that plan.")
+        return result
+
+    def _profile(self, joint: JointGraph, device: torch.device) -> Profile:
+        """Profile the captured step, with host swap if so configured or if it does not fit."""
+        profile = functools.partial(profile_joint, joint, self.optimizer,
+                                    previous_grads=self.previous_grads, **self.profile_options)
+        if self.host_swap != "auto":
+            return profile(swap=bool(self.host_swap))
+        try:
+            return profile(swap=False)
+        except torch.cuda.OutOfMemoryError:
+            pass  # leave the except block first, so that the failed attempt's tensors are freed
+        gc.collect()
+        torch.cuda.empty_cache()
+        rank_zero_info("MuTwoAC: the step does not fit un-checkpointed; profiling it again with "
+                       "activations swapped to host memory")
+        try:
+            return profile(swap=True)
+        except torch.cuda.OutOfMemoryError as exc:
+            # Every activation was on the host: what did not fit is one op's own inputs,
+            # outputs and scratch space (a logits matrix over a large vocabulary, say). No plan
+            # can help; say so instead of an out-of-memory error from inside the profiler.
+            where = f" {exc.node.name} ({op_name(exc.node)}, outputs of " \
+                f"{format_bytes(exc.out_B)})" if \
+                isinstance(exc, NodeOutOfMemoryError) else " one op"
+            limit = device_memory_limit(device, 0.0)
+            raise BudgetError(
+                "MuTwoAC cannot run this step on the device even with every activation swapped "
+                f"to host memory:{where} needs more than is free next to the parameters and "
+                "optimizer state" + (f" (device limit {format_bytes(limit)})" if limit else "")
+                + ". Lower the batch size.\n" + str(exc).splitlines()[0]) from None
+
+    # -- what the user is told --------------------------------------------------------------
+
+    def _announce(self) -> None:
+        p = self.plan
+        if p is None:
+            return
+        if p.stop_reason == "already fits" and not self.always_rewrite:
+            self._turn_off()
+            limit = "no limit on the CPU" if p.budget_B is None else \
+                f"the budget of {format_bytes(p.budget_B)}"
+            rank_zero_info(f"MuTwoAC: the step already fits ({format_bytes(p.baseline_peak_B)} "
+                           f"peak, {limit}); activation checkpointing is off.")
+            return
+        self.state = State.ACTIVE
+        if self.verbose:
+            rank_zero_info(f"MuTwoAC: {p.summary()}")
+
+    def _turn_off(self) -> None:
+        self.state = State.OFF
+        self._compiled = None  # the compiled graphs (and their swap slots) can go
+
+    def _warn_unplanned_shape(self, shapes: tuple) -> None:
+        """Say once that a batch of another shape than the planned one runs without AC: its peak
+        is not planned, and a batch only a little smaller than the planned one can still go
+        over the budget without checkpointing."""
+        if self._unplanned_shape_warned:
+            return
+        self._unplanned_shape_warned = True
+        rank_zero_warn(
+            f"MuTwoAC: a batch with inputs shaped {describe_shapes(shapes)} runs without "
+            f"activation checkpointing: the step was planned for "
+            f"{describe_shapes(self.planned_shapes)}. Its peak memory is not planned and may go "
+            "over the budget; to keep every step planned, give every batch one shape "
+            "(DataLoader(drop_last=True), padding to a fixed length).")
+
+    def _out_of_memory_hint(self) -> str:
+        """What the plan expected, and what to try, for an out-of-memory error in its step."""
+        p = self.plan
+        hint = (f"MuTwoAC: this step was planned for {format_bytes(p.predicted_peak_B)} under a "
+                f"budget of {format_bytes(p.budget_B)}.")
+        device = self._device()
+        if device is not None and device.type == "cuda":
+            idle = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+            hint += (f" The allocator holds {format_bytes(idle)} reserved but unallocated: if "
+                     "that is large, memory is fragmented; set "
+                     "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before CUDA starts.")
+        return hint + " Otherwise lower the budget (MuTwoAC(budget=...)) or the batch size."
+
+
+def infeasible_message(profile: Profile, result: Plan) -> str:
+    """Why ``result`` (stopped ``"infeasible"``) does not meet its budget, and what to do."""
+    parts = peak_breakdown(profile, result.recomputed, result.swapped)
+    aim = ""
+    if result.target_B is not None and result.target_B != result.budget_B:
+        # the comparison the planner made: say it, or "budget 3.35 MiB, smallest 3.35 MiB" reads
+        # as if it fitted
+        aim = (f", planned to {format_bytes(result.target_B)} to leave room for memory the "
+               f"profile does not see ({format_bytes(result.budget_B - result.target_B)})")
+    return (f"MuTwoAC cannot meet the budget of {format_bytes(result.budget_B)}{aim}: the "
+            f"smallest peak the planner reaches is {format_bytes(result.predicted_peak_B)} ("
+            + ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in parts.items())
+            + f") with {len(result.recomputed)} activations recomputed and "
+            f"{len(result.swapped)} kept in host memory. Raise the budget, "
+            "lower the batch size, or use an optimizer with less state.")
+
+
+def auto_checkpoint(target: nn.Module | Callable, optimizer: torch.optim.Optimizer | None = None,
+                    *, budget: Budget = None, module: nn.Module | None = None, swap: bool = True,
+                    host_swap: bool | str = "auto", margin: float = 0.05, verbose: bool = False,
+                    previous_grads: str = "until_backward", always_rewrite: bool = False,
+                    on_infeasible: str = "raise",
+                    profile_options: dict[str, Any] | None = None) -> AutoCheckpoint:
+    """Plan ``target``'s training step under a memory budget on its first training call.
+
+    Args:
+        target: an ``nn.Module`` (its ``forward`` is replaced until :meth:`AutoCheckpoint.remove`)
+            or a step function, such as one that returns the loss (call the returned object
+            instead of it; pass ``module``).
+        optimizer: the optimizer that steps the module's parameters: its step (and its state)
+            is part of the step's memory. None: forward and backward only.
+        budget: the peak memory of the whole training step (forward, backward and optimizer
+            step, as ``torch.cuda.max_memory_allocated`` counts it), as bytes, a string with a
+            unit (``"6GB"`` = 6·10⁹ bytes, ``"5.5GiB"`` = 5.5·2³⁰), a function of the profile
+            returning bytes, or None: the device's limit less ``margin`` (on the CPU there is
+            none, so nothing is planned).
+        module: the module whose parameters a step function uses (default: ``target`` itself).
+        swap: let the plan keep activations in pinned host memory between forward and backward
+            (where the copies hide behind compute); False: recompute only.
+        host_swap: how the first step is profiled: ``"auto"`` on the device, and again with
+            activations in host memory if that runs out of memory; True: always; False: never.
+        margin: share of the device's limit kept free when ``budget`` is None.
+        verbose: say the plan line when the step is planned.
+        previous_grads: when the training loop frees the previous step's gradients:
+            ``"until_backward"`` (the default: zero_grad after the forward pass, or not known),
+            ``"freed"`` (``zero_grad(set_to_none=True)`` before the forward pass),
+            ``"through_step"`` (gradient accumulation).
+        always_rewrite: run the captured step even when the step already fits (to measure the
+            rewritten step itself); by default a step that fits runs the original forward.
+        on_infeasible: what to do when no plan reaches the budget: ``"raise"`` a
+            :class:`~lightning_ac.BudgetError` from the first training call, or ``"warn"`` and
+            train with the lowest-peak plan found.
+        profile_options: keyword arguments for :func:`~lightning_ac.profiler.profile_iteration`
+            (``runs``, ``cold_l2``).
+
+    Returns:
+        An :class:`AutoCheckpoint`, in state ``PLANNING``.
+
+    Raises:
+        MisconfigurationException: for invalid arguments, here.
+        BudgetError: from the first training call, if no plan reaches the budget.
+    """
+    if not callable(budget):
+        parse_budget(budget, owner="auto_checkpoint")
+    validate_options("auto_checkpoint", swap=swap, host_swap=host_swap, margin=margin,
+                     previous_grads=previous_grads)
+    if on_infeasible not in ("raise", "warn"):
+        raise MisconfigurationException(
+            f"auto_checkpoint(on_infeasible={on_infeasible!r}) must be \"raise\" or \"warn\".")
+    installed_on = None
+    if isinstance(target, nn.Module):
+        if module is not None and module is not target:
+            raise MisconfigurationException(
+                "auto_checkpoint(module=...) is for a step function: the target is already a "
+                "module.")
+        if isinstance(target.__dict__.get("forward"), AutoCheckpoint):
+            raise MisconfigurationException(
+                f"auto_checkpoint: {type(target).__name__} already has a plan installed; call "
+                "its remove() first.")
+        module, fn, installed_on = target, target.forward, target
+    elif callable(target):
+        if not isinstance(module, nn.Module):
+            raise MisconfigurationException(
+                "auto_checkpoint(step_fn, ...) needs module=<the nn.Module whose parameters "
+                f"the step uses>; got module={module!r}.")
+        fn = target
+    else:
+        raise MisconfigurationException(
+            f"auto_checkpoint(target={target!r}): expected an nn.Module or a callable.")
+    ac = AutoCheckpoint(fn, module, optimizer, budget=budget, swap=swap, host_swap=host_swap,
+                        margin=margin, verbose=verbose, previous_grads=previous_grads,
+                        always_rewrite=always_rewrite, on_infeasible=on_infeasible,
+                        profile_options=dict(profile_options or {}),
+                        installed_on=installed_on)
+    if installed_on is not None:
+        installed_on.forward = ac
+    return ac
+
+
+def input_shapes(args, kwargs) -> tuple:
+    """The shapes of a call's tensor arguments (None for other arguments), as a hashable key."""
+    def shape(v):
+        return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+    return tuple(shape(a) for a in args) + tuple((k, shape(v)) for k, v in sorted(kwargs.items()))
+
+
+def describe_shapes(shapes: tuple) -> str:
+    """The tensor shapes in an :func:`input_shapes` key, for a message:
+    "[8, 3, 32, 32], mask=[8, 64]"."""
+    parts = []
+    for s in shapes:
+        if s and isinstance(s[0], str):  # a keyword argument: (name, shape or None)
+            if s[1] is not None:
+                parts.append(f"{s[0]}={list(s[1])}")
+        elif s is not None:
+            parts.append(str(list(s)))
+    return ", ".join(parts)

@@ -1,0 +1,188 @@
+"""The public path to a plan: ``auto_checkpoint`` on a module or a step function (no Lightning)."""
+
+import copy
+
+import pytest
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from benchmarks.zoo import make_workload
+from lightning_ac import AutoCheckpoint, BudgetError, State, auto_checkpoint
+from lightning_ac.measure import saved_tensor_bytes
+
+
+def _train(model, step, inputs, opt, steps=3):
+    losses = []
+    for _ in range(steps):
+        loss = step(*inputs)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def _baseline_peak(name, **kw):
+    w = make_workload(name, 8, seq_len=16)
+    ac = auto_checkpoint(w.loss, None, module=w.model, budget=10**12, **kw)
+    w.loss(*w.inputs)  # plain eager: the probe below is the planned call
+    ac(*w.inputs).backward()
+    return ac.plan.baseline_peak_B
+
+
+@pytest.mark.parametrize("name", ["cnn", "tiny-bert"])
+def test_a_step_function_trains_as_eager_with_less_saved(name):
+    budget = int(0.85 * _baseline_peak(name))
+    torch.manual_seed(0)
+    w = make_workload(name, 8, seq_len=16)
+    ref_model = copy.deepcopy(w.model)
+    opt = torch.optim.SGD(w.model.parameters(), lr=0.05, momentum=0.9)
+    ac = auto_checkpoint(w.loss, opt, module=w.model, budget=budget)
+    assert isinstance(ac, AutoCheckpoint) and ac.state is State.PLANNING and ac.plan is None
+    torch.manual_seed(1)
+    losses = _train(w.model, ac, w.inputs, opt)
+    assert ac.state is State.ACTIVE and ac.plan.stop_reason == "fits" and ac.plan.recomputed
+    assert ac.plan.predicted_peak_B <= budget
+
+    ref = make_workload(name, 8, seq_len=16)
+    ref.model.load_state_dict(ref_model.state_dict())
+    ref_opt = torch.optim.SGD(ref.model.parameters(), lr=0.05, momentum=0.9)
+    torch.manual_seed(1)
+    ref_losses = _train(ref.model, ref.loss, w.inputs, ref_opt)
+    for a, b in zip(losses, ref_losses):
+        assert abs(a - b) <= 1e-6 * abs(b) + 1e-7
+    for p, q in zip(w.model.parameters(), ref.model.parameters()):
+        assert (p - q).norm() <= 1e-6 * q.norm() + 1e-7
+    params = list(w.model.parameters())
+    _, saved = saved_tensor_bytes(ac, w.inputs, exclude=params)
+    _, saved_ref = saved_tensor_bytes(ref.loss, w.inputs, exclude=list(ref.model.parameters()))
+    assert saved < saved_ref
+
+
+def test_a_module_is_planned_in_training_and_runs_its_forward_otherwise():
+    torch.manual_seed(0)
+    w = make_workload("cnn", 8)
+    model, (x, y) = w.model, w.inputs
+    plain = copy.deepcopy(model)
+    budget = int(0.85 * _baseline_peak("cnn"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the weights stay comparable
+    ac = auto_checkpoint(model, opt, budget=budget, verbose=True)
+    assert model.forward is ac  # installed
+    with torch.no_grad():  # no gradients: the original forward, nothing planned
+        assert torch.equal(model(x), plain(x)) and ac.state is State.PLANNING
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    assert ac.state is State.ACTIVE and ac.plan.recomputed
+    assert "recomputed" in ac.summary() and "active" in ac.summary()
+    plain(x)  # the same update of BatchNorm's running statistics (the weights stay: lr 0)
+    model.eval()
+    with torch.no_grad():
+        plain.eval()
+        torch.testing.assert_close(model(x), plain(x))
+    ac.remove()
+    assert "forward" not in model.__dict__ and ac.state is State.OFF
+    ac.remove()  # idempotent
+    assert list(model.state_dict()) == list(plain.state_dict())
+    auto_checkpoint(model, opt, budget=budget).remove()  # can be installed again after removal
+
+
+def test_a_budget_can_be_a_function_of_the_profile():
+    w = make_workload("cnn", 8)
+    seen = []
+
+    def sixty_percent(profile):
+        seen.append(profile.peak_bytes)
+        return int(0.9 * profile.peak_bytes)
+
+    ac = auto_checkpoint(w.loss, None, module=w.model, budget=sixty_percent)
+    ac(*w.inputs).backward()
+    assert ac.plan.budget_B == int(0.9 * seen[0]) and ac.plan.predicted_peak_B <= ac.plan.budget_B
+
+
+def test_a_step_that_fits_runs_the_original_unless_asked_to_rewrite():
+    w = make_workload("mlp", 4)
+    ac = auto_checkpoint(w.loss, None, module=w.model)  # CPU, no budget: no limit
+    ac(*w.inputs).backward()
+    assert ac.plan.stop_reason == "already fits" and ac.state is State.OFF
+    ac = auto_checkpoint(w.loss, None, module=w.model, budget=10**12, always_rewrite=True)
+    ac(*w.inputs).backward()
+    assert ac.plan.stop_reason == "already fits" and ac.state is State.ACTIVE
+
+
+def test_an_unreachable_budget_raises_or_runs_the_smallest_plan_as_asked():
+    w = make_workload("cnn", 8)
+    with pytest.raises(BudgetError, match=r"cannot meet the budget of 1000 B, planned to .* to "
+                                          r"leave room .*: the smallest peak"):
+        auto_checkpoint(w.loss, None, module=w.model, budget=1000)(*w.inputs)
+    ac = auto_checkpoint(w.loss, None, module=w.model, budget=1000, on_infeasible="warn")
+    with pytest.warns(UserWarning, match="Training with that plan"):
+        ac(*w.inputs).backward()
+    assert ac.plan.stop_reason == "infeasible" and ac.state is State.ACTIVE
+
+
+def test_a_capture_failure_warns_and_runs_the_original():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            out = self.lin(x)
+            if out.sum() > 0:  # data-dependent: a graph break
+                out = out * 2
+            return out
+
+    m = Branchy()
+    ac = auto_checkpoint(m, None, budget=1)
+    with pytest.warns(UserWarning, match="could not capture .* as one graph"):
+        out = m(torch.ones(2, 4))
+    assert ac.state is State.OFF and out.shape == (2, 4)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"budget": "6 gigs"}, r"auto_checkpoint\(budget='6 gigs'\)"),
+    ({"swap": "yes"}, r"auto_checkpoint\(swap='yes'\)"),
+    ({"host_swap": "sometimes"}, r"auto_checkpoint\(host_swap='sometimes'\)"),
+    ({"margin": 1.5}, r"auto_checkpoint\(margin=1.5\)"),
+    ({"previous_grads": "never"}, r"previous_grads='never'"),
+    ({"on_infeasible": "ignore"}, r"on_infeasible='ignore'"),
+])
+def test_bad_arguments_are_refused_at_once(kwargs, match):
+    with pytest.raises(MisconfigurationException, match=match):
+        auto_checkpoint(nn.Linear(2, 2), None, **kwargs)
+
+
+def test_a_step_function_needs_its_module_and_a_module_one_plan():
+    with pytest.raises(MisconfigurationException, match="needs module="):
+        auto_checkpoint(lambda x: x, None)
+    with pytest.raises(MisconfigurationException, match="expected an nn.Module or a callable"):
+        auto_checkpoint(42, None)
+    m = nn.Linear(2, 2)
+    auto_checkpoint(m, None)
+    with pytest.raises(MisconfigurationException, match="already has a plan installed"):
+        auto_checkpoint(m, None)
+
+
+def test_states_read_as_their_names():
+    assert State.ACTIVE == "active" and str(State.OFF) == "off"
+    assert [s.value for s in State] == ["idle", "planning", "active", "off"]
+
+
+def test_a_removed_plan_lets_the_model_be_freed():
+    """Dynamo keeps every backend until torch._dynamo.reset(); ours must not keep the model (and
+    its parameters, on the GPU) alive once its plan is removed: a notebook or a sweep fits many."""
+    import gc
+    import weakref
+
+    w = make_workload("cnn", 8)
+    ac = auto_checkpoint(w.model, None, budget=10**12, always_rewrite=True)
+    x, y = w.inputs
+    for _ in range(2):
+        nn.functional.cross_entropy(w.model(x), y).backward()
+    assert ac.state is State.ACTIVE
+    model = weakref.ref(w.model)
+    ac.remove()
+    del ac, w
+    gc.collect()
+    assert model() is None
