@@ -41,8 +41,10 @@ def _first_lines(exc: BaseException, n: int = 6) -> str:
 
 
 def _user_frame(exc: BaseException) -> str:
-    """The innermost traceback frame outside torch, as 'file:line in func'."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename]
+    """The innermost traceback frame outside torch and this library (the user's code), as
+    'file:line in func'."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if "/torch/" not in f.filename and "/lightning_ac/" not in f.filename]
     if not frames:
         return ""
     f = frames[-1]

@@ -135,8 +135,11 @@ def test_a_capture_failure_warns_and_runs_the_original():
 
     m = Branchy()
     ac = auto_checkpoint(m, None, budget=1)
-    with pytest.warns(UserWarning, match="could not capture .* as one graph"):
+    # the message points at the user's line, not at this library's frames
+    with pytest.warns(UserWarning, match=r"(?s)could not capture .* as one graph.*test_install.py") \
+            as caught:
         out = m(torch.ones(2, 4))
+    assert "lightning_ac/install.py" not in str(caught[0].message)
     assert ac.state is State.OFF and out.shape == (2, 4)
 
 
