@@ -165,9 +165,10 @@ def compile_joint(fn: Callable, module: nn.Module | None,
     starts from an entry function of our own, with a code object made for this call only, and
     inlines ``fn`` into it; its compiled code goes when the returned function goes.
 
-    Dynamo also keeps every backend it was given until ``torch._dynamo.reset()``. Ours reaches
-    ``module`` and ``partition`` (the planner, its profile) only through the returned function,
-    by a weak reference, so that a model whose plan is dropped can be freed.
+    Dynamo also keeps every backend it was given until ``torch._dynamo.reset()``, and AOTAutograd
+    (on torch 2.11) the partition function with the compiled step. Ours reach ``module`` and
+    ``partition`` (the planner, its profile) only through the returned function, by a weak
+    reference, so that a model whose plan is dropped can be freed.
     """
     needs = _BackendNeeds(module, partition)
     needs_ref = weakref.ref(needs)
@@ -177,10 +178,20 @@ def compile_joint(fn: Callable, module: nn.Module | None,
         if needs is None:
             raise CaptureError("the planned step was removed; nothing to compile it for")
         roles = _roles(example_inputs, needs.module)
-        partition = needs.partition
+        del needs
+        # What AOTAutograd keeps of partition_fn (torch 2.11 keeps it with the compiled step)
+        # must not hold the planner or the real tensors (parameters, the first batch): both are
+        # reached through references that end when the step goes or the partition is done.
+        pending = [example_inputs]
 
         def partition_fn(joint_gm, joint_inputs, *, num_fwd_outputs, **kwargs):
-            return partition(_build_joint(joint_gm, example_inputs, roles, num_fwd_outputs))
+            needs = needs_ref()
+            if needs is None or not pending:
+                raise CaptureError("the planned step was removed; nothing to partition it for")
+            try:
+                return needs.partition(_build_joint(joint_gm, pending[0], roles, num_fwd_outputs))
+            finally:
+                pending.clear()
 
         def already_compiled(gm, _inputs):  # partition returns ready-to-run boxed modules
             return gm

@@ -7,7 +7,7 @@ import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_ac import BudgetError, MuTwoAC, parse_budget
+from lightning_ac import BudgetError, MuTwoAC, parse_budget, plan
 from tests.lit_models import LitWorkload
 
 
@@ -332,7 +332,10 @@ def test_twenty_fits_in_one_process_each_plan_their_own_model(tmp_path):
 
     users_own = torch.compile(lambda x: torch.sin(x) * 2, backend=counting)
     x = torch.ones(3)
-    budget = int(0.85 * _baseline_peak(tmp_path, "cnn"))
+    probe = MuTwoAC(budget=10**12)
+    _fit(tmp_path / "probe", "cnn", probe, steps=1)
+    floor = plan(probe.profile, 1).predicted_peak_B  # everything recomputable dropped
+    budget = (floor + probe.plan.baseline_peak_B) // 2
     users_own(x)  # (after a fit: Trainer(deterministic=True) changes a global its guards read)
     for i in range(20):
         cb = MuTwoAC(budget=budget, verbose=False)

@@ -135,8 +135,8 @@ def test_a_capture_failure_warns_and_runs_the_original():
 
     m = Branchy()
     ac = auto_checkpoint(m, None, budget=1)
-    # the message points at the user's line, not at this library's frames
-    with pytest.warns(UserWarning, match=r"(?s)could not capture .* as one graph.*test_install.py") \
+    # the message names the user's function, and no frame of this library as the place
+    with pytest.warns(UserWarning, match=r"could not capture .*Branchy.forward.* as one graph") \
             as caught:
         out = m(torch.ones(2, 4))
     assert "lightning_ac/install.py" not in str(caught[0].message)

@@ -185,7 +185,7 @@ def test_outputs_are_written(mlp, tmp_path):
 
 
 def test_command_line(tmp_path):
-    from benchmarks.profile import main
+    from benchmarks.profile_step import main
 
     assert main(["--model", "mlp", "--batch-size", "4", "--device", "cpu",
                  "--out", str(tmp_path)]) == 0

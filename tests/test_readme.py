@@ -1,6 +1,7 @@
 """The README's promises to a new user: its example runs and plans, early in the file; it stays a
 page for users (short, no commit hashes), with the set-up commands."""
 
+import os
 import re
 import subprocess
 import sys
@@ -37,8 +38,12 @@ def test_the_example_runs_as_a_script_and_prints_the_plan_line(tmp_path):
     code, _ = _example()
     script = tmp_path / "example.py"
     script.write_text(code)
+    # as a user's script: run from elsewhere, the package importable as installed (or, where
+    # it is not installed, from this checkout)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(README.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                         timeout=600, cwd=tmp_path)
+                         timeout=600, cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert re.search(r"budget .* predicted peak .* activations recomputed .*\[fits\]", out.stdout)
 

@@ -1,4 +1,4 @@
-"""Profile one training iteration: ``python -m benchmarks.profile --model resnet152 --batch-size 32``.
+"""Profile one training iteration: ``python -m benchmarks.profile_step --model resnet152 --batch-size 32``.
 
 Captures and profiles one training iteration (forward, backward, optimizer) of a reference
 workload on synthetic data (or ``--model pkg.module:function``, a workload of your own), checks
@@ -60,7 +60,7 @@ def profile_command(args: argparse.Namespace) -> dict:
     s = prof.summary
     s.update(title=f"{args.model} batch {batch}, {args.optimizer}", model=args.model,
              batch_size=batch, optimizer=args.optimizer, capture_profile_s=round(total_s, 2),
-             command="python -m benchmarks.profile " + " ".join(sys.argv[1:]))
+             command="python -m benchmarks.profile_step " + " ".join(sys.argv[1:]))
     if args.model in ("bert", "tiny-bert"):
         s["seq_len"] = w.inputs[0].shape[1]
     if device.type == "cuda":
