@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import statistics
 import time
 from typing import Any
@@ -28,8 +27,6 @@ from lightning_ac.profiler import Profile
 from lightning_ac.report import format_bytes
 
 __all__ = ["BudgetError", "MuTwoAC", "StepMonitor", "device_memory_limit", "parse_budget"]
-
-log = logging.getLogger(__name__)
 
 
 class StepMonitor(Callback):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import types
 import weakref
 from collections import defaultdict
@@ -32,6 +33,8 @@ from torch import nn
 from lightning_ac import _torch_compat as compat
 from lightning_ac.errors import CaptureError, describe_capture_failure, unwrap_compile_error
 from lightning_ac.graph_passes import apply_graph_passes
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CaptureError",
@@ -145,6 +148,8 @@ def _build_joint(joint_gm: fx.GraphModule, example_inputs: list, roles: list[Pri
         raise CaptureError(f"cannot align {len(grads)} gradient outputs with {len(tensors)} primals")
     joint.grad_of = {g: i for g, i in zip(grads, owners) if isinstance(g, fx.Node)}
     apply_graph_passes(joint)
+    log.debug("captured a joint graph of %d nodes (%d primals, %d forward outputs)",
+              len(joint_gm.graph.nodes), len(primals), num_fwd_outputs)
     return joint
 
 

@@ -52,7 +52,7 @@ has little lead on the GPU: BERT-base 32×512 in bf16 at 9.44 GiB, whose step is
 GPU time, ran 75.9 ms with 46 swaps (1.6 ms predicted extra) and 67.5 ms recomputing only (2.6 ms
 predicted; H200). On the fp32 steps (150 to 290 ms) the swaps' unpredicted time came to 0.03 to
 0.09 ms each (H100), where swapping wins by far more. Fitted when the four calls took 117 µs of
-host time; they take 47 µs since ab3a9c3 (``benchmarks/swap_calls.py``, H100), not re-fitted."""
+host time; they take 47 µs now (``reports/ac/swap_calls``, H100), not re-fitted."""
 HEADROOM = 0.01  # plan this share below the budget (measured vs simulated peak, see plan())
 CUDA_RESERVE_B = 128 << 20  # and this much below it on CUDA (see plan())
 

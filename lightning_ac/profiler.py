@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import statistics
 import time
 import weakref
@@ -46,6 +47,8 @@ __all__ = [
     "profile_joint",
     "profile_step",
 ]
+
+log = logging.getLogger(__name__)
 
 PHASES = ("forward", "backward", "optimizer")
 CATEGORIES = ("parameter", "gradient", "activation", "optimizer_state", "other")
@@ -515,6 +518,8 @@ def profile_iteration(joint: JointGraph, optimizer: OptimizerGraph | None = None
         del outs, grads_by_primal, primals
     bandwidth = measure_host_device_bandwidth(device)
     profile = _assemble(joint, optimizer, jp, op, bandwidth, previous_grads)
+    log.debug("profiled %d nodes on %s in %.2f s (host swap: %s)", len(profile.nodes), device,
+              time.perf_counter() - t_start, swap)
     profile.summary.update(device=str(device), device_name=_device_name(device),
                            torch_version=torch.__version__, runs_per_node=runs,
                            profile_s=round(time.perf_counter() - t_start, 3),

@@ -189,3 +189,14 @@ def test_a_removed_plan_lets_the_model_be_freed():
     del ac, w
     gc.collect()
     assert model() is None
+
+
+def test_library_detail_goes_to_logging_not_to_the_user(caplog, capsys):
+    w = make_workload("mlp", 4)
+    with caplog.at_level("DEBUG", logger="lightning_ac"):
+        ac = auto_checkpoint(w.loss, None, module=w.model, budget=10**12, always_rewrite=True)
+        ac(*w.inputs).backward()
+    said = {r.name: r.getMessage() for r in caplog.records if r.name.startswith("lightning_ac")}
+    assert "captured a joint graph" in said["lightning_ac.capture"]
+    assert "profiled" in said["lightning_ac.profiler"] and "planned" in said["lightning_ac.install"]
+    assert "captured" not in capsys.readouterr().out  # nothing printed (verbose is off)
