@@ -176,7 +176,6 @@ class AutoCheckpoint:
         """Wall time of the planning call: capture, profile, plan, partition and the step itself."""
         self.planned_shapes: tuple | None = None
         """The input shapes the step was planned for (another shape runs the original forward)."""
-        self.on_unplanned_shape: Callable[[tuple], None] = self._warn_unplanned_shape
         self._unplanned_shape_warned = False
         self._installed_on = installed_on
         self._compiled: Callable | None = compile_with_plan(fn, module, self._make_plan)
@@ -190,7 +189,7 @@ class AutoCheckpoint:
             return self.fn(*args, **kwargs)
         shapes = input_shapes(args, kwargs)
         if self.state is State.ACTIVE and shapes != self.planned_shapes:
-            self.on_unplanned_shape(shapes)
+            self._warn_unplanned_shape(shapes)
             return self.fn(*args, **kwargs)  # another shape (last batch): plain eager
         planning = self.state is State.PLANNING
         t0 = time.perf_counter()
