@@ -63,15 +63,19 @@ def _classifier(name, model, x, classes):
     return Workload(name, model, (x, y), loss)
 
 
-def _bert(name, config_kwargs, batch_size, seq_len, device, seed):
-    from transformers import BertConfig, BertForMaskedLM
+def _bert(name, config_kwargs, batch_size, seq_len, device, seed, classify=False):
+    """BERT as a masked LM (labels per token), or with ``classify`` as a sequence classifier
+    (``BertForSequenceClassification``, 2 classes, one label per sample)."""
+    from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
 
     config = BertConfig(**config_kwargs)
-    model = BertForMaskedLM(config).to(device)
+    model = (BertForSequenceClassification if classify else BertForMaskedLM)(config).to(device)
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=g).to(device)
     mask = torch.ones(batch_size, seq_len, dtype=torch.long, device=device)
-    labels = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=g).to(device)
+    shape = (batch_size,) if classify else (batch_size, seq_len)
+    labels = torch.randint(0, config.num_labels if classify else config.vocab_size, shape,
+                           generator=g).to(device)
 
     def loss(ids, mask, labels):
         # attention_mask passed explicitly: without it HF checks the batch for padding on the
@@ -86,7 +90,8 @@ def make_workload(name: str, batch_size: int, device="cpu", seq_len: int = 512,
     """Build the named workload on ``device`` with random weights and a synthetic batch.
 
     Names: ``mlp``, ``cnn`` (tiny CNN with BatchNorm), ``tiny-bert`` (2 layers, dropout on),
-    ``resnet152``, ``bert`` (BERT-base masked LM; ``seq_len`` tokens per sample).
+    ``resnet152``, ``bert`` (BERT-base masked LM; ``seq_len`` tokens per sample), and
+    ``tiny-bert-cls``, ``bert-cls``: the same as sequence classifiers.
     """
     if name not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r}; choose one of {', '.join(WORKLOADS)}")
@@ -103,11 +108,12 @@ def make_workload(name: str, batch_size: int, device="cpu", seq_len: int = 512,
 
         x = torch.randn(batch_size, 3, 224, 224, generator=g).to(device)
         return _classifier(name, resnet152().to(device), x, 1000)
-    if name == "tiny-bert":
+    classify = name.endswith("-cls")
+    if name.startswith("tiny-bert"):
         cfg = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                    intermediate_size=128, max_position_embeddings=128)
-        return _bert(name, cfg, batch_size, min(seq_len, 128), device, seed)
-    return _bert(name, {}, batch_size, seq_len, device, seed)
+        return _bert(name, cfg, batch_size, min(seq_len, 128), device, seed, classify)
+    return _bert(name, {}, batch_size, seq_len, device, seed, classify)
 
 
-WORKLOADS = ("mlp", "cnn", "tiny-bert", "resnet152", "bert")
+WORKLOADS = ("mlp", "cnn", "tiny-bert", "tiny-bert-cls", "resnet152", "bert", "bert-cls")

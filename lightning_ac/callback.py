@@ -14,6 +14,7 @@ from typing_extensions import override
 
 from lightning_ac.errors import BudgetError
 from lightning_ac.install import (
+    MAX_SHAPES,
     AutoCheckpoint,
     State,
     auto_checkpoint,
@@ -24,7 +25,6 @@ from lightning_ac.install import (
 from lightning_ac.measure import peak_memory_B
 from lightning_ac.planner import Plan
 from lightning_ac.profiler import Profile
-from lightning_ac.report import format_bytes
 
 __all__ = ["BudgetError", "MuTwoAC", "StepMonitor", "device_memory_limit", "parse_budget"]
 
@@ -60,6 +60,8 @@ class StepMonitor(Callback):
         self._step_ms: list[float] = []
         self._step_events: list = []
         self._epoch_peak = 0
+        self.last_step_peak_B: int | None = None
+        """The allocator's peak over the last training step (CUDA; None elsewhere)."""
         self.last_epoch: dict[str, float] = {}
 
     def measure_this_step(self) -> bool:
@@ -88,13 +90,15 @@ class StepMonitor(Callback):
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
+        cuda = pl_module.device.type == "cuda"
+        self.last_step_peak_B = peak_memory_B(pl_module.device) if cuda else None
         if not self._measuring or self._step_start is None:
             return
-        if pl_module.device.type == "cuda":
+        if cuda:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
             self._step_events.append((self._step_start, end))  # read at epoch end: no sync here
-            self._epoch_peak = max(self._epoch_peak, peak_memory_B(pl_module.device))
+            self._epoch_peak = max(self._epoch_peak, self.last_step_peak_B)
         else:
             self._step_ms.append((time.perf_counter() - self._step_start) * 1e3)
 
@@ -148,12 +152,21 @@ class MuTwoAC(StepMonitor):
         swap: let the plan keep activations in pinned host memory between forward and backward
             (copied on side streams, only where the copies hide behind compute); ``False``:
             recompute only.
+        plan_new_shapes: plan each new set of input shapes (another sequence length, the last
+            smaller batch) at its first step; ``False``: such batches run without AC, with a
+            warning.
+        max_shapes: plans kept at once (the least recently used goes beyond that).
 
     Logged at the end of every training epoch (through the trainer's loggers):
 
     - ``mutwo/peak_memory_B``, ``mutwo/step_time_ms``, ``mutwo/step_time_median_ms``,
       ``mutwo/measured_steps``: as :class:`StepMonitor`, the planning step left out
-    - ``mutwo/budget_B``: the budget planned for, in bytes (absent without a limit)
+    - ``mutwo/budget_B``: the budget planned for, in bytes (absent without a limit);
+      ``mutwo/peak_to_budget``: the measured peak over it (CUDA)
+    - ``mutwo/replans``: re-plans so far, each after a step whose measured peak went over the
+      budget; ``mutwo/excess_B``: the largest such excess in the epoch (0 if none)
+    - ``mutwo/planned_shapes``: input shapes with a plan (each new shape is planned at its
+      first step; the steps that plan are left out of the step figures)
     - ``mutwo/predicted_peak_B``: the plan's simulated peak
     - ``mutwo/recomputed_B``: bytes of the activations recomputed
     - ``mutwo/swapped_B``: bytes of the activations kept in host memory
@@ -167,17 +180,21 @@ class MuTwoAC(StepMonitor):
         BudgetError: on the first step, if no plan reaches the budget; the message gives the
             smallest peak found and what it consists of.
 
-    Warns once, at the end of an epoch whose measured peak went over the budget (memory the
-    profile did not see), with the budget that would have kept it within; and in ``setup`` if
+    After each step on CUDA the measured peak goes to :meth:`AutoCheckpoint.observe_peak`: a step
+    over the budget (memory the profile did not see) makes it plan that shape again with the
+    target lowered by the excess; it warns only if that cannot get within. Warns in ``setup`` if
     the strategy is one it cannot plan under yet (then it stays off).
     """
 
     def __init__(self, budget: int | str | None = None, *, margin: float = 0.05,
                  verbose: bool = True, warmup_steps: int = 1,
-                 host_swap: bool | str = "auto", swap: bool = True) -> None:
+                 host_swap: bool | str = "auto", swap: bool = True, plan_new_shapes: bool = True,
+                 max_shapes: int = MAX_SHAPES) -> None:
         super().__init__(warmup_steps=warmup_steps)
         self.budget_B = parse_budget(budget)
-        validate_options("MuTwoAC", swap=swap, host_swap=host_swap, margin=margin)
+        validate_options("MuTwoAC", swap=swap, host_swap=host_swap, margin=margin,
+                         plan_new_shapes=plan_new_shapes, max_shapes=max_shapes)
+        self.plan_new_shapes, self.max_shapes = plan_new_shapes, max_shapes
         self.swap, self.host_swap, self.margin = swap, host_swap, margin
         self.verbose = verbose
         self.ac: AutoCheckpoint | None = None
@@ -185,7 +202,7 @@ class MuTwoAC(StepMonitor):
         self._disabled: str | None = None  # why setup() turned the callback off for this fit
         self._final_state: State | None = None  # the state when the fit ended
         self._planning_step = 0
-        self._over_budget_warned = False
+        self._epoch_excess = 0
 
     @property
     def state(self) -> State:
@@ -238,7 +255,8 @@ class MuTwoAC(StepMonitor):
                 pl_module, trainer.optimizers[0] if trainer.optimizers else None,
                 budget=self.budget_B, swap=self.swap, host_swap=self.host_swap,
                 margin=self.margin, verbose=self.verbose,
-                previous_grads=_previous_grads(trainer))
+                previous_grads=_previous_grads(trainer), plan_new_shapes=self.plan_new_shapes,
+                max_shapes=self.max_shapes)
             self._planning_step = self._steps_seen + 1  # the step about to run
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
@@ -250,13 +268,38 @@ class MuTwoAC(StepMonitor):
             self._steps_seen - self._planning_step > self.warmup_steps
 
     @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        planned = self.ac is not None and self.ac.planned_last_call
+        if planned:
+            self._measuring = False  # a step that planned is the profiler's, not a training step
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.ac is not None and not planned and self.last_step_peak_B is not None:
+            p = self.plan
+            if p is not None and p.budget_B is not None and self.last_step_peak_B > p.budget_B:
+                self._epoch_excess = max(self._epoch_excess, self.last_step_peak_B - p.budget_B)
+            self.ac.observe_peak(self.last_step_peak_B)
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._epoch_excess = 0
+
+    @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         metrics = self.epoch_metrics()
         active = self.state is State.ACTIVE
         metrics["mutwo/active"] = float(active)
+        if self.ac is not None:
+            metrics["mutwo/replans"] = float(self.ac.replans)
+            metrics["mutwo/excess_B"] = float(self._epoch_excess)
+            metrics["mutwo/planned_shapes"] = float(len(self.ac.plans))
         if self.plan is not None:
             if self.plan.budget_B is not None:
                 metrics["mutwo/budget_B"] = float(self.plan.budget_B)
+                if "mutwo/peak_memory_B" in metrics:
+                    metrics["mutwo/peak_to_budget"] = \
+                        metrics["mutwo/peak_memory_B"] / self.plan.budget_B
             metrics.update({
                 "mutwo/predicted_peak_B": float(self.plan.predicted_peak_B),
                 "mutwo/recomputed_B": float(self.plan.recomputed_B if active else 0),
@@ -265,24 +308,6 @@ class MuTwoAC(StepMonitor):
             })
         self.last_epoch = metrics
         pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False)
-        self._check_budget(metrics.get("mutwo/peak_memory_B"))
-
-    def _check_budget(self, peak_B: float | None) -> None:
-        """Warn once if a measured peak went over the budget: the plan is not corrected during
-        training, so the user has to lower the budget to get what was asked for."""
-        p = self.plan
-        if self._over_budget_warned or self.state is not State.ACTIVE or p is None or not peak_B \
-                or p.budget_B is None or peak_B <= p.budget_B:
-            return
-        self._over_budget_warned = True
-        over = int(peak_B) - p.budget_B
-        rank_zero_warn(
-            f"MuTwoAC: the measured peak {format_bytes(peak_B)} is over the budget of "
-            f"{format_bytes(p.budget_B)} by {format_bytes(over)} (planned "
-            f"{format_bytes(p.predicted_peak_B)}): the step uses memory the profile did not see. "
-            f"For a peak within the budget, pass one lower by that much: "
-            f"MuTwoAC(budget={p.budget_B - over})."
-        )
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

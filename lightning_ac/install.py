@@ -28,7 +28,9 @@ import gc
 import logging
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,14 +41,14 @@ from torch import nn
 from lightning_ac import _torch_compat as compat
 from lightning_ac.capture import JointGraph
 from lightning_ac.errors import BudgetError, describe_capture_failure, unwrap_compile_error
-from lightning_ac.planner import Plan, plan
+from lightning_ac.planner import Plan, default_reserve_B, plan
 from lightning_ac.profiler import PREVIOUS_GRADS, NodeOutOfMemoryError, Profile, op_name, profile_joint
 from lightning_ac.report import format_bytes
-from lightning_ac.rewriter import compile_with_plan
+from lightning_ac.rewriter import compile_with_plan, retarget
 from lightning_ac.simulator import peak_breakdown
 
-__all__ = ["AutoCheckpoint", "Budget", "State", "auto_checkpoint", "device_memory_limit",
-           "parse_budget"]
+__all__ = ["AutoCheckpoint", "Budget", "ShapePlan", "State", "auto_checkpoint",
+           "device_memory_limit", "parse_budget"]
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +126,8 @@ def device_memory_limit(device: torch.device, margin: float = 0.05) -> int | Non
 
 
 def validate_options(owner: str, *, swap: Any, host_swap: Any, margin: Any,
-                     previous_grads: Any = "until_backward") -> None:
+                     previous_grads: Any = "until_backward", plan_new_shapes: Any = True,
+                     max_shapes: Any = 1) -> None:
     """Check the options :func:`auto_checkpoint` and ``MuTwoAC`` share; the message names
     ``owner(argument=value)`` and what is expected.
 
@@ -144,6 +147,38 @@ def validate_options(owner: str, *, swap: Any, host_swap: Any, margin: Any,
     if previous_grads not in PREVIOUS_GRADS:
         raise MisconfigurationException(
             f"{owner}(previous_grads={previous_grads!r}) must be one of {PREVIOUS_GRADS}.")
+    if not isinstance(plan_new_shapes, bool):
+        raise MisconfigurationException(
+            f"{owner}(plan_new_shapes={plan_new_shapes!r}) must be True or False.")
+    if not isinstance(max_shapes, int) or isinstance(max_shapes, bool) or max_shapes < 1:
+        raise MisconfigurationException(f"{owner}(max_shapes={max_shapes!r}) must be a positive int.")
+
+
+MAX_SHAPES = 8
+"""Input shapes planned at once by default; the least recently used plan goes beyond that."""
+MAX_REPLANS = 2
+"""Re-plans of one shape after a measured peak over the budget (see
+:meth:`AutoCheckpoint.observe_peak`)."""
+
+
+@dataclass(eq=False)
+class ShapePlan:
+    """The planned step for one set of input shapes."""
+
+    shapes: tuple
+    """The key: :func:`input_shapes` of the call."""
+    compiled: Callable | None = None
+    """The rewritten step; None where the step runs the original forward (it fits)."""
+    plan: Plan | None = None
+    profile: Profile | None = None
+    planning_call_s: float | None = None
+    """Wall time of the planning call: capture, profile, plan, partition and the step itself."""
+    foreign_B: int = 0
+    """Device memory allocated when the planning call began that is not the step's own
+    (parameters, gradients, optimizer state, this batch): planned around, not in, the budget."""
+    excess_B: int = 0
+    """The measured peaks' excess over the budget that re-plans have lowered the target by."""
+    replans: int = 0
 
 
 class AutoCheckpoint:
@@ -151,56 +186,109 @@ class AutoCheckpoint:
 
     Call it as the step (for a step function), or let the module call it (for a module, whose
     ``forward`` it replaces). Only training calls (module in training mode, gradients enabled)
-    run the rewritten step; the first one plans it. Everything else runs the original forward.
+    run a rewritten step; everything else runs the original forward. Each set of input shapes
+    (a shorter sequence, the last smaller batch) gets a plan of its own at its first training
+    call, kept in a bounded cache (:data:`MAX_SHAPES`); a shape whose step fits runs the
+    original forward.
 
     Attributes:
-        plan: the :class:`~lightning_ac.planner.Plan` (None before the first training call).
-        profile: the :class:`~lightning_ac.profiler.Profile` it was made from.
-        state: a :class:`State`.
+        plans: the :class:`ShapePlan` of each shape planned, least recently used first.
+        last: the plan of the last training call's shapes.
     """
 
     def __init__(self, fn: Callable, module: nn.Module, optimizer: torch.optim.Optimizer | None,
                  *, budget: Budget, swap: bool, host_swap: bool | str, margin: float,
                  verbose: bool, previous_grads: str, always_rewrite: bool, on_infeasible: str,
-                 profile_options: dict[str, Any], installed_on: nn.Module | None) -> None:
+                 plan_new_shapes: bool, max_shapes: int, profile_options: dict[str, Any],
+                 installed_on: nn.Module | None) -> None:
         self.fn, self.module, self.optimizer = fn, module, optimizer
         self.budget = budget
         self.swap, self.host_swap, self.margin = swap, host_swap, margin
         self.verbose, self.previous_grads = verbose, previous_grads
         self.always_rewrite, self.on_infeasible = always_rewrite, on_infeasible
+        self.plan_new_shapes, self.max_shapes = plan_new_shapes, max_shapes
         self.profile_options = profile_options
-        self.plan: Plan | None = None
-        self.profile: Profile | None = None
-        self.state = State.PLANNING
-        self.planning_call_s: float | None = None
-        """Wall time of the planning call: capture, profile, plan, partition and the step itself."""
-        self.planned_shapes: tuple | None = None
-        """The input shapes the step was planned for (another shape runs the original forward)."""
+        self.plans: OrderedDict[tuple, ShapePlan] = OrderedDict()
+        self.last: ShapePlan | None = None
+        self.planned_last_call = False
+        """Whether the last training call planned (its step time and peak are not a step's)."""
+        self.replans = 0
+        """Re-plans so far, over all shapes."""
+        self._disabled = False  # removed, or the step cannot be captured
         self._unplanned_shape_warned = False
         self._installed_on = installed_on
-        self._compiled: Callable | None = compile_with_plan(fn, module, self._make_plan)
         functools.update_wrapper(self, fn, updated=())
+
+    # -- what it shows ----------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        """``PLANNING`` before the first plan; ``ACTIVE`` while the last call's shapes run a
+        rewritten step; ``OFF`` when they fit (original forward), after :meth:`remove`, or when
+        the step cannot be captured."""
+        if self._disabled:
+            return State.OFF
+        if self.last is None:
+            return State.PLANNING
+        return State.ACTIVE if self.last.compiled is not None else State.OFF
+
+    @property
+    def plan(self) -> Plan | None:
+        """The plan of the last training call's shapes (None before the first)."""
+        return self.last.plan if self.last is not None else None
+
+    @property
+    def profile(self) -> Profile | None:
+        """The profile that plan was made from."""
+        return self.last.profile if self.last is not None else None
+
+    @property
+    def planning_call_s(self) -> float | None:
+        """Wall time of the last shapes' planning call."""
+        return self.last.planning_call_s if self.last is not None else None
+
+    def summary(self) -> str:
+        """The plan line (see :meth:`Plan.summary`), or what the state is before/without one."""
+        if self.plan is None:
+            return f"MuTwoAC: {self.state}, no plan yet"
+        shapes = f" for {len(self.plans)} input shapes" if len(self.plans) > 1 else ""
+        return f"MuTwoAC: {self.state}{shapes}, {self.plan.summary()}"
+
+    def __repr__(self) -> str:
+        return f"AutoCheckpoint({getattr(self.fn, '__qualname__', self.fn)!r}, state={self.state})"
 
     # -- the step ---------------------------------------------------------------------------
 
     def __call__(self, *args, **kwargs):
-        if self.state not in (State.PLANNING, State.ACTIVE) or not self.module.training or \
-                not torch.is_grad_enabled():
+        self.planned_last_call = False
+        if self._disabled or not self.module.training or not torch.is_grad_enabled():
             return self.fn(*args, **kwargs)
         shapes = input_shapes(args, kwargs)
-        if self.state is State.ACTIVE and shapes != self.planned_shapes:
-            self._warn_unplanned_shape(shapes)
-            return self.fn(*args, **kwargs)  # another shape (last batch): plain eager
-        planning = self.state is State.PLANNING
+        step = self.plans.get(shapes)
+        if step is None:
+            if self.plans and not self.plan_new_shapes:
+                self._warn_unplanned_shape(shapes)
+                return self.fn(*args, **kwargs)  # another shape, as the user asked: eager
+            return self._plan_and_run(shapes, args, kwargs)
+        self.plans.move_to_end(shapes)
+        self.last = step
+        if step.compiled is None:
+            return self.fn(*args, **kwargs)  # this shape fits
+        try:
+            return step.compiled(*args, **kwargs)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise torch.cuda.OutOfMemoryError(f"{exc}\n{self._out_of_memory_hint()}") from exc
+
+    def _plan_and_run(self, shapes: tuple, args, kwargs):
+        """The first training call of ``shapes``: capture, profile and plan the step, then run it."""
+        step = ShapePlan(shapes, foreign_B=self._foreign_bytes(args, kwargs))
+        step.compiled = compile_with_plan(self.fn, self.module,
+                                          functools.partial(self._make_plan, step))
         t0 = time.perf_counter()
         try:
-            out = self._compiled(*args, **kwargs)
-        except torch.cuda.OutOfMemoryError as exc:
-            if planning:
-                raise
-            raise torch.cuda.OutOfMemoryError(f"{exc}\n{self._out_of_memory_hint()}") from exc
+            out = step.compiled(*args, **kwargs)
         except Exception as exc:
-            if not planning:
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
                 raise
             budget_error = unwrap_compile_error(exc, (BudgetError,))
             if budget_error is not None:
@@ -209,10 +297,13 @@ class AutoCheckpoint:
             rank_zero_warn(f"MuTwoAC: {describe_capture_failure(self.fn, exc)}\n"
                            "Training continues without activation checkpointing.")
             return self.fn(*args, **kwargs)
-        if planning:
-            self.planning_call_s = time.perf_counter() - t0
-            self.planned_shapes = shapes
-            self._announce()
+        step.planning_call_s = time.perf_counter() - t0
+        self.planned_last_call = True
+        self.plans[shapes] = self.last = step
+        while len(self.plans) > self.max_shapes:  # the least recently used shape goes
+            evicted, _ = self.plans.popitem(last=False)
+            log.debug("dropped the plan for %s (more than %d shapes)", evicted, self.max_shapes)
+        self._announce(step)
         return out
 
     def remove(self) -> None:
@@ -223,14 +314,69 @@ class AutoCheckpoint:
         self._installed_on = None
         self._turn_off()
 
-    def summary(self) -> str:
-        """The plan line (see :meth:`Plan.summary`), or what the state is before/without one."""
-        if self.plan is None:
-            return f"MuTwoAC: {self.state}, no plan yet"
-        return f"MuTwoAC: {self.state}, {self.plan.summary()}"
+    # -- keeping the budget -----------------------------------------------------------------
 
-    def __repr__(self) -> str:
-        return f"AutoCheckpoint({getattr(self.fn, '__qualname__', self.fn)!r}, state={self.state})"
+    def observe_peak(self, peak_B: int) -> bool:
+        """Tell it the measured peak of the last training step (the allocator's peak from before
+        the forward call to after the optimizer step). If that went over the budget, the last
+        call's shapes are planned again with the target lowered by the excess, from the same
+        profile (no new capture or profiling), at most :data:`MAX_REPLANS` times per shape.
+        Returns whether it re-planned. The callback calls this after every step on CUDA."""
+        step = self.last
+        if self.planned_last_call or step is None or step.plan is None or self._disabled:
+            return False  # a planning step's peak is the profiler's, not the step's
+        budget = step.plan.budget_B
+        if budget is None or peak_B <= budget:
+            return False
+        excess = int(peak_B) - budget
+        if step.replans >= MAX_REPLANS:
+            if step.replans == MAX_REPLANS:
+                step.replans += 1  # say it once
+                rank_zero_warn(
+                    f"MuTwoAC: inputs {describe_shapes(step.shapes)} still peak at "
+                    f"{format_bytes(peak_B)}, {format_bytes(excess)} over the budget of "
+                    f"{format_bytes(budget)}, after {MAX_REPLANS} re-plans; lower the budget.")
+            return False
+        new = plan(step.profile, budget, swap=self.swap,
+                   reserve_B=default_reserve_B(step.profile) + step.foreign_B
+                   + step.excess_B + excess)
+        if new.stop_reason == "infeasible":
+            step.replans = MAX_REPLANS  # nothing lower to be had
+            return self.observe_peak(peak_B)
+        planned_on = step.profile.joint.graph
+        step.compiled = compile_with_plan(
+            self.fn, self.module, lambda joint: retarget(new, planned_on, joint.graph))
+        step.plan, step.excess_B = new, step.excess_B + excess
+        step.replans += 1
+        self.replans += 1
+        log.info("re-planned %s: measured peak %d B over the budget by %d B; %s",
+                 describe_shapes(step.shapes), peak_B, excess, new.summary())
+        return True
+
+    def _foreign_bytes(self, args, kwargs) -> int:
+        """Device memory allocated now that is not this step's: not the module's parameters,
+        buffers and gradients, the optimizer's state, or the call's tensors (an earlier model
+        in a notebook, tensors the user's code keeps). 0 off CUDA."""
+        device = self._device()
+        if device is None or device.type != "cuda":
+            return 0
+        own: dict[int, int] = {}
+
+        def count(t) -> None:
+            if isinstance(t, torch.Tensor) and t.device == device:
+                st = t.untyped_storage()
+                own[st.data_ptr()] = st.nbytes()
+
+        for t in [*self.module.parameters(), *self.module.buffers()]:
+            count(t)
+            count(t.grad)
+        if self.optimizer is not None:
+            for state in self.optimizer.state.values():
+                for v in state.values():
+                    count(v)
+        for v in [*args, *kwargs.values()]:
+            count(v)
+        return max(0, torch.cuda.memory_allocated(device) - sum(own.values()))
 
     # -- planning (runs inside the first call's compilation) --------------------------------
 
@@ -249,7 +395,7 @@ class AutoCheckpoint:
         p = next(self.module.parameters(), None)
         return p.device if p is not None else None
 
-    def _make_plan(self, joint: JointGraph) -> Plan:
+    def _make_plan(self, step: ShapePlan, joint: JointGraph) -> Plan:
         t0 = time.perf_counter()
         device = joint.primal_values[0].device
         # the joint graph already holds the casts autocast chose; running it under autocast
@@ -266,23 +412,32 @@ class AutoCheckpoint:
             gc.collect()
             torch.cuda.empty_cache()
         budget = self.budget_for(profile)
-        result = plan(profile, budget, swap=self.swap)
+        result = plan(profile, budget, swap=self.swap,
+                      reserve_B=default_reserve_B(profile) + step.foreign_B)
         result.planning_s = time.perf_counter() - t0
-        self.plan, self.profile = result, profile
+        step.plan, step.profile = result, profile
         log.debug("planned %d nodes in %.2f s: %s", len(profile.nodes), result.planning_s,
-                 result.summary())
+                  result.summary())
         if result.stop_reason == "infeasible":
             if self.on_infeasible == "raise":
-                raise BudgetError(infeasible_message(profile, result))
-            rank_zero_warn(infeasible_message(profile, result) + " Training with that plan.")
+                raise BudgetError(infeasible_message(profile, result, step.foreign_B))
+            rank_zero_warn(infeasible_message(profile, result, step.foreign_B)
+                           + " Training with that plan.")
         return result
 
     def _profile(self, joint: JointGraph, device: torch.device) -> Profile:
-        """Profile the captured step, with host swap if so configured or if it does not fit."""
+        """Profile the captured step on the device. With ``host_swap="auto"``: with activations
+        in host memory where a budget is given (the un-checkpointed step may not fit in it, and
+        the step that plans must keep the budget too) or a shape planned before did not fit;
+        else on the device, and again swapped if that runs out of memory."""
         profile = functools.partial(profile_joint, joint, self.optimizer,
                                     previous_grads=self.previous_grads, **self.profile_options)
         if self.host_swap != "auto":
             return profile(swap=bool(self.host_swap))
+        if device.type == "cuda" and (isinstance(self.budget, (int, str)) or any(
+                s.plan is not None and s.plan.budget_B is not None
+                and s.plan.baseline_peak_B > s.plan.budget_B for s in self.plans.values())):
+            return profile(swap=True)
         try:
             return profile(swap=False)
         except torch.cuda.OutOfMemoryError:
@@ -309,38 +464,39 @@ class AutoCheckpoint:
 
     # -- what the user is told --------------------------------------------------------------
 
-    def _announce(self) -> None:
-        p = self.plan
+    def _announce(self, step: ShapePlan) -> None:
+        p = step.plan
         if p is None:
             return
+        which = f" (inputs {describe_shapes(step.shapes)})" if len(self.plans) > 1 else ""
         if p.stop_reason == "already fits" and not self.always_rewrite:
-            self._turn_off()
+            step.compiled = None  # the original forward runs this shape
             limit = "no limit on the CPU" if p.budget_B is None else \
                 f"the budget of {format_bytes(p.budget_B)}"
-            rank_zero_info(f"MuTwoAC: the step already fits ({format_bytes(p.baseline_peak_B)} "
-                           f"peak, {limit}); activation checkpointing is off.")
+            rank_zero_info(f"MuTwoAC: the step{which} already fits "
+                           f"({format_bytes(p.baseline_peak_B)} peak, {limit}); activation "
+                           "checkpointing is off for it.")
             return
-        self.state = State.ACTIVE
         if self.verbose:
-            rank_zero_info(f"MuTwoAC: {p.summary()}")
+            rank_zero_info(f"MuTwoAC{which}: {p.summary()}")
 
     def _turn_off(self) -> None:
-        self.state = State.OFF
-        self._compiled = None  # the compiled graphs (and their swap slots) can go
+        self._disabled = True
+        for step in [*self.plans.values(), *([self.last] if self.last else [])]:
+            step.compiled = None  # the compiled graphs (and their swap slots) can go; the plans
+            # and profiles stay readable
 
     def _warn_unplanned_shape(self, shapes: tuple) -> None:
-        """Say once that a batch of another shape than the planned one runs without AC: its peak
-        is not planned, and a batch only a little smaller than the planned one can still go
-        over the budget without checkpointing."""
+        """Say once that a batch of another shape runs without AC (``plan_new_shapes=False``)."""
         if self._unplanned_shape_warned:
             return
         self._unplanned_shape_warned = True
+        planned = describe_shapes(next(iter(self.plans)))
         rank_zero_warn(
             f"MuTwoAC: a batch with inputs shaped {describe_shapes(shapes)} runs without "
-            f"activation checkpointing: the step was planned for "
-            f"{describe_shapes(self.planned_shapes)}. Its peak memory is not planned and may go "
-            "over the budget; to keep every step planned, give every batch one shape "
-            "(DataLoader(drop_last=True), padding to a fixed length).")
+            f"activation checkpointing: the step was planned for {planned}, and new shapes are "
+            "not planned (plan_new_shapes=False). Its peak memory is not planned and may go "
+            "over the budget.")
 
     def _out_of_memory_hint(self) -> str:
         """What the plan expected, and what to try, for an out-of-memory error in its step."""
@@ -356,15 +512,18 @@ class AutoCheckpoint:
         return hint + " Otherwise lower the budget (MuTwoAC(budget=...)) or the batch size."
 
 
-def infeasible_message(profile: Profile, result: Plan) -> str:
+def infeasible_message(profile: Profile, result: Plan, foreign_B: int = 0) -> str:
     """Why ``result`` (stopped ``"infeasible"``) does not meet its budget, and what to do."""
     parts = peak_breakdown(profile, result.recomputed, result.swapped)
     aim = ""
     if result.target_B is not None and result.target_B != result.budget_B:
         # the comparison the planner made: say it, or "budget 3.35 MiB, smallest 3.35 MiB" reads
         # as if it fitted
+        others = f", of which {format_bytes(foreign_B)} already allocated by other tensors " \
+            "when the step began" if foreign_B else ""
         aim = (f", planned to {format_bytes(result.target_B)} to leave room for memory the "
-               f"profile does not see ({format_bytes(result.budget_B - result.target_B)})")
+               f"profile does not see ({format_bytes(result.budget_B - result.target_B)}"
+               f"{others})")
     return (f"MuTwoAC cannot meet the budget of {format_bytes(result.budget_B)}{aim}: the "
             f"smallest peak the planner reaches is {format_bytes(result.predicted_peak_B)} ("
             + ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in parts.items())
@@ -377,7 +536,8 @@ def auto_checkpoint(target: nn.Module | Callable, optimizer: torch.optim.Optimiz
                     *, budget: Budget = None, module: nn.Module | None = None, swap: bool = True,
                     host_swap: bool | str = "auto", margin: float = 0.05, verbose: bool = False,
                     previous_grads: str = "until_backward", always_rewrite: bool = False,
-                    on_infeasible: str = "raise",
+                    on_infeasible: str = "raise", plan_new_shapes: bool = True,
+                    max_shapes: int = MAX_SHAPES,
                     profile_options: dict[str, Any] | None = None) -> AutoCheckpoint:
     """Plan ``target``'s training step under a memory budget on its first training call.
 
@@ -408,6 +568,11 @@ def auto_checkpoint(target: nn.Module | Callable, optimizer: torch.optim.Optimiz
         on_infeasible: what to do when no plan reaches the budget: ``"raise"`` a
             :class:`~lightning_ac.BudgetError` from the first training call, or ``"warn"`` and
             train with the lowest-peak plan found.
+        plan_new_shapes: plan each new set of input shapes at its first training call (the
+            default); False: shapes other than the first run the original forward, with a
+            warning.
+        max_shapes: plans kept at once; beyond that the least recently used one goes (and is
+            made again if its shapes come back).
         profile_options: keyword arguments for :func:`~lightning_ac.profiler.profile_iteration`
             (``runs``, ``cold_l2``).
 
@@ -421,7 +586,8 @@ def auto_checkpoint(target: nn.Module | Callable, optimizer: torch.optim.Optimiz
     if not callable(budget):
         parse_budget(budget, owner="auto_checkpoint")
     validate_options("auto_checkpoint", swap=swap, host_swap=host_swap, margin=margin,
-                     previous_grads=previous_grads)
+                     previous_grads=previous_grads, plan_new_shapes=plan_new_shapes,
+                     max_shapes=max_shapes)
     if on_infeasible not in ("raise", "warn"):
         raise MisconfigurationException(
             f"auto_checkpoint(on_infeasible={on_infeasible!r}) must be \"raise\" or \"warn\".")
@@ -448,6 +614,7 @@ def auto_checkpoint(target: nn.Module | Callable, optimizer: torch.optim.Optimiz
     ac = AutoCheckpoint(fn, module, optimizer, budget=budget, swap=swap, host_swap=host_swap,
                         margin=margin, verbose=verbose, previous_grads=previous_grads,
                         always_rewrite=always_rewrite, on_infeasible=on_infeasible,
+                        plan_new_shapes=plan_new_shapes, max_shapes=max_shapes,
                         profile_options=dict(profile_options or {}),
                         installed_on=installed_on)
     if installed_on is not None:

@@ -41,7 +41,7 @@ import torch.fx as fx
 from lightning_ac.profiler import Profile, op_name, recompute_chain
 from lightning_ac.simulator import Simulation, profile_index, simulate, swap_ms, swap_schedule
 
-__all__ = ["Plan", "plan", "rerun_by_op", "swap_cost_ms", "swappable"]
+__all__ = ["Plan", "default_reserve_B", "plan", "rerun_by_op", "swap_cost_ms", "swappable"]
 
 _MIN_SHARE = 1e-3  # candidates below this share of the largest activation are left alone
 MIN_SWAP_B = 1 << 20  # smaller activations are not worth a copy's host work (tens of µs)
@@ -197,7 +197,7 @@ def plan(profile: Profile, budget_B: int | None, headroom: float = HEADROOM,
     """
     t0 = time.perf_counter()
     if reserve_B is None:
-        reserve_B = CUDA_RESERVE_B if str(profile.summary.get("device", "")).startswith("cuda") else 0
+        reserve_B = default_reserve_B(profile)
     target = None if budget_B is None else int(budget_B * (1.0 - headroom)) - reserve_B
     acts = profile.activations
     baseline = simulate(profile)
@@ -218,6 +218,12 @@ def plan(profile: Profile, budget_B: int | None, headroom: float = HEADROOM,
     best.target_B = target
     best.planning_s = time.perf_counter() - t0
     return best
+
+
+def default_reserve_B(profile: Profile) -> int:
+    """Bytes :func:`plan` keeps free below the budget by default: :data:`CUDA_RESERVE_B` for a
+    profile taken on CUDA, 0 elsewhere."""
+    return CUDA_RESERVE_B if str(profile.summary.get("device", "")).startswith("cuda") else 0
 
 
 def swap_cost_ms(p: Plan) -> float:

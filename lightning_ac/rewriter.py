@@ -10,6 +10,7 @@ handed to a planning function, and partitioned by the plan it returns.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections.abc import Callable
 
@@ -19,11 +20,12 @@ from torch import nn
 
 from lightning_ac import _torch_compat as compat
 from lightning_ac.capture import JointGraph, compile_joint
+from lightning_ac.errors import CaptureError
 from lightning_ac.graph_passes import use_replays
 from lightning_ac.planner import Plan
 
 __all__ = ["compile_with_plan", "empty_saved_tensors", "getitems_after_their_op",
-           "insert_swaps", "partition", "saved_values"]
+           "insert_swaps", "partition", "retarget", "saved_values"]
 
 
 def saved_values(joint: JointGraph, plan: Plan) -> list[fx.Node]:
@@ -163,6 +165,46 @@ def getitems_after_their_op(gm: fx.GraphModule) -> None:
             anchor.append(item)
             anchor = item
     gm.recompile()
+
+
+def retarget(plan: Plan, planned_on: fx.Graph, graph: fx.Graph) -> Plan:
+    """``plan``, made on the joint graph ``planned_on``, for ``graph``: another trace of the same
+    step (same code, same input shapes), so that a plan can be changed without profiling again.
+
+    Nodes correspond by position. The two traces must run the same ops in the same order: each
+    pair of nodes is checked (kind, target, and arguments, nodes among them mapped), and a difference
+    raises rather than let a plan land on the wrong values (a silent name mapping between two
+    traces is what made an earlier attempt at this project fall back to hand-picked blocks).
+
+    Raises:
+        CaptureError: the traces differ; the message names the first node that does.
+    """
+    old, new = list(planned_on.nodes), list(graph.nodes)
+    if len(old) != len(new):
+        raise CaptureError(f"the step traced again has {len(new)} nodes where the planned one "
+                           f"had {len(old)}: it cannot take that plan")
+    to_new = {}
+    for i, (a, b) in enumerate(zip(old, new)):
+        try:
+            args = fx.node.map_arg((a.args, a.kwargs), to_new.__getitem__)
+        except KeyError:  # reads a node that comes later: not the same graph
+            args = None
+        same = a.op == b.op and a.target == b.target and args == (b.args, b.kwargs)
+        if not same:
+            raise CaptureError(f"the step traced again differs from the planned one at node {i}: "
+                               f"{a.format_node()} against {b.format_node()}")
+        to_new[a] = b
+
+    def nodes(xs):
+        return [to_new[x] for x in xs]
+
+    def pairs(d):
+        return {to_new[k]: to_new[v] for k, v in d.items() if k in to_new and v in to_new}
+
+    return dataclasses.replace(
+        plan, recomputed=nodes(plan.recomputed), kept=nodes(plan.kept),
+        recomputed_nodes=nodes(plan.recomputed_nodes), swapped=nodes(plan.swapped),
+        release_before=pairs(plan.release_before), prefetch_before=pairs(plan.prefetch_before))
 
 
 def compile_with_plan(fn: Callable, module: nn.Module | None,

@@ -92,29 +92,9 @@ def test_ac_turns_itself_off_when_the_step_fits(tmp_path, caplog):
     assert len(said) == 1  # said once, not every step
 
 
-def test_a_measured_peak_over_the_budget_is_warned_once(tmp_path):
-    """The plan is not corrected during training: a peak over the budget (memory the profile
-    did not see) is said once, with how much lower a budget would have kept it within."""
-    from types import SimpleNamespace
-
-    budget = int(0.85 * _baseline_peak(tmp_path, "cnn"))
-    cb = MuTwoAC(budget=budget)
-    _fit(tmp_path / "ac", "cnn", cb, steps=3)
-    assert cb.state == "active"  # (on the CPU no peak is measured: fit warned nothing)
-    logged = SimpleNamespace(log_dict=lambda *a, **kw: None)
-    cb._epoch_peak = budget  # at the budget: fine
-    cb.on_train_epoch_end(None, logged)
-    cb._epoch_peak = budget + 3 * 2**20
-    with pytest.warns(UserWarning, match=rf"over the budget .* by 3.00 MiB .*budget={budget - 3 * 2**20}\)"):
-        cb.on_train_epoch_end(None, logged)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        cb.on_train_epoch_end(None, logged)  # said once
-
-
-def test_a_batch_of_another_shape_runs_without_ac_and_says_so_once(tmp_path):
-    """The last, smaller batch of an epoch runs the original forward: its peak is not planned,
-    so the callback says so (once, over two epochs), naming both shapes."""
+def test_a_batch_of_another_shape_is_planned_too(tmp_path):
+    """The last, smaller batch of an epoch gets a plan of its own at its first step; the steps
+    that plan are left out of the step figures."""
     from torch.utils.data import DataLoader, TensorDataset
 
     budget = int(0.85 * _baseline_peak(tmp_path, "cnn"))
@@ -123,6 +103,28 @@ def test_a_batch_of_another_shape_runs_without_ac_and_says_so_once(tmp_path):
     x, y = m.w.inputs  # batch 16
     data = TensorDataset(torch.cat([x, x, x[:8]]), torch.cat([y, y, y[:8]]))
     cb = MuTwoAC(budget=budget)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(tmp_path / "ac", cb, epochs=2).fit(m, DataLoader(data, batch_size=16))
+    assert not [w for w in caught if "MuTwoAC" in str(w.message)]  # no "runs without AC"
+    assert len(cb.ac.plans) == 2 and len(m.losses) == 6
+    assert {s.shapes[0] for s in cb.ac.plans.values()} == {(16, 3, 16, 16), (8, 3, 16, 16)}
+    metrics = pd.read_csv(next((tmp_path / "ac").rglob("metrics.csv")))
+    assert metrics["mutwo/planned_shapes"].dropna().tolist() == [2, 2]
+    assert metrics["mutwo/replans"].dropna().tolist() == [0, 0]
+
+
+def test_a_batch_of_another_shape_runs_without_ac_when_asked_and_says_so_once(tmp_path):
+    """With plan_new_shapes=False the last, smaller batch runs the original forward: its peak is
+    not planned, so the callback says so (once, over two epochs), naming both shapes."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    budget = int(0.85 * _baseline_peak(tmp_path, "cnn"))
+    torch.manual_seed(0)
+    m = LitWorkload("cnn")
+    x, y = m.w.inputs  # batch 16
+    data = TensorDataset(torch.cat([x, x, x[:8]]), torch.cat([y, y, y[:8]]))
+    cb = MuTwoAC(budget=budget, plan_new_shapes=False)
     with pytest.warns(UserWarning, match=r"MuTwoAC: a batch with inputs shaped \[8, .*runs "
                       r"without activation checkpointing: the step was planned for \[16, ") as rec:
         _trainer(tmp_path, cb, epochs=2).fit(m, DataLoader(data, batch_size=16))

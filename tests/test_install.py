@@ -200,3 +200,106 @@ def test_library_detail_goes_to_logging_not_to_the_user(caplog, capsys):
     assert "captured a joint graph" in said["lightning_ac.capture"]
     assert "profiled" in said["lightning_ac.profiler"] and "planned" in said["lightning_ac.install"]
     assert "captured" not in capsys.readouterr().out  # nothing printed (verbose is off)
+
+
+def _midway(profile):
+    """A budget halfway between the plan's floor and the un-checkpointed peak, for any shape."""
+    from lightning_ac import plan
+
+    return (plan(profile, 1).predicted_peak_B + profile.peak_bytes) // 2
+
+
+def _grads(model):
+    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def test_every_sequence_length_is_planned_and_trains_as_eager():
+    """Batches padded to different lengths (HF's dynamic padding): each length gets its own plan
+    at its first step; every step saves less for backward than eager and computes the same
+    gradients, and a length seen before reuses its plan."""
+    torch.manual_seed(0)
+    w = make_workload("tiny-bert", 4, seq_len=32)
+    ref = copy.deepcopy(w.model)
+
+    def loss_of(model):
+        def loss(ids, mask, labels):
+            return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        return loss
+
+    ac = auto_checkpoint(loss_of(w.model), None, module=w.model, budget=_midway)
+    params, ref_params = list(w.model.parameters()), list(ref.parameters())
+    for length in (32, 16, 24, 16, 32, 8):
+        ids, mask, labels = (t[:, :length].contiguous() for t in w.inputs)
+        torch.manual_seed(length)  # the same dropout masks in both
+        loss = ac(ids, mask, labels)
+        torch.manual_seed(length)
+        _, saved = saved_tensor_bytes(ac, (ids, mask, labels), exclude=params)
+        torch.manual_seed(length)
+        _, saved_ref = saved_tensor_bytes(loss_of(ref), (ids, mask, labels), exclude=ref_params)
+        assert ac.state is State.ACTIVE and ac.plan.recomputed, length
+        assert saved < saved_ref, (length, saved, saved_ref)
+        torch.manual_seed(length)
+        ref_loss = loss_of(ref)(ids, mask, labels)
+        loss.backward()
+        ref_loss.backward()
+        for g, r in zip(_grads(w.model), _grads(ref)):
+            assert (g - r).norm() <= 1e-6 * r.norm() + 1e-7
+        w.model.zero_grad(), ref.zero_grad()
+    assert [s.shapes[0][1] for s in ac.plans.values()] == [24, 16, 32, 8]  # least recent first
+
+
+def test_the_plan_cache_is_bounded_and_a_shape_that_comes_back_is_planned_again():
+    w = make_workload("mlp", 16)
+    ac = auto_checkpoint(w.loss, None, module=w.model, budget=10**12, always_rewrite=True,
+                         max_shapes=2)
+    x, y = w.inputs
+    for n in (16, 8, 4):
+        ac(x[:n], y[:n]).backward()
+    assert [s.shapes[0] for s in ac.plans.values()] == [(8, 32), (4, 32)]
+    ac(x, y).backward()
+    assert ac.planned_last_call and [s.shapes[0] for s in ac.plans.values()] == [(4, 32), (16, 32)]
+    ac(x[:4], y[:4]).backward()
+    assert not ac.planned_last_call  # still cached
+
+
+def test_a_peak_over_the_budget_is_planned_again_lower_until_it_cannot_be():
+    """The closed loop: a measured peak over the budget (memory the profile did not see) makes
+    the shape be planned again with the target lowered by the excess, from the same profile, at
+    most MAX_REPLANS times; the re-planned step trains as eager; then it warns once."""
+    from lightning_ac.install import MAX_REPLANS
+
+    torch.manual_seed(0)
+    w = make_workload("cnn", 8)
+    ref = copy.deepcopy(w.model)
+    budget = _baseline_peak("cnn") * 9 // 10
+    ac = auto_checkpoint(w.loss, None, module=w.model, budget=budget)
+    ac(*w.inputs).backward()
+    first = ac.plan
+    assert not ac.observe_peak(budget + 1)  # the planning step's peak is the profiler's
+    w.model.zero_grad()
+    ac(*w.inputs).backward()
+    assert not ac.observe_peak(budget)  # within: nothing to do
+    profile = ac.profile
+    assert ac.observe_peak(budget + (64 << 10))  # 64 KiB over: planned again
+    second = ac.plan
+    assert ac.replans == 1 and ac.profile is profile  # no new profile
+    assert second.target_B == first.target_B - (64 << 10)
+    assert second.predicted_peak_B <= second.target_B < first.predicted_peak_B
+    assert len(second.recomputed) > len(first.recomputed)
+    w.model.zero_grad()
+    x, y = w.inputs
+    loss = ac(x, y)
+    loss.backward()
+    ref_loss = nn.functional.cross_entropy(ref(x), y)
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss)
+    for g, r in zip(_grads(w.model), _grads(ref)):
+        assert (g - r).norm() <= 1e-5 * r.norm() + 1e-7
+    while ac.replans < MAX_REPLANS:
+        assert ac.observe_peak(budget + (16 << 10)) or ac.plan.stop_reason == "infeasible"
+    with pytest.warns(UserWarning, match=r"still peak at .* over the budget .* lower the budget"):
+        assert not ac.observe_peak(budget + (16 << 10))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not ac.observe_peak(budget + (16 << 10))  # said once
