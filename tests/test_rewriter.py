@@ -368,3 +368,28 @@ def test_activations_released_at_one_point_share_one_release_call():
     assert release.next.op == "output"
     assert sorted(t.name for t in release.args[0]) == sorted(o.args[0].name for o in outs)
     assert release.args[1] == outs[-1].args[1]  # the slot of the last copy out
+
+
+def test_a_plan_moves_to_a_retrace_of_the_same_step_and_not_to_another_shapes():
+    """retarget: the plan of one trace applied to another trace of the same step (the re-plan
+    loop uses it instead of profiling again); a trace of another shape is refused, by node."""
+    from lightning_ac.capture import capture_joint
+    from lightning_ac.errors import CaptureError
+    from lightning_ac.profiler import profile_joint
+    from lightning_ac.rewriter import retarget
+
+    w = make_workload("tiny-bert", 4, seq_len=16)
+    first, again = (capture_joint(w.loss, w.inputs, w.model) for _ in range(2))
+    prof = profile_joint(first, None)
+    floor = plan(prof, 1).predicted_peak_B
+    p = plan(prof, (floor + prof.peak_bytes) // 2)
+    q = retarget(p, first.graph, again.graph)
+    assert [n.name for n in q.recomputed] == [n.name for n in p.recomputed] and q.recomputed
+    assert all(n.graph is again.graph for n in [*q.kept, *q.recomputed, *q.recomputed_nodes])
+    assert q.predicted_peak_B == p.predicted_peak_B
+    # the retargeted plan partitions the new trace into a step that computes what eager does
+    fwd, bwd = partition(again, q)
+    assert fwd is not None and bwd is not None
+    other = make_workload("tiny-bert", 8, seq_len=16)
+    with pytest.raises(CaptureError, match="differs from the planned one at node"):
+        retarget(p, first.graph, capture_joint(other.loss, other.inputs, other.model).graph)
