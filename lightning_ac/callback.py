@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
@@ -121,7 +122,7 @@ class StepMonitor(Callback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.last_epoch = self.epoch_metrics()
         if self.last_epoch:
-            pl_module.log_dict(self.last_epoch, on_step=False, on_epoch=True, sync_dist=False)
+            _log(trainer, pl_module, self.last_epoch)
 
 
 class MuTwoAC(StepMonitor):
@@ -203,6 +204,7 @@ class MuTwoAC(StepMonitor):
         self._final_state: State | None = None  # the state when the fit ended
         self._planning_step = 0
         self._epoch_excess = 0
+        self._shared = False  # whether rank 0's plan went to every rank in this fit
 
     @property
     def state(self) -> State:
@@ -228,20 +230,26 @@ class MuTwoAC(StepMonitor):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Check, before the first batch, that this fit is one MuTwoAC can plan."""
+        """Check, before the first batch, that this fit is one MuTwoAC can plan: on one device or
+        under data parallelism (DDP, each rank planning its own step); not yet where parameters
+        are sharded (FSDP, DeepSpeed, model parallelism)."""
         self._disabled = None
         if stage != "fit":
             return
-        if trainer.world_size > 1:
-            self._disabled = f"{type(trainer.strategy).__name__} over {trainer.world_size} ranks"
+        strategy = trainer.strategy
+        supported = isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and \
+            not isinstance(strategy, DeepSpeedStrategy)
+        if not supported:
+            self._disabled = f"{type(strategy).__name__}"
             rank_zero_warn(
-                f"MuTwoAC does not plan under {self._disabled} yet (each rank's step is split "
-                "into several graphs); training continues without activation checkpointing.")
+                f"MuTwoAC does not plan under {self._disabled} yet (its parameters are sharded "
+                "and gathered per unit); training continues without activation checkpointing.")
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         self.ac, self._final_state = None, None  # a new fit plans its own step (of another model?)
+        self._shared = False
         if self._disabled is None and len(trainer.optimizers) > 1:
             rank_zero_warn(
                 f"MuTwoAC: this fit has {len(trainer.optimizers)} optimizers; the plan counts "
@@ -274,6 +282,12 @@ class MuTwoAC(StepMonitor):
         if planned:
             self._measuring = False  # a step that planned is the profiler's, not a training step
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.ac is not None and not self._shared and trainer.world_size > 1:
+            # Every rank ends its first step here, planned: rank 0's plan goes to all (a
+            # collective that each rank calls exactly once per fit, so none waits for another).
+            self._shared = True
+            message = self.ac.plan_message() if trainer.is_global_zero else None
+            self.ac.adopt(trainer.strategy.broadcast(message, src=0))
         if self.ac is not None and not planned and self.last_step_peak_B is not None:
             p = self.plan
             if p is not None and p.budget_B is not None and self.last_step_peak_B > p.budget_B:
@@ -307,7 +321,7 @@ class MuTwoAC(StepMonitor):
                 "mutwo/recompute_overhead_ms": float(self.plan.predicted_extra_ms if active else 0),
             })
         self.last_epoch = metrics
-        pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False)
+        _log(trainer, pl_module, metrics)
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -326,6 +340,13 @@ class MuTwoAC(StepMonitor):
         step after resuming: it depends on the device and the batch)."""
         budget = state_dict.get("budget_B")
         self.budget_B = parse_budget(budget)
+
+
+def _log(trainer: Trainer, pl_module: LightningModule, metrics: dict[str, float]) -> None:
+    """Log the epoch's figures once. Over several ranks each is the maximum over the ranks: the
+    peak that has to fit on every device, the slowest rank's step, which sets the pace."""
+    pl_module.log_dict(metrics, on_step=False, on_epoch=True,
+                       sync_dist=trainer is not None and trainer.world_size > 1, reduce_fx="max")
 
 
 def _previous_grads(trainer: Trainer) -> str:

@@ -44,7 +44,7 @@ from lightning_ac.errors import BudgetError, describe_capture_failure, unwrap_co
 from lightning_ac.planner import Plan, default_reserve_B, plan
 from lightning_ac.profiler import PREVIOUS_GRADS, NodeOutOfMemoryError, Profile, op_name, profile_joint
 from lightning_ac.report import format_bytes
-from lightning_ac.rewriter import compile_with_plan, retarget
+from lightning_ac.rewriter import compile_with_plan, decode_plan, encode_plan, retarget
 from lightning_ac.simulator import peak_breakdown
 
 __all__ = ["AutoCheckpoint", "Budget", "ShapePlan", "State", "auto_checkpoint",
@@ -351,6 +351,43 @@ class AutoCheckpoint:
         self.replans += 1
         log.info("re-planned %s: measured peak %d B over the budget by %d B; %s",
                  describe_shapes(step.shapes), peak_B, excess, new.summary())
+        return True
+
+    # -- one plan on every rank -------------------------------------------------------------
+
+    def plan_message(self) -> dict | None:
+        """The last call's plan as plain data, for other ranks' :meth:`adopt` (None if there
+        is no rewritten step to share)."""
+        step = self.last
+        if step is None or step.plan is None or self._disabled:
+            return None
+        return {"shapes": step.shapes,
+                "plan": encode_plan(step.plan, step.profile.joint.graph)}
+
+    def adopt(self, message: dict | None) -> bool:
+        """Run the plan another rank made (:meth:`plan_message`) for the same shapes, in place
+        of this rank's own: under data parallelism every rank then runs the same plan, though
+        each profiled its own step (timings differ a little from rank to rank, and so could
+        the planner's picks). Returns whether this rank's plan changed.
+
+        Raises:
+            CaptureError: this rank's step for those shapes is not the same graph.
+        """
+        step = self.plans.get(message["shapes"]) if message else None
+        if step is None or step.plan is None or self._disabled:
+            return False
+        graph = step.profile.joint.graph
+        if encode_plan(step.plan, graph) == message["plan"]:
+            return False
+        new = decode_plan(message["plan"], graph)
+        if new.stop_reason == "already fits" and not self.always_rewrite:
+            step.compiled = None
+        else:
+            step.compiled = compile_with_plan(
+                self.fn, self.module, lambda joint: retarget(new, graph, joint.graph))
+        step.plan = new
+        log.info("adopted another rank's plan for %s: %s", describe_shapes(step.shapes),
+                 new.summary())
         return True
 
     def _foreign_bytes(self, args, kwargs) -> int:

@@ -11,6 +11,7 @@ handed to a planning function, and partitioned by the plan it returns.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import operator
 from collections.abc import Callable
 
@@ -24,8 +25,9 @@ from lightning_ac.errors import CaptureError
 from lightning_ac.graph_passes import use_replays
 from lightning_ac.planner import Plan
 
-__all__ = ["compile_with_plan", "empty_saved_tensors", "getitems_after_their_op",
-           "insert_swaps", "partition", "retarget", "saved_values"]
+__all__ = ["compile_with_plan", "decode_plan", "empty_saved_tensors", "encode_plan",
+           "getitems_after_their_op", "graph_fingerprint", "insert_swaps", "partition",
+           "retarget", "saved_values"]
 
 
 def saved_values(joint: JointGraph, plan: Plan) -> list[fx.Node]:
@@ -205,6 +207,63 @@ def retarget(plan: Plan, planned_on: fx.Graph, graph: fx.Graph) -> Plan:
         plan, recomputed=nodes(plan.recomputed), kept=nodes(plan.kept),
         recomputed_nodes=nodes(plan.recomputed_nodes), swapped=nodes(plan.swapped),
         release_before=pairs(plan.release_before), prefetch_before=pairs(plan.prefetch_before))
+
+
+def graph_fingerprint(graph: fx.Graph) -> str:
+    """A digest of what ``graph`` computes, equal for two traces of the same step on any rank:
+    each node's kind, target and arguments, nodes written as positions and devices as their
+    type (rank 0 traces on ``cuda:0``, rank 1 on ``cuda:1``)."""
+    pos = {n: i for i, n in enumerate(graph.nodes)}
+
+    def plain(a):
+        if isinstance(a, fx.Node):
+            return f"%{pos[a]}"
+        if isinstance(a, torch.device):
+            return a.type
+        if isinstance(a, (list, tuple)):
+            return [plain(x) for x in a]
+        if isinstance(a, dict):
+            return {k: plain(v) for k, v in a.items()}
+        return repr(a)
+
+    h = hashlib.sha256()
+    for n in graph.nodes:
+        target = n.target if isinstance(n.target, str) else \
+            getattr(n.target, "__qualname__", None) or str(n.target)
+        h.update(repr((n.op, target, plain(n.args), plain(n.kwargs))).encode())
+    return h.hexdigest()
+
+
+def encode_plan(plan: Plan, graph: fx.Graph) -> dict:
+    """``plan`` as plain data (node positions in ``graph``, figures), to send to other ranks;
+    :func:`decode_plan` rebuilds it on their own trace of the same step."""
+    pos = {n: i for i, n in enumerate(graph.nodes)}
+    nodes = ("recomputed", "kept", "recomputed_nodes", "swapped")
+    pairs = ("release_before", "prefetch_before")
+    data = {f: [pos[n] for n in getattr(plan, f)] for f in nodes}
+    data.update({f: [(pos[k], pos[v]) for k, v in getattr(plan, f).items()
+                     if k in pos and v in pos] for f in pairs})
+    data.update({f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)
+                 if f.name not in (*nodes, *pairs, "steps")})
+    data["fingerprint"] = graph_fingerprint(graph)
+    return data
+
+
+def decode_plan(data: dict, graph: fx.Graph) -> Plan:
+    """The plan :func:`encode_plan` made, on ``graph``: another trace of the same step.
+
+    Raises:
+        CaptureError: ``graph`` is not the step the plan was made for (fingerprints differ).
+    """
+    if data["fingerprint"] != graph_fingerprint(graph):
+        raise CaptureError("the plan was made for another graph than this rank's step")
+    at = list(graph.nodes)
+    fields = {k: v for k, v in data.items() if k != "fingerprint"}
+    for f in ("recomputed", "kept", "recomputed_nodes", "swapped"):
+        fields[f] = [at[i] for i in fields[f]]
+    for f in ("release_before", "prefetch_before"):
+        fields[f] = {at[i]: at[j] for i, j in fields[f]}
+    return Plan(**fields)
 
 
 def compile_with_plan(fn: Callable, module: nn.Module | None,

@@ -300,18 +300,20 @@ def test_a_step_that_does_not_fit_even_swapped_raises_a_budget_error(tmp_path, m
         _fit(tmp_path, "cnn", MuTwoAC(budget=10**6), steps=2)
 
 
-def test_setup_turns_it_off_under_several_ranks_before_the_first_batch():
-    """Checked in setup(), before anything is captured: more than one rank is not planned yet,
-    and the warning says so (instead of a capture failure on the first step)."""
+def test_setup_turns_it_off_where_parameters_are_sharded_before_the_first_batch():
+    """Checked in setup(), before anything is captured: FSDP (and DeepSpeed, model parallelism)
+    is not planned yet, and the warning says so; one device and DDP are."""
     from types import SimpleNamespace
 
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
+
     cb = MuTwoAC(budget="1GB")
-    trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace())
-    with pytest.warns(UserWarning, match="does not plan under SimpleNamespace over 2 ranks"):
-        cb.setup(trainer, None, "fit")
+    with pytest.warns(UserWarning, match="does not plan under FSDPStrategy yet"):
+        cb.setup(SimpleNamespace(strategy=FSDPStrategy(), world_size=2), None, "fit")
     assert cb.state == "off"
-    cb.setup(SimpleNamespace(world_size=1), None, "fit")  # a later single-device fit plans
-    assert cb.state == "idle"
+    for strategy in (DDPStrategy(), SingleDeviceStrategy("cpu")):
+        cb.setup(SimpleNamespace(strategy=strategy, world_size=2), None, "fit")
+        assert cb.state == "idle"
 
 
 def test_the_budget_round_trips_through_a_checkpoint():

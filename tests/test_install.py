@@ -213,6 +213,20 @@ def _grads(model):
     return [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
 
+def _assert_trains_as_eager(step, w, ref):
+    """One step of the classifier workload ``w`` through ``step`` against eager ``ref``: same
+    loss, gradients to 1e-5."""
+    w.model.zero_grad()
+    x, y = w.inputs
+    loss = step(x, y)
+    loss.backward()
+    ref_loss = nn.functional.cross_entropy(ref(x), y)
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss)
+    for g, r in zip(_grads(w.model), _grads(ref)):
+        assert (g - r).norm() <= 1e-5 * r.norm() + 1e-7
+
+
 def test_every_sequence_length_is_planned_and_trains_as_eager():
     """Batches padded to different lengths (HF's dynamic padding): each length gets its own plan
     at its first step; every step saves less for backward than eager and computes the same
@@ -286,15 +300,7 @@ def test_a_peak_over_the_budget_is_planned_again_lower_until_it_cannot_be():
     assert second.target_B == first.target_B - (64 << 10)
     assert second.predicted_peak_B <= second.target_B < first.predicted_peak_B
     assert len(second.recomputed) > len(first.recomputed)
-    w.model.zero_grad()
-    x, y = w.inputs
-    loss = ac(x, y)
-    loss.backward()
-    ref_loss = nn.functional.cross_entropy(ref(x), y)
-    ref_loss.backward()
-    torch.testing.assert_close(loss, ref_loss)
-    for g, r in zip(_grads(w.model), _grads(ref)):
-        assert (g - r).norm() <= 1e-5 * r.norm() + 1e-7
+    _assert_trains_as_eager(ac, w, ref)
     while ac.replans < MAX_REPLANS:
         assert ac.observe_peak(budget + (16 << 10)) or ac.plan.stop_reason == "infeasible"
     with pytest.warns(UserWarning, match=r"still peak at .* over the budget .* lower the budget"):
@@ -303,3 +309,24 @@ def test_a_peak_over_the_budget_is_planned_again_lower_until_it_cannot_be():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert not ac.observe_peak(budget + (16 << 10))  # said once
+
+
+def test_a_plan_made_elsewhere_is_adopted_for_the_same_shapes():
+    """What ranks do under DDP: one rank's plan (as plain data) replaces another's own plan for
+    the same shapes; the step then runs it and trains as eager."""
+    torch.manual_seed(0)
+    w = make_workload("cnn", 8)
+    ref = copy.deepcopy(w.model)
+    peak = _baseline_peak("cnn")
+    other = make_workload("cnn", 8)  # another rank's copy of the model
+    low = auto_checkpoint(other.loss, None, module=other.model, budget=peak * 8 // 10)
+    here = auto_checkpoint(w.loss, None, module=w.model, budget=peak * 19 // 20)
+    x, y = w.inputs
+    low(x, y).backward()
+    here(x, y).backward()
+    message = low.plan_message()
+    assert len(low.plan.recomputed) > len(here.plan.recomputed)
+    assert here.adopt(message) and not here.adopt(message)  # the second time: nothing to change
+    assert [n.name for n in here.plan.recomputed] == [n.name for n in low.plan.recomputed]
+    assert not here.adopt({**message, "shapes": ((1, 2),)})  # shapes it has no plan for
+    _assert_trains_as_eager(here, w, ref)

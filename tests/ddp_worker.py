@@ -1,0 +1,52 @@
+"""One DDP fit on the CPU (gloo, 2 ranks), run by tests/test_distributed.py as a script: Lightning
+starts the second rank by running this file again. Writes what each rank saw to --out."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import lightning.pytorch as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_ac import MuTwoAC  # noqa: E402
+from lightning_ac.measure import saved_tensor_bytes  # noqa: E402
+from lightning_ac.rewriter import encode_plan  # noqa: E402
+from tests.lit_models import LitWorkload  # noqa: E402
+
+
+class Counted(LitWorkload):
+    """Counts the bytes saved for backward in the last training step."""
+
+    def training_step(self, batch, batch_idx):
+        params = list(self.parameters())
+        loss, self.saved_B = saved_tensor_bytes(lambda *b: self._loss(b), batch, exclude=params)
+        self.losses.append(loss.item())
+        return loss
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budget", type=int, default=0, help="0: no AC")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    m = Counted("cnn")
+    cb = MuTwoAC(budget=args.budget, verbose=False) if args.budget else None
+    t = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=3,
+                  callbacks=[cb] if cb else [], logger=L.loggers.CSVLogger(args.out),
+                  enable_progress_bar=False, enable_model_summary=False,
+                  enable_checkpointing=False, deterministic=True, log_every_n_steps=1)
+    t.fit(m, m.dataloader(3))
+    seen = {"rank": t.global_rank, "saved_B": m.saved_B, "losses": m.losses}
+    if cb is not None:
+        seen.update(state=str(cb.state), plan=encode_plan(cb.plan, cb.profile.joint.graph),
+                    recomputed=len(cb.plan.recomputed))
+    torch.save([p.detach() for p in m.parameters()], args.out / f"params_{t.global_rank}.pt")
+    (args.out / f"rank_{t.global_rank}.json").write_text(json.dumps(seen, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""MuTwoAC under Lightning's DDP on the CPU: two ranks (gloo), each planning its step, running
+rank 0's plan, and training exactly as DDP without AC."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def _fit(out: Path, budget: int = 0) -> tuple[list[dict], str]:
+    out.mkdir(parents=True)
+    run = subprocess.run([sys.executable, str(WORKER), "--budget", str(budget), "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return [json.loads((out / f"rank_{r}.json").read_text()) for r in (0, 1)], run.stderr
+
+
+def test_ddp_with_mutwoac_trains_as_ddp_without_it_on_one_shared_plan(tmp_path):
+    ref, _ = _fit(tmp_path / "ref")
+    ranks, said = _fit(tmp_path / "ac", budget=1_650_000)  # below the per-rank 2.08 MiB peak
+    assert [r["state"] for r in ranks] == ["active", "active"]
+    assert ranks[0]["recomputed"] > 0
+    assert ranks[0]["plan"] == ranks[1]["plan"]  # rank 0's plan, on both
+    for r, r_ref in zip(ranks, ref):
+        assert r["saved_B"] < r_ref["saved_B"]  # less saved for backward than DDP without AC
+        assert r["losses"] == r_ref["losses"]
+    for rank in (0, 1):
+        params = torch.load(tmp_path / "ac" / f"params_{rank}.pt")
+        ref_params = torch.load(tmp_path / "ref" / f"params_{rank}.pt")
+        for p, q in zip(params, ref_params):
+            assert (p - q).norm() <= 1e-6 * q.norm() + 1e-12
+    # the metrics are logged once, as the maximum over ranks, without Lightning's sync warning
+    metrics = next((tmp_path / "ac").rglob("metrics.csv")).read_text()
+    assert "mutwo/predicted_peak_B" in metrics and "mutwo/replans" in metrics
+    assert "sync_dist" not in said and "does not plan" not in said
+
+
+def test_a_plan_moves_between_ranks_only_onto_the_same_graph():
+    import pytest
+
+    from benchmarks.zoo import make_workload
+    from lightning_ac.capture import capture_joint
+    from lightning_ac.errors import CaptureError
+    from lightning_ac.planner import plan
+    from lightning_ac.profiler import profile_joint
+    from lightning_ac.rewriter import decode_plan, encode_plan
+
+    w = make_workload("cnn", 4)
+    here, there = (capture_joint(w.loss, w.inputs, w.model) for _ in range(2))
+    prof = profile_joint(here, None)
+    p = plan(prof, (plan(prof, 1).predicted_peak_B + prof.peak_bytes) // 2)
+    message = json.loads(json.dumps(encode_plan(p, here.graph), default=str))  # plain data
+    q = decode_plan(message, there.graph)
+    assert [n.name for n in q.recomputed] == [n.name for n in p.recomputed] and q.recomputed
+    assert q.predicted_peak_B == p.predicted_peak_B and q.stop_reason == p.stop_reason
+    other = make_workload("cnn", 8)
+    with pytest.raises(CaptureError, match="another graph"):
+        decode_plan(message, capture_joint(other.loss, other.inputs, other.model).graph)
