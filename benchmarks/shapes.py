@@ -108,6 +108,14 @@ def summarize(df: pd.DataFrame, budget_B: int, walls: dict[str, float], ac) -> d
            "median_step_ms_ac": float(steady.step_ms.median()),
            "wall_s_no_ac": round(walls["no AC"], 2), "wall_s_ac": round(walls["MuTwoAC"], 2),
            "planning_call_s": [round(s.planning_call_s, 2) for s in ac.plans.values()],
+           # where a planning call's time goes: profiling (with the optimizer step's capture),
+           # planning; the rest is capture, compilation and the step itself
+           "profile_s": [s.profile.summary["profile_s"] for s in ac.plans.values()],
+           "optimizer_capture_s": [s.profile.summary["optimizer_capture_s"]
+                                   for s in ac.plans.values()],
+           "plan_s": [round(s.plan.planning_s - s.profile.summary["profile_s"]
+                            - s.profile.summary["optimizer_capture_s"], 2)
+                      for s in ac.plans.values()],
            "max_rel_loss_diff": float(((on.loss.to_numpy() - off.loss.to_numpy())
                                        / off.loss.abs().to_numpy()).__abs__().max())}
     out["median_step_ratio"] = out["median_step_ms_ac"] / out["median_step_ms_no_ac"]

@@ -467,8 +467,13 @@ class AutoCheckpoint:
         in host memory where a budget is given (the un-checkpointed step may not fit in it, and
         the step that plans must keep the budget too) or a shape planned before did not fit;
         else on the device, and again swapped if that runs out of memory."""
+        # A shape after the first: one timed run per node and no warm-up run (the first shape's
+        # profile set up the kernels and the allocator); memory is counted exactly either way,
+        # and only the recomputation costs the planner weighs are noisier.
+        quick = {"runs": 1, "warmup": False} if self.plans else {}
         profile = functools.partial(profile_joint, joint, self.optimizer,
-                                    previous_grads=self.previous_grads, **self.profile_options)
+                                    previous_grads=self.previous_grads,
+                                    **{**quick, **self.profile_options})
         if self.host_swap != "auto":
             return profile(swap=bool(self.host_swap))
         if device.type == "cuda" and (isinstance(self.budget, (int, str)) or any(

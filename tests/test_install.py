@@ -260,6 +260,9 @@ def test_every_sequence_length_is_planned_and_trains_as_eager():
             assert (g - r).norm() <= 1e-6 * r.norm() + 1e-7
         w.model.zero_grad(), ref.zero_grad()
     assert [s.shapes[0][1] for s in ac.plans.values()] == [24, 16, 32, 8]  # least recent first
+    # the first shape's profile times each node 3 times after a warm-up run; later ones once
+    runs = {s.shapes[0][1]: s.profile.summary["runs_per_node"] for s in ac.plans.values()}
+    assert runs == {32: 3, 24: 1, 16: 1, 8: 1}
 
 
 def test_the_plan_cache_is_bounded_and_a_shape_that_comes_back_is_planned_again():
