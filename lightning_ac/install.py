@@ -397,23 +397,8 @@ class AutoCheckpoint:
         device = self._device()
         if device is None or device.type != "cuda":
             return 0
-        own: dict[int, int] = {}
-
-        def count(t) -> None:
-            if isinstance(t, torch.Tensor) and t.device == device:
-                st = t.untyped_storage()
-                own[st.data_ptr()] = st.nbytes()
-
-        for t in [*self.module.parameters(), *self.module.buffers()]:
-            count(t)
-            count(t.grad)
-        if self.optimizer is not None:
-            for state in self.optimizer.state.values():
-                for v in state.values():
-                    count(v)
-        for v in [*args, *kwargs.values()]:
-            count(v)
-        return max(0, torch.cuda.memory_allocated(device) - sum(own.values()))
+        own = step_bytes(self.module, self.optimizer, [*args, *kwargs.values()], device)
+        return max(0, torch.cuda.memory_allocated(device) - own)
 
     # -- planning (runs inside the first call's compilation) --------------------------------
 
@@ -662,6 +647,23 @@ def auto_checkpoint(target: nn.Module | Callable, optimizer: torch.optim.Optimiz
     if installed_on is not None:
         installed_on.forward = ac
     return ac
+
+
+def step_bytes(module: nn.Module, optimizer: torch.optim.Optimizer | None, inputs,
+               device: torch.device) -> int:
+    """Bytes on ``device`` that a training step of ``module`` owns before it starts: parameters,
+    buffers, their gradients, the optimizer's state and the ``inputs`` tensors, each storage
+    counted once (a view of an input is not counted twice)."""
+    own: dict[int, int] = {}
+    tensors = [*module.parameters(), *module.buffers()]
+    tensors += [t.grad for t in tensors]
+    if optimizer is not None:
+        tensors += [v for state in optimizer.state.values() for v in state.values()]
+    for t in [*tensors, *inputs]:
+        if isinstance(t, torch.Tensor) and t.device == device:
+            st = t.untyped_storage()
+            own[st.data_ptr()] = st.nbytes()
+    return sum(own.values())
 
 
 def input_shapes(args, kwargs) -> tuple:

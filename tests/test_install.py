@@ -333,3 +333,39 @@ def test_a_plan_made_elsewhere_is_adopted_for_the_same_shapes():
     assert [n.name for n in here.plan.recomputed] == [n.name for n in low.plan.recomputed]
     assert not here.adopt({**message, "shapes": ((1, 2),)})  # shapes it has no plan for
     _assert_trains_as_eager(here, w, ref)
+
+
+def test_the_steps_own_bytes_count_each_storage_once():
+    from lightning_ac.install import step_bytes
+
+    model = nn.Linear(4, 8)
+    opt = torch.optim.Adam(model.parameters())
+    x = torch.randn(16, 4)
+    params_B = sum(p.numel() * 4 for p in model.parameters())
+    cpu = torch.device("cpu")
+    assert step_bytes(model, opt, [x, x[:2], 3], cpu) == params_B + x.numel() * 4
+    model(x).sum().backward()
+    opt.step()  # gradients, and Adam's two moments (and its step counters)
+    counted = step_bytes(model, opt, [x], cpu)
+    assert counted >= 4 * params_B + x.numel() * 4
+    assert step_bytes(model, opt, [x], torch.device("meta")) == 0  # another device: none
+
+
+def test_memory_others_hold_when_a_shape_is_planned_lowers_its_target(monkeypatch):
+    """An earlier model in a notebook, tensors the user keeps: what is allocated when the step
+    starts and is not the step's own is planned around, and the infeasible message says so."""
+    from lightning_ac import install
+
+    w = make_workload("cnn", 8)
+    budget = _baseline_peak("cnn") * 9 // 10
+    plain = auto_checkpoint(w.loss, None, module=w.model, budget=budget)
+    plain(*w.inputs).backward()
+    monkeypatch.setattr(install.AutoCheckpoint, "_foreign_bytes", lambda *_: 100 << 10)
+    held = auto_checkpoint(w.loss, None, module=w.model, budget=budget)
+    held(*w.inputs).backward()
+    assert held.last.foreign_B == 100 << 10
+    assert held.plan.target_B == plain.plan.target_B - (100 << 10)
+    assert held.plan.predicted_peak_B <= held.plan.target_B
+    monkeypatch.setattr(install.AutoCheckpoint, "_foreign_bytes", lambda *_: budget)
+    with pytest.raises(BudgetError, match="of which .* already allocated by other tensors"):
+        auto_checkpoint(w.loss, None, module=w.model, budget=budget)(*w.inputs)
