@@ -1,0 +1,22 @@
+"""benchmarks/coverage.py on the CPU, on two of its models: one that engages, one that cannot yet
+(a graph break: dynamo does not trace nn.LSTM)."""
+
+import pandas as pd
+
+from benchmarks import coverage
+
+
+def test_the_coverage_table_says_engaged_or_why_not(tmp_path):
+    df = coverage.main(["--only", "bert", "lstm", "--steps", "2", "--out", str(tmp_path)])
+    rows = df.set_index("model")
+    assert bool(rows.at["bert", "engaged"]) and rows.at["bert", "max_rel_loss_diff"] <= 1e-6
+    assert rows.at["bert", "graphs"] == 1 and rows.at["bert", "predicted_peak_B"] > 0
+    assert not bool(rows.at["lstm", "engaged"]) and "could not capture" in rows.at["lstm", "reason"]
+    saved = pd.read_csv(tmp_path / "coverage.csv")
+    assert list(saved.model) == ["bert", "lstm"]
+    assert "| bert | transformers | yes |" in (tmp_path / "coverage.md").read_text()
+
+
+def test_every_model_in_the_benchmark_has_a_unique_name():
+    names = [m[0] for m in coverage.MODELS]
+    assert len(names) == len(set(names)) >= 30
