@@ -100,6 +100,8 @@ def parser(description: str, batch_default_gpu: int, batch_default_cpu: int) -> 
                    help=f"default: {batch_default_gpu} on a GPU, {batch_default_cpu} on the CPU")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: 20 GPU, 3 CPU)")
     p.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
+    p.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu"],
+                   help="auto: the GPU if there is one (the defaults above follow it)")
     ac = p.add_mutually_exclusive_group()
     ac.add_argument("--budget", default=None,
                     help='MuTwoAC budget: "6GB", "5.5GiB", bytes (default: the device limit)')
@@ -117,7 +119,7 @@ def parser(description: str, batch_default_gpu: int, batch_default_cpu: int) -> 
 def run(name: str, args: argparse.Namespace, model: L.LightningModule,
         data: L.LightningDataModule, batch_size: int) -> dict:
     """Train and print one final line with peak memory, median step time and throughput."""
-    gpu = torch.cuda.is_available()
+    gpu = _on_gpu(args)
     if args.device_memory:
         if not gpu:
             sys.exit("--device-memory needs a CUDA device")
@@ -162,9 +164,16 @@ def run(name: str, args: argparse.Namespace, model: L.LightningModule,
 
 
 
+def _on_gpu(args: argparse.Namespace) -> bool:
+    """Whether this run trains on the GPU: ``--accelerator``, or the GPU if there is one."""
+    if args.accelerator == "gpu" and not torch.cuda.is_available():
+        sys.exit("--accelerator gpu: no CUDA device here")
+    return args.accelerator == "gpu" or (args.accelerator == "auto" and torch.cuda.is_available())
+
+
 def main(build: Callable[[argparse.Namespace, bool], tuple], name: str,
          args: argparse.Namespace) -> dict:
-    gpu = torch.cuda.is_available()
+    gpu = _on_gpu(args)
     args.steps = args.steps or (20 if gpu else 3)
     L.seed_everything(args.seed, verbose=False)
     model, data, batch = build(args, gpu)

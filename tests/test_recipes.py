@@ -14,7 +14,7 @@ def _args(module, *argv):
     else:
         p.add_argument("--arch", default="resnet18")
         p.add_argument("--image-size", type=int, default=32)
-    return p.parse_args(list(argv))
+    return p.parse_args(["--accelerator", "cpu", *argv])  # tiny sizes, also on a GPU machine
 
 
 def test_bert_recipe_with_and_without_ac(tmp_path, capsys):
