@@ -137,6 +137,10 @@ class MuTwoAC(StepMonitor):
     hooks). Validation, test and predict (and any call without gradients) use the original
     forward. ``state_dict()`` and the parameters are untouched.
 
+    Under DDP (``strategy="ddp"``) the budget is per rank: each rank's step must fit in it on its
+    own device. Each rank profiles its step; after the first step every rank runs rank 0's plan,
+    and the logged figures are the maximum over the ranks.
+
     Args:
         budget: peak memory of a training step, in bytes (int) or as a string with a unit:
             ``"6GB"``, ``"5.5GiB"``, ``"800MB"`` (GB = 10^9 bytes, GiB = 2^30). ``None``: the
