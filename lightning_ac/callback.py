@@ -177,7 +177,8 @@ class MuTwoAC(StepMonitor):
     - ``mutwo/swapped_B``: bytes of the activations kept in host memory
     - ``mutwo/recompute_overhead_ms``: predicted time added to each step by recomputation (and
       by waiting for copies back, if any)
-    - ``mutwo/active``: 1 while the rewritten forward is in use, 0 otherwise
+    - ``mutwo/active``: 1 while a rewritten step is in use (for any of the shapes planned), 0
+      otherwise
 
     Raises:
         MisconfigurationException: for an invalid ``budget``, ``margin``, ``swap``,
@@ -306,7 +307,9 @@ class MuTwoAC(StepMonitor):
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         metrics = self.epoch_metrics()
-        active = self.state is State.ACTIVE
+        # (a shape that fits, such as a short last batch, does not make the whole fit inactive)
+        active = self.state is State.ACTIVE or (self.ac is not None and self.ac.active
+                                                and self._final_state is None)
         metrics["mutwo/active"] = float(active)
         if self.ac is not None:
             metrics["mutwo/replans"] = float(self.ac.replans)

@@ -233,6 +233,12 @@ class AutoCheckpoint:
         return State.ACTIVE if self.last.compiled is not None else State.OFF
 
     @property
+    def active(self) -> bool:
+        """Whether any shape planned so far runs a rewritten step (the last call's shapes may
+        be one that fits)."""
+        return not self._disabled and any(s.compiled is not None for s in self.plans.values())
+
+    @property
     def plan(self) -> Plan | None:
         """The plan of the last training call's shapes (None before the first)."""
         return self.last.plan if self.last is not None else None

@@ -111,6 +111,10 @@ def test_a_batch_of_another_shape_is_planned_too(tmp_path):
     assert {s.shapes[0] for s in cb.ac.plans.values()} == {(16, 3, 16, 16), (8, 3, 16, 16)}
     metrics = pd.read_csv(next((tmp_path / "ac").rglob("metrics.csv")))
     assert metrics["mutwo/planned_shapes"].dropna().tolist() == [2, 2]
+    # the short last batch fits and runs the original forward: the fit is still active
+    reasons = {s.shapes[0][0]: s.plan.stop_reason for s in cb.ac.plans.values()}
+    assert reasons == {16: "fits", 8: "already fits"}
+    assert metrics["mutwo/active"].dropna().tolist() == [1, 1]
     assert metrics["mutwo/replans"].dropna().tolist() == [0, 0]
 
 

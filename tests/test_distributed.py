@@ -21,7 +21,8 @@ def _fit(out: Path, budget: int = 0) -> tuple[list[dict], str]:
 
 def test_ddp_with_mutwoac_trains_as_ddp_without_it_on_one_shared_plan(tmp_path):
     ref, _ = _fit(tmp_path / "ref")
-    ranks, said = _fit(tmp_path / "ac", budget=1_650_000)  # below the per-rank 2.08 MiB peak
+    # below the per-rank step's 2.08 MiB peak, well above its floor (1.46 to 1.58 MiB, by run)
+    ranks, said = _fit(tmp_path / "ac", budget=1_900_000)
     assert [r["state"] for r in ranks] == ["active", "active"]
     assert ranks[0]["recomputed"] > 0
     assert ranks[0]["plan"] == ranks[1]["plan"]  # rank 0's plan, on both
