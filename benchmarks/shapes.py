@@ -116,8 +116,8 @@ def summarize(df: pd.DataFrame, budget_B: int, walls: dict[str, float], ac) -> d
            "plan_s": [round(s.plan.planning_s - s.profile.summary["profile_s"]
                             - s.profile.summary["optimizer_capture_s"], 2)
                       for s in ac.plans.values()],
-           "max_rel_loss_diff": float(((on.loss.to_numpy() - off.loss.to_numpy())
-                                       / off.loss.abs().to_numpy()).__abs__().max())}
+           "max_rel_loss_diff": float(abs((on.loss.to_numpy() - off.loss.to_numpy())
+                                          / off.loss.to_numpy()).max())}
     out["median_step_ratio"] = out["median_step_ms_ac"] / out["median_step_ms_no_ac"]
     out["wall_ratio"] = out["wall_s_ac"] / out["wall_s_no_ac"]
     if "peak_B" in on:

@@ -197,16 +197,30 @@ def retarget(plan: Plan, planned_on: fx.Graph, graph: fx.Graph) -> Plan:
                                f"{a.format_node()} against {b.format_node()}")
         to_new[a] = b
 
-    def nodes(xs):
-        return [to_new[x] for x in xs]
+    return dataclasses.replace(plan, **_map_nodes(vars(plan), to_new.get))
 
-    def pairs(d):
-        return {to_new[k]: to_new[v] for k, v in d.items() if k in to_new and v in to_new}
 
-    return dataclasses.replace(
-        plan, recomputed=nodes(plan.recomputed), kept=nodes(plan.kept),
-        recomputed_nodes=nodes(plan.recomputed_nodes), swapped=nodes(plan.swapped),
-        release_before=pairs(plan.release_before), prefetch_before=pairs(plan.prefetch_before))
+_NODE_LISTS = ("recomputed", "kept", "recomputed_nodes", "swapped")
+_NODE_PAIRS = ("release_before", "prefetch_before")
+"""The :class:`Plan` fields that hold nodes: lists of them, and node-to-node mappings."""
+
+
+def _map_nodes(fields: dict, to) -> dict:
+    """The node-valued plan ``fields`` with each node ``x`` replaced by ``to(x)``. Every listed
+    node must map; a mapping entry whose either end maps to None is left out (a node of a graph
+    the plan was not made on, such as the optimizer's)."""
+    out = {f: [to(x) for x in fields[f]] for f in _NODE_LISTS}
+    if any(x is None for f in _NODE_LISTS for x in out[f]):
+        raise CaptureError("the plan names nodes that are not in this graph")
+    for f in _NODE_PAIRS:
+        pairs = ((to(k), to(v)) for k, v in _items(fields[f]))
+        out[f] = {k: v for k, v in pairs if k is not None and v is not None}
+    return out
+
+
+def _items(pairs):
+    """A node mapping's pairs, held as a dict (a plan) or as a list of pairs (sent data)."""
+    return pairs.items() if isinstance(pairs, dict) else pairs
 
 
 def graph_fingerprint(graph: fx.Graph) -> str:
@@ -238,13 +252,10 @@ def encode_plan(plan: Plan, graph: fx.Graph) -> dict:
     """``plan`` as plain data (node positions in ``graph``, figures), to send to other ranks;
     :func:`decode_plan` rebuilds it on their own trace of the same step."""
     pos = {n: i for i, n in enumerate(graph.nodes)}
-    nodes = ("recomputed", "kept", "recomputed_nodes", "swapped")
-    pairs = ("release_before", "prefetch_before")
-    data = {f: [pos[n] for n in getattr(plan, f)] for f in nodes}
-    data.update({f: [(pos[k], pos[v]) for k, v in getattr(plan, f).items()
-                     if k in pos and v in pos] for f in pairs})
+    data = _map_nodes(vars(plan), pos.get)
+    data.update({f: list(data[f].items()) for f in _NODE_PAIRS})  # (positions as keys: plain data)
     data.update({f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)
-                 if f.name not in (*nodes, *pairs, "steps")})
+                 if f.name not in (*_NODE_LISTS, *_NODE_PAIRS, "steps")})
     data["fingerprint"] = graph_fingerprint(graph)
     return data
 
@@ -259,11 +270,7 @@ def decode_plan(data: dict, graph: fx.Graph) -> Plan:
         raise CaptureError("the plan was made for another graph than this rank's step")
     at = list(graph.nodes)
     fields = {k: v for k, v in data.items() if k != "fingerprint"}
-    for f in ("recomputed", "kept", "recomputed_nodes", "swapped"):
-        fields[f] = [at[i] for i in fields[f]]
-    for f in ("release_before", "prefetch_before"):
-        fields[f] = {at[i]: at[j] for i, j in fields[f]}
-    return Plan(**fields)
+    return Plan(**{**fields, **_map_nodes(fields, at.__getitem__)})
 
 
 def compile_with_plan(fn: Callable, module: nn.Module | None,
