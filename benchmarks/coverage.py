@@ -27,6 +27,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -40,17 +41,18 @@ from lightning_ac.planner import HEADROOM, default_reserve_B
 VOCAB, SEQ = 128, 32
 
 
-def _hf(name: str, config_cls: str, model_cls: str, task: str, **config) -> tuple:
-    """A small HF model trained with ``labels=``: ``task`` is ``lm`` (labels are the ids),
-    ``cls`` (one class per sample) or ``seq2seq`` (labels are target ids)."""
+def _hf(name: str, config_cls: str, model_cls: str, task: str, *, seq: int = SEQ,
+        **config) -> tuple:
+    """An HF model trained with ``labels=``: ``task`` is ``lm`` (labels are the ids), ``cls``
+    (one class per sample) or ``seq2seq`` (labels are target ids)."""
 
     def make(batch: int) -> Workload:
         import transformers
 
         cfg = getattr(transformers, config_cls)(**config)
         model = getattr(transformers, model_cls)(cfg)
-        ids = torch.randint(0, VOCAB, (batch, SEQ))
-        mask = torch.ones(batch, SEQ, dtype=torch.long)
+        ids = torch.randint(0, min(VOCAB, cfg.vocab_size), (batch, seq))
+        mask = torch.ones(batch, seq, dtype=torch.long)
         labels = torch.randint(0, 2, (batch,)) if task == "cls" else ids.clone()
 
         def loss(ids, mask, labels):
@@ -77,14 +79,16 @@ def _hf_vision(name: str, config_cls: str, model_cls: str, **config) -> tuple:
     return name, "transformers", make
 
 
-def _classifier(name: str, family: str, build: Callable[[], nn.Module], size: int = 64) -> tuple:
+def _classifier(name: str, family: str, build: Callable[[], nn.Module], size: int = 64,
+                scale: int = 8) -> tuple:
     """An image classifier with cross-entropy outside the model (the torchvision/timm habit), at
-    8 times the batch: at 2 images of 64×64 parameters and optimizer state outweigh the
+    ``scale`` times the batch: at 2 images of 64×64 parameters and optimizer state outweigh the
     activations, and there would be nothing to recompute."""
 
     def make(batch: int) -> Workload:
         model = build()
-        x, y = torch.randn(8 * batch, 3, size, size), torch.randint(0, 10, (8 * batch,))
+        x = torch.randn(scale * batch, 3, size, size)
+        y = torch.randint(0, 10, (scale * batch,))
 
         def loss(x, y):
             return nn.functional.cross_entropy(model(x), y)
@@ -94,13 +98,13 @@ def _classifier(name: str, family: str, build: Callable[[], nn.Module], size: in
     return name, family, make
 
 
-def _tv(name: str, **kw) -> tuple:
+def _tv(name: str, size: int = 64, scale: int = 8, **kw) -> tuple:
     def build():
         import torchvision
 
         return getattr(torchvision.models, name)(num_classes=10, **kw)
 
-    return _classifier(name, "torchvision", build)
+    return _classifier(name, "torchvision", build, size, scale)
 
 
 def _timm(name: str, **kw) -> tuple:
@@ -115,10 +119,11 @@ def _timm(name: str, **kw) -> tuple:
 class _Recurrent(nn.Module):
     """Embedding, a 2-layer LSTM or GRU, a head on the last step."""
 
-    def __init__(self, cell: type[nn.Module]):
+    def __init__(self, cell: type[nn.Module], dim: int = 32):
         super().__init__()
-        self.emb, self.rnn = nn.Embedding(VOCAB, 32), cell(32, 64, num_layers=2, batch_first=True)
-        self.head = nn.Linear(64, 10)
+        self.emb = nn.Embedding(VOCAB, dim)
+        self.rnn = cell(dim, 2 * dim, num_layers=2, batch_first=True)
+        self.head = nn.Linear(2 * dim, 10)
 
     def forward(self, ids):
         out, _ = self.rnn(self.emb(ids))
@@ -128,20 +133,20 @@ class _Recurrent(nn.Module):
 class _Encoder(nn.Module):
     """``nn.TransformerEncoder`` over embeddings, mean-pooled into a head."""
 
-    def __init__(self):
+    def __init__(self, dim: int = 64, layers: int = 2):
         super().__init__()
-        self.emb = nn.Embedding(VOCAB, 64)
-        layer = nn.TransformerEncoderLayer(64, 4, 128, batch_first=True)
-        self.enc, self.head = nn.TransformerEncoder(layer, 2), nn.Linear(64, 10)
+        self.emb = nn.Embedding(VOCAB, dim)
+        layer = nn.TransformerEncoderLayer(dim, 4, 2 * dim, batch_first=True)
+        self.enc, self.head = nn.TransformerEncoder(layer, layers), nn.Linear(dim, 10)
 
     def forward(self, ids):
         return self.head(self.enc(self.emb(ids)).mean(1))
 
 
-def _nn(name: str, build: Callable[[], nn.Module]) -> tuple:
+def _nn(name: str, build: Callable[[], nn.Module], seq: int = SEQ) -> tuple:
     def make(batch: int) -> Workload:
         model = build()
-        ids, y = torch.randint(0, VOCAB, (batch, SEQ)), torch.randint(0, 10, (batch,))
+        ids, y = torch.randint(0, VOCAB, (batch, seq)), torch.randint(0, 10, (batch,))
 
         def loss(ids, y):
             return nn.functional.cross_entropy(model(ids), y)
@@ -151,14 +156,16 @@ def _nn(name: str, build: Callable[[], nn.Module]) -> tuple:
     return name, "torch.nn", make
 
 
-def _lightning_transformer() -> tuple:
+def _lightning_transformer(ninp: int = 32, nhead: int = 2, nlayers: int = 2,
+                           seq: int = SEQ) -> tuple:
     """Lightning's ``demos.Transformer`` (``nn.Transformer`` with a causal mask), as its demo trains it."""
 
     def make(batch: int) -> Workload:
         from lightning.pytorch.demos import Transformer
 
-        model = Transformer(vocab_size=VOCAB, ninp=32, nhead=2, nhid=64, nlayers=2)
-        ids = torch.randint(0, VOCAB, (batch, SEQ))
+        model = Transformer(vocab_size=VOCAB, ninp=ninp, nhead=nhead, nhid=2 * ninp,
+                            nlayers=nlayers)
+        ids = torch.randint(0, VOCAB, (batch, seq))
 
         def loss(ids, target):
             return nn.functional.nll_loss(model(ids, target), target.view(-1))
@@ -209,6 +216,30 @@ MODELS = [
 ]
 
 
+GPU_MODELS = [  # (name, family, make, batch): sizes people train at, on one GPU
+    (*_hf("gpt2", "GPT2Config", "GPT2LMHeadModel", "lm", seq=1024), 8),
+    (*_hf("t5", "T5Config", "T5ForConditionalGeneration", "seq2seq", seq=512,
+          decoder_start_token_id=0), 16),
+    (*_hf("bart", "BartConfig", "BartForConditionalGeneration", "seq2seq", seq=512, d_model=768,
+          encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
+          decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072), 16),
+    (*_hf("llama", "LlamaConfig", "LlamaForCausalLM", "lm", seq=1024, hidden_size=1024,
+          num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16,
+          intermediate_size=2816, vocab_size=32000), 8),
+    (*_hf("bert", "BertConfig", "BertForSequenceClassification", "cls", seq=512), 32),
+    (*_hf("deberta-v2", "DebertaV2Config", "DebertaV2ForSequenceClassification", "cls", seq=512,
+          hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+          intermediate_size=3072, vocab_size=32000), 16),
+    (*_hf_vision("vit", "ViTConfig", "ViTForImageClassification", image_size=224,
+                 num_labels=10), 64),
+    (*_tv("resnet50", size=224, scale=1), 64),
+    (*_tv("convnext_tiny", size=224, scale=1), 64),
+    (*_tv("efficientnet_b0", size=224, scale=1), 128),
+    (*_lightning_transformer(ninp=512, nhead=8, nlayers=6, seq=256), 32),
+    (*_nn("lstm", lambda: _Recurrent(nn.LSTM, dim=512), seq=256), 64),
+]
+
+
 def _midway(profile) -> int:
     """A budget halfway between the plan's floor and the un-checkpointed peak, and never so
     close to the floor that the planner's headroom puts its target under it (where the floor is
@@ -219,102 +250,172 @@ def _midway(profile) -> int:
     return max((floor + profile.peak_bytes) // 2, reachable)
 
 
-def _steps(step, w: Workload, opt, n: int) -> tuple[list[float], list[float]]:
-    losses, times = [], []
+@dataclass
+class _Run:
+    losses: list[float] = field(default_factory=list)
+    ms: list[float] = field(default_factory=list)
+    peaks: list[int] = field(default_factory=list)
+    """Device peaks per step (CUDA)."""
+    planning: list[bool] = field(default_factory=list)
+    """Whether the step was a planning (or capture) call."""
+
+    def step_ms(self) -> float | None:
+        ms = [t for t, p in zip(self.ms[1:], self.planning[1:]) if not p]
+        return statistics.median(ms) if ms else None
+
+
+def _steps(step, w: Workload, opt, n: int, ac=None) -> _Run:
+    """``n`` training steps; on CUDA each step's peak is measured and handed to ``ac`` (as
+    the callback does: the closed loop that re-plans a step over its budget)."""
+    run = _Run()
+    cuda = w.inputs[0].is_cuda
     for _ in range(n):
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss = step(*w.inputs)
         loss.backward()
         opt.step()
-        times.append((time.perf_counter() - t0) * 1e3)
-        losses.append(loss.item())
-    return losses, times
+        run.losses.append(loss.item())  # (synchronizes)
+        run.ms.append((time.perf_counter() - t0) * 1e3)
+        run.planning.append(bool(getattr(ac, "planned_last_call", False)))
+        if cuda:
+            run.peaks.append(torch.cuda.max_memory_allocated())
+            if ac is not None and not run.planning[-1]:
+                ac.observe_peak(run.peaks[-1])
+    return run
 
 
 def run_model(name: str, family: str, make: Callable[[int], Workload], batch: int,
-              steps: int) -> dict:
-    """Train ``make(batch)`` without and with AC; the row of the table."""
+              steps: int, device: str = "cpu", budget_share: float | None = None) -> dict:
+    """Train ``make(batch)`` without and with AC; the row of the table. On the CPU the budget is
+    halfway between the plan's floor and the un-checkpointed peak; with ``budget_share`` it is
+    that share of the measured un-checkpointed peak (CUDA)."""
     row: dict = {"model": name, "family": family, "engaged": False, "reason": ""}
     try:
         torch.manual_seed(0)
         w = make(batch)
-        w.model.train()
+        w.model.to(device).train()
+        w = replace(w, inputs=tuple(t.to(device) for t in w.inputs))
         state = {k: v.clone() for k, v in w.model.state_dict().items()}
         opt = torch.optim.AdamW(w.model.parameters(), lr=1e-3)
         torch.manual_seed(1)
-        ref, ref_ms = _steps(w.loss, w, opt, steps)
+        ref = _steps(w.loss, w, opt, steps)
     except Exception as exc:  # a model that does not train here at all: not ours to judge
         return {**row, "reason": f"does not train without AC: {type(exc).__name__}: {exc}"[:300]}
     w.model.load_state_dict(state)
+    del opt
     opt = torch.optim.AdamW(w.model.parameters(), lr=1e-3)
-    ac = auto_checkpoint(w.loss, opt, module=w.model, budget=_midway, always_rewrite=True,
+    budget = _midway if budget_share is None else int(budget_share * max(ref.peaks[1:]))
+    ac = auto_checkpoint(w.loss, opt, module=w.model, budget=budget, always_rewrite=True,
                          previous_grads="freed")
     torch.manual_seed(1)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            losses, ms = _steps(ac, w, opt, steps)
+            run = _steps(ac, w, opt, steps, ac)
     except Exception as exc:
         return {**row, "reason": f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
                 "traceback": traceback.format_exc()[-800:]}
     said = [str(c.message) for c in caught if "MuTwoAC" in str(c.message)]
     engaged = ac.state is State.ACTIVE and ac.plan is not None
+    graphs = ac.last.graphs if ac.last is not None else None
+    measured = [p for p, planning in zip(run.peaks, run.planning) if not planning]
     row.update(
         engaged=engaged,
         reason="" if engaged else (said[0].splitlines()[0][:300] if said else str(ac.state)),
-        graphs=1 if engaged else 0,
+        graphs=(len(graphs.captured) if graphs is not None else 1) if engaged else 0,
+        eager_saved_B=sum(ac.profile.summary.get("eager_saved_B", [])) if ac.profile else None,
+        split_by=ac.last.not_one_graph[:200] if ac.last is not None else "",
         recomputed=len(ac.plan.recomputed) if ac.plan else None,
+        swapped=len(ac.plan.swapped) if ac.plan else None,
         stop_reason=ac.plan.stop_reason if ac.plan else None,
         budget_B=ac.plan.budget_B if ac.plan else None,
         baseline_peak_B=ac.plan.baseline_peak_B if ac.plan else None,
         predicted_peak_B=ac.plan.predicted_peak_B if ac.plan else None,
-        max_rel_loss_diff=max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses, ref)),
-        step_ms=statistics.median(ms[1:]) if len(ms) > 1 else None,
-        step_ms_no_ac=statistics.median(ref_ms[1:]) if len(ref_ms) > 1 else None,
-        planning_s=round(ac.planning_call_s, 2) if ac.planning_call_s else None)
+        no_ac_peak_B=max(ref.peaks[1:]) if len(ref.peaks) > 1 else None,
+        measured_peak_B=max(measured) if measured else None,
+        steps_over_budget=sum(p > ac.plan.budget_B for p in measured[1:])
+        if measured and ac.plan and ac.plan.budget_B else None,
+        replans=ac.replans,
+        max_rel_loss_diff=max(abs(a - b) / max(abs(b), 1e-12)
+                              for a, b in zip(run.losses, ref.losses)),
+        step_ms=run.step_ms(), step_ms_no_ac=ref.step_ms(),
+        planning_s=round(sum(t for t, p in zip(run.ms, run.planning) if p) / 1e3, 2))
     ac.remove()
     return row
 
 
 def to_markdown(df: pd.DataFrame) -> str:
-    """The table for the docs: engaged or why not, the plan, the loss check."""
-    lines = ["| model | family | engaged | recomputed | loss diff | why not |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    """The table for the docs: engaged or why not, how many graphs, the plan, the measured peak
+    against the budget (CUDA), the overhead and the loss check."""
+    def cell(r, key, fmt):
+        v = getattr(r, key, None)
+        return "" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt(v)
+
+    from lightning_ac.report import format_bytes
+
+    lines = ["| model | family | engaged | graphs | recomputed | eager saved | peak / budget | "
+             "step vs no AC | loss diff | why not, or what split the step |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in df.itertuples():
-        diff = f"{r.max_rel_loss_diff:.1e}" if pd.notna(getattr(r, "max_rel_loss_diff", None)) \
-            else ""
-        rec = "" if pd.isna(getattr(r, "recomputed", None)) else int(r.recomputed)
-        reason = str(r.reason).replace("|", "/").replace("\n", " ")[:160]
-        lines.append(f"| {r.model} | {r.family} | {'yes' if r.engaged else 'no'} | {rec} | "
-                     f"{diff} | {reason} |")
+        peak = cell(r, "measured_peak_B", lambda v: f"{v / r.budget_B:.2f}")
+        over = cell(r, "step_ms", lambda v: f"{v / r.step_ms_no_ac:.2f}x")
+        why = r.reason if r.reason else getattr(r, "split_by", "")
+        why = "" if not isinstance(why, str) else why.replace("|", "/").replace("\n", " ")[:140]
+        lines.append(
+            f"| {r.model} | {r.family} | {'yes' if r.engaged else 'no'} | "
+            f"{cell(r, 'graphs', lambda v: str(int(v)))} | "
+            f"{cell(r, 'recomputed', lambda v: str(int(v)))} | "
+            f"{cell(r, 'eager_saved_B', lambda v: format_bytes(int(v)) if v else '')} | "
+            f"{peak} | {over} | {cell(r, 'max_rel_loss_diff', lambda v: f'{v:.1e}')} | {why} |")
     return "\n".join(lines) + "\n"
+
+
+def _write(df: pd.DataFrame, out: Path, stem: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    df.drop(columns=["traceback"], errors="ignore").to_csv(out / f"{stem}.csv", index=False)
+    (out / f"{stem}.md").write_text(to_markdown(df))
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", default=None, help="model names (default: all)")
-    ap.add_argument("--batch-size", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=2, help="CPU mode's batch")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--gpu", action="store_true",
+                    help="GPU mode: realistic sizes (GPU_MODELS), budget a share of each "
+                         "model's measured un-checkpointed peak")
+    ap.add_argument("--budget-share", type=float, default=0.6, help="GPU mode's budget share")
     ap.add_argument("--out", type=Path, default=Path("reports/coverage"))
     args = ap.parse_args(argv)
-    chosen = [m for m in MODELS if args.only is None or m[0] in args.only]
+    pool = GPU_MODELS if args.gpu else [(*m, args.batch_size) for m in MODELS]
+    chosen = [m for m in pool if args.only is None or m[0] in args.only]
     if args.only and len(chosen) != len(args.only):
-        ap.error(f"unknown models in {args.only}; known: {', '.join(m[0] for m in MODELS)}")
+        ap.error(f"unknown models in {args.only}; known: {', '.join(m[0] for m in pool)}")
+    stem = "coverage_gpu" if args.gpu else "coverage"
     rows = []
-    for name, family, make in chosen:
+    for name, family, make, batch in chosen:
         t0 = time.perf_counter()
-        rows.append(run_model(name, family, make, args.batch_size, args.steps))
+        rows.append(run_model(name, family, make, batch, args.steps,
+                              device="cuda" if args.gpu else "cpu",
+                              budget_share=args.budget_share if args.gpu else None))
         torch.compiler.reset()  # (each model's compiled code goes with it)
+        if args.gpu:
+            torch.cuda.empty_cache()
+        _write(pd.DataFrame(rows), args.out, stem)  # so far: a run cut short keeps its rows
         print(f"{name:24s} {'engaged' if rows[-1]['engaged'] else 'NOT engaged':12s} "
               f"{time.perf_counter() - t0:6.1f} s  {rows[-1]['reason'][:100]}", flush=True)
+        print({k: rows[-1].get(k) for k in ("graphs", "budget_B", "measured_peak_B",
+                                            "steps_over_budget", "replans", "step_ms",
+                                            "step_ms_no_ac", "max_rel_loss_diff")}, flush=True)
     df = pd.DataFrame(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    df.drop(columns=["traceback"], errors="ignore").to_csv(args.out / "coverage.csv", index=False)
-    (args.out / "coverage.md").write_text(to_markdown(df))
+    _write(df, args.out, stem)
     print(f"engaged: {int(df.engaged.sum())} of {len(df)} ({df.engaged.mean():.0%}); "
-          f"wrote {args.out / 'coverage.csv'}")
+          f"wrote {args.out / (stem + '.csv')}")
     return df
 
 

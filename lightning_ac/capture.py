@@ -18,6 +18,7 @@ so parameters, buffers (BatchNorm running statistics) and RNG state are left unt
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import itertools
 import logging
 import types
@@ -38,12 +39,16 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "CaptureError",
+    "GraphSlot",
     "JointGraph",
     "OptimizerGraph",
     "PrimalRole",
+    "aot_compile",
     "capture_joint",
     "capture_optimizer_step",
+    "compile_graphs",
     "compile_joint",
+    "running",
 ]
 
 
@@ -52,7 +57,8 @@ class PrimalRole:
     """What a joint-graph primal is in the user's program."""
 
     kind: str
-    """``"parameter"``, ``"buffer"`` or ``"input"``."""
+    """``"parameter"``, ``"buffer"``, ``"input"`` (an argument of the step) or ``"carried"``
+    (made by an earlier part of the same step that dynamo split)."""
     name: str
     """Qualified name in the module (``"layer1.0.conv1.weight"``) or ``"input<i>"``."""
 
@@ -99,8 +105,11 @@ class _Captured(Exception):
         self.joint = joint
 
 
-def _roles(example_inputs: Sequence, module: nn.Module | None) -> list[PrimalRole]:
-    """Name each dynamo graph input by identity with the module's parameters and buffers."""
+def _roles(example_inputs: Sequence, module: nn.Module | None,
+           call_inputs: set[int] | None = None) -> list[PrimalRole]:
+    """Name each dynamo graph input by identity with the module's parameters and buffers. With
+    ``call_inputs`` (ids of the step's argument tensors), any other input is ``"carried"``: a
+    value an earlier graph or eager code of the same step made."""
     named: dict[int, PrimalRole] = {}
     if module is not None:
         for name, p in module.named_parameters(remove_duplicate=False):
@@ -110,7 +119,10 @@ def _roles(example_inputs: Sequence, module: nn.Module | None) -> list[PrimalRol
     roles, n_inputs = [], 0
     for t in example_inputs:
         role = named.get(id(t))
-        if role is None:
+        if role is None and call_inputs is not None and id(t) not in call_inputs:
+            role = PrimalRole("carried", f"carried{n_inputs}")
+            n_inputs += 1
+        elif role is None:
             role = PrimalRole("input", f"input{n_inputs}")
             n_inputs += 1
         roles.append(role)
@@ -182,30 +194,108 @@ def compile_joint(fn: Callable, module: nn.Module | None,
         needs = needs_ref()
         if needs is None:
             raise CaptureError("the planned step was removed; nothing to compile it for")
-        roles = _roles(example_inputs, needs.module)
+        module = needs.module
         del needs
-        # What AOTAutograd keeps of partition_fn (torch 2.11 keeps it with the compiled step)
-        # must not hold the planner or the real tensors (parameters, the first batch): both are
-        # reached through references that end when the step goes or the partition is done.
-        pending = [example_inputs]
 
-        def partition_fn(joint_gm, joint_inputs, *, num_fwd_outputs, **kwargs):
+        def partition_now(joint: JointGraph):
             needs = needs_ref()
-            if needs is None or not pending:
+            if needs is None:
                 raise CaptureError("the planned step was removed; nothing to partition it for")
-            try:
-                return needs.partition(_build_joint(joint_gm, pending[0], roles, num_fwd_outputs))
-            finally:
-                pending.clear()
+            return needs.partition(joint)
 
-        def already_compiled(gm, _inputs):  # partition returns ready-to-run boxed modules
-            return gm
-
-        return compat.aot_backend(partition_fn, already_compiled, already_compiled)(gm, example_inputs)
+        return aot_compile(gm, example_inputs, module, partition_now)
 
     compiled = torch.compile(own_entry(fn), backend=backend, fullgraph=True, dynamic=False)
     compiled.mutwo_backend_needs = needs  # what keeps them alive
     return compiled
+
+
+def aot_compile(gm: fx.GraphModule, example_inputs: list, module: nn.Module | None,
+                partition: Callable[[JointGraph], tuple[fx.GraphModule, fx.GraphModule]], *,
+                call_inputs: set[int] | None = None,
+                on_backward: Callable[[], None] | None = None) -> Callable:
+    """Compile dynamo's graph ``gm`` with AOTAutograd, ``partition(joint)`` choosing the forward
+    and backward modules (boxed, ready to run) from the :class:`JointGraph` built on
+    ``example_inputs`` (real tensors). ``on_backward`` is called each time the backward runs.
+    Returns AOTAutograd's compiled function."""
+    roles = _roles(example_inputs, module, call_inputs)
+    # What AOTAutograd keeps of partition_fn (torch 2.11 keeps it with the compiled step) must
+    # not hold the real tensors (parameters, the first batch): they are reached through a list
+    # emptied once the partition is done.
+    pending = [example_inputs]
+
+    def partition_fn(joint_gm, joint_inputs, *, num_fwd_outputs, **kwargs):
+        if not pending:
+            raise CaptureError("the step was compiled already; nothing to partition")
+        try:
+            return partition(_build_joint(joint_gm, pending[0], roles, num_fwd_outputs))
+        finally:
+            pending.clear()
+
+    def already_compiled(gm, _inputs):  # partition returns ready-to-run boxed modules
+        return gm
+
+    def announcing(gm, _inputs):
+        def backward(args):
+            on_backward()
+            return gm(args)
+
+        backward._boxed_call = True
+        return backward
+
+    return compat.aot_backend(partition_fn, already_compiled,
+                              already_compiled if on_backward is None else announcing
+                              )(gm, example_inputs)
+
+
+# --------------------------------------------------------------------------------------------
+# A step dynamo splits into several graphs
+# --------------------------------------------------------------------------------------------
+
+_running_step: contextvars.ContextVar = contextvars.ContextVar("lightning_ac_step", default=None)
+
+
+class GraphSlot:
+    """One graph of a step that dynamo splits (graph breaks, modules it leaves to eager), as
+    dynamo caches it: on the user's code objects, under its guards.
+
+    Every step compiled by :func:`compile_graphs` shares one backend, so that dynamo reuses its
+    graphs across fits and models of the same code, and a 9th fit does not hit its per-code
+    recompile limit (a new backend per fit would: backends are part of dynamo's guards). Which
+    compiled version of the graph runs is the running step's choice, per call
+    (``step.run_graph(slot, args)``); outside a step the graph runs as dynamo traced it.
+    """
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+
+    def __call__(self, *args):
+        step = _running_step.get()
+        if step is None:
+            return self.gm(*args)
+        return step.run_graph(self, list(args))
+
+
+def _graph_backend(gm: fx.GraphModule, example_inputs: list) -> GraphSlot:
+    """The one backend of :func:`compile_graphs`: compiles nothing until a step runs the graph
+    (the real inputs then are what capture and profiling need)."""
+    return GraphSlot(gm)
+
+
+def compile_graphs(fn: Callable) -> Callable:
+    """``torch.compile`` ``fn`` into as many graphs as dynamo needs; call the result inside
+    :func:`running` so that each graph goes to that step's ``run_graph``."""
+    return torch.compile(own_entry(fn), backend=_graph_backend, dynamic=False)
+
+
+@contextlib.contextmanager
+def running(step) -> Iterator[None]:
+    """Make ``step`` the one whose ``run_graph`` the graphs of :func:`compile_graphs` call."""
+    token = _running_step.set(step)
+    try:
+        yield
+    finally:
+        _running_step.reset(token)
 
 
 @dataclass(eq=False)

@@ -46,6 +46,7 @@ from lightning_ac.profiler import PREVIOUS_GRADS, NodeOutOfMemoryError, Profile,
 from lightning_ac.report import format_bytes
 from lightning_ac.rewriter import compile_with_plan, decode_plan, encode_plan, retarget
 from lightning_ac.simulator import peak_breakdown
+from lightning_ac.step_graphs import StepGraphs
 
 __all__ = ["AutoCheckpoint", "Budget", "ShapePlan", "State", "auto_checkpoint",
            "device_memory_limit", "parse_budget"]
@@ -179,6 +180,11 @@ class ShapePlan:
     excess_B: int = 0
     """The measured peaks' excess over the budget that re-plans have lowered the target by."""
     replans: int = 0
+    graphs: StepGraphs | None = None
+    """Where dynamo splits the step into several graphs: them, planned together (the plan
+    comes at the call after the capture call)."""
+    not_one_graph: str = ""
+    """Why the step is not one graph (the first graph break), where it is not."""
 
 
 class AutoCheckpoint:
@@ -258,7 +264,8 @@ class AutoCheckpoint:
         if self.plan is None:
             return f"MuTwoAC: {self.state}, no plan yet"
         shapes = f" for {len(self.plans)} input shapes" if len(self.plans) > 1 else ""
-        return f"MuTwoAC: {self.state}{shapes}, {self.plan.summary()}"
+        graphs = f"; {self.last.graphs.describe()}" if self.last.graphs is not None else ""
+        return f"MuTwoAC: {self.state}{shapes}, {self.plan.summary()}{graphs}"
 
     def __repr__(self) -> str:
         return f"AutoCheckpoint({getattr(self.fn, '__qualname__', self.fn)!r}, state={self.state})"
@@ -278,8 +285,12 @@ class AutoCheckpoint:
             return self._plan_and_run(shapes, args, kwargs)
         self.plans.move_to_end(shapes)
         self.last = step
+        if step.graphs is not None and step.graphs.profile is None:
+            return self._plan_graphs(step, args, kwargs)
         if step.compiled is None:
             return self.fn(*args, **kwargs)  # this shape fits
+        if step.graphs is not None and step.graphs.will_capture:
+            self.planned_last_call = True  # its graphs changed: a capture call, not a step
         try:
             return step.compiled(*args, **kwargs)
         except torch.cuda.OutOfMemoryError as exc:
@@ -294,22 +305,76 @@ class AutoCheckpoint:
         try:
             out = step.compiled(*args, **kwargs)
         except Exception as exc:
-            if isinstance(exc, torch.cuda.OutOfMemoryError):
-                raise
-            budget_error = unwrap_compile_error(exc, (BudgetError,))
-            if budget_error is not None:
-                raise budget_error from None
-            self._turn_off()
-            rank_zero_warn(f"MuTwoAC: {describe_capture_failure(self.fn, exc)}\n"
-                           "Training continues without activation checkpointing.")
-            return self.fn(*args, **kwargs)
+            _raise_if_memory_error(exc)
+            # not one graph: capture the graphs dynamo splits it into, and plan them together
+            step.not_one_graph = str(describe_capture_failure(self.fn, exc)).splitlines()[0]
+            return self._capture_graphs(step, args, kwargs)
         step.planning_call_s = time.perf_counter() - t0
+        self._keep(step)
+        self._announce(step)
+        return out
+
+    def _keep(self, step: ShapePlan) -> None:
         self.planned_last_call = True
-        self.plans[shapes] = self.last = step
+        self.plans[step.shapes] = self.last = step
         while len(self.plans) > self.max_shapes:  # the least recently used shape goes
             evicted, _ = self.plans.popitem(last=False)
             log.debug("dropped the plan for %s (more than %d shapes)", evicted, self.max_shapes)
+
+    def _capture_graphs(self, step: ShapePlan, args, kwargs):
+        """The capture call of a step dynamo splits into several graphs (see
+        :mod:`lightning_ac.step_graphs`): each graph is captured and measured as it runs; the
+        plan over all of them is made at the next call."""
+        step.compiled = step.graphs = StepGraphs(
+            self.fn, self.module, self.optimizer,
+            make_plan=functools.partial(self._plan_profile, step),
+            host_swap=self._profile_swapped(),
+            measure_options={**({"runs": 1, "warmup": False} if self.plans else {}),
+                             **self.profile_options},
+            previous_grads=self.previous_grads)
+        t0 = time.perf_counter()
+        try:
+            out = step.graphs(*args, **kwargs)
+        except Exception as exc:
+            _raise_if_memory_error(exc)
+            self._turn_off()
+            rank_zero_warn(f"MuTwoAC: {step.not_one_graph}\nIts graphs could not be captured "
+                           f"either: {type(exc).__name__}: {str(exc).strip()[:300]}\n"
+                           "Training continues without activation checkpointing.")
+            return self.fn(*args, **kwargs)
+        step.planning_call_s = time.perf_counter() - t0
+        if not step.graphs.captured:
+            self._turn_off()
+            rank_zero_warn(f"MuTwoAC: {step.not_one_graph}\nNo part of the step could be "
+                           "captured as a graph (" + "; ".join(
+                               f"graph {g.index + 1}: {g.error}" for g in step.graphs.graphs)
+                           + "), so there is nothing to plan. Training continues without "
+                           "activation checkpointing.")
+            return out
+        self._keep(step)
+        log.info("%s; captured %d graphs, planned at the next call", step.not_one_graph,
+                 len(step.graphs.graphs))
+        return out
+
+    def _plan_graphs(self, step: ShapePlan, args, kwargs):
+        """The call after a capture call: plan the step's graphs together, then run them."""
+        t0 = time.perf_counter()
+        try:
+            step.graphs.finalize()
+        except Exception as exc:
+            _raise_if_memory_error(exc)
+            self._turn_off()
+            rank_zero_warn(f"MuTwoAC: {step.not_one_graph}\nIts graphs could not be planned: "
+                           f"{type(exc).__name__}: {str(exc).strip()[:300]}\n"
+                           "Training continues without activation checkpointing.")
+            return self.fn(*args, **kwargs)
+        step.plan, step.profile = step.graphs.plan, step.graphs.profile
         self._announce(step)
+        self.planned_last_call = True
+        out = self.fn(*args, **kwargs) if step.compiled is None else \
+            step.compiled(*args, **kwargs)
+        step.planning_call_s = time.perf_counter() - t0
+        self.planned_last_call = True
         return out
 
     def remove(self) -> None:
@@ -349,9 +414,12 @@ class AutoCheckpoint:
         if new.stop_reason == "infeasible":
             step.replans = MAX_REPLANS  # nothing lower to be had
             return self.observe_peak(peak_B)
-        planned_on = step.profile.joint.graph
-        step.compiled = compile_with_plan(
-            self.fn, self.module, lambda joint: retarget(new, planned_on, joint.graph))
+        if step.graphs is not None:
+            step.graphs.use(new)  # each graph is compiled again at its next run
+        else:
+            planned_on = step.profile.joint.graph
+            step.compiled = compile_with_plan(
+                self.fn, self.module, lambda joint: retarget(new, planned_on, joint.graph))
         step.plan, step.excess_B = new, step.excess_B + excess
         step.replans += 1
         self.replans += 1
@@ -365,8 +433,8 @@ class AutoCheckpoint:
         """The last call's plan as plain data, for other ranks' :meth:`adopt` (None if there
         is no rewritten step to share)."""
         step = self.last
-        if step is None or step.plan is None or self._disabled:
-            return None
+        if step is None or step.plan is None or self._disabled or step.graphs is not None:
+            return None  # (a step of several graphs: each rank runs its own plan)
         return {"shapes": step.shapes,
                 "plan": encode_plan(step.plan, step.profile.joint.graph)}
 
@@ -380,7 +448,7 @@ class AutoCheckpoint:
             CaptureError: this rank's step for those shapes is not the same graph.
         """
         step = self.plans.get(message["shapes"]) if message else None
-        if step is None or step.plan is None or self._disabled:
+        if step is None or step.plan is None or self._disabled or step.graphs is not None:
             return False
         graph = step.profile.joint.graph
         if encode_plan(step.plan, graph) == message["plan"]:
@@ -439,11 +507,19 @@ class AutoCheckpoint:
             # b32 under a 16 GB cap ran out with 2.2 GiB reserved but unallocated).
             gc.collect()
             torch.cuda.empty_cache()
+        result = self._plan_profile(step, profile)
+        result.planning_s = time.perf_counter() - t0
+        step.plan, step.profile = result, profile
+        return result
+
+    def _plan_profile(self, step: ShapePlan, profile: Profile) -> Plan:
+        """Plan ``profile`` (``step``'s) under the budget; an infeasible budget raises or warns,
+        as ``on_infeasible`` says."""
+        t0 = time.perf_counter()
         budget = self.budget_for(profile)
         result = plan(profile, budget, swap=self.swap,
                       reserve_B=default_reserve_B(profile) + step.foreign_B)
         result.planning_s = time.perf_counter() - t0
-        step.plan, step.profile = result, profile
         log.debug("planned %d nodes in %.2f s: %s", len(profile.nodes), result.planning_s,
                   result.summary())
         if result.stop_reason == "infeasible":
@@ -465,12 +541,8 @@ class AutoCheckpoint:
         profile = functools.partial(profile_joint, joint, self.optimizer,
                                     previous_grads=self.previous_grads,
                                     **{**quick, **self.profile_options})
-        if self.host_swap != "auto":
-            return profile(swap=bool(self.host_swap))
-        if device.type == "cuda" and (isinstance(self.budget, (int, str)) or any(
-                s.plan is not None and s.plan.budget_B is not None
-                and s.plan.baseline_peak_B > s.plan.budget_B for s in self.plans.values())):
-            return profile(swap=True)
+        if self.host_swap != "auto" or self._profile_swapped():
+            return profile(swap=self._profile_swapped())
         try:
             return profile(swap=False)
         except torch.cuda.OutOfMemoryError:
@@ -495,6 +567,19 @@ class AutoCheckpoint:
                 "optimizer state" + (f" (device limit {format_bytes(limit)})" if limit else "")
                 + ". Lower the batch size.\n" + str(exc).splitlines()[0]) from None
 
+    def _profile_swapped(self) -> bool:
+        """Whether to profile with activations in host memory: as ``host_swap`` says, or with
+        ``"auto"`` on CUDA where a budget is given (the un-checkpointed step may not fit in it,
+        and the step that plans must keep the budget too) or a shape planned before did not
+        fit."""
+        if self.host_swap != "auto":
+            return bool(self.host_swap)
+        device = self._device()
+        return device is not None and device.type == "cuda" and (
+            isinstance(self.budget, (int, str)) or any(
+                s.plan is not None and s.plan.budget_B is not None
+                and s.plan.baseline_peak_B > s.plan.budget_B for s in self.plans.values()))
+
     # -- what the user is told --------------------------------------------------------------
 
     def _announce(self, step: ShapePlan) -> None:
@@ -510,7 +595,11 @@ class AutoCheckpoint:
                            f"({format_bytes(p.baseline_peak_B)} peak, {limit}); activation "
                            "checkpointing is off for it.")
             return
-        if self.verbose:
+        if step.graphs is not None:
+            # a graph break is news to the user: say what was planned and what stayed eager
+            rank_zero_info(f"MuTwoAC{which}: {p.summary()}; {step.graphs.describe()}. "
+                           f"({step.not_one_graph})")
+        elif self.verbose:
             rank_zero_info(f"MuTwoAC{which}: {p.summary()}")
 
     def _turn_off(self) -> None:
@@ -543,6 +632,16 @@ class AutoCheckpoint:
                      "that is large, memory is fragmented; set "
                      "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before CUDA starts.")
         return hint + " Otherwise lower the budget (MuTwoAC(budget=...)) or the batch size."
+
+
+def _raise_if_memory_error(exc: BaseException) -> None:
+    """Re-raise an out-of-memory error, or the :class:`BudgetError` under a compile error: those
+    are the user's to see; any other failure to capture or plan turns AC off with a warning."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        raise exc
+    budget_error = unwrap_compile_error(exc, (BudgetError,))
+    if budget_error is not None:
+        raise budget_error from None
 
 
 def infeasible_message(profile: Profile, result: Plan, foreign_B: int = 0) -> str:

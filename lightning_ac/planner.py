@@ -41,7 +41,8 @@ import torch.fx as fx
 from lightning_ac.profiler import Profile, op_name, recompute_chain
 from lightning_ac.simulator import Simulation, profile_index, simulate, swap_ms, swap_schedule
 
-__all__ = ["Plan", "default_reserve_B", "plan", "rerun_by_op", "swap_cost_ms", "swappable"]
+__all__ = ["Plan", "can_swap_value", "default_reserve_B", "plan", "rerun_by_op", "swap_cost_ms",
+           "swappable"]
 
 _MIN_SHARE = 1e-3  # candidates below this share of the largest activation are left alone
 MIN_SWAP_B = 1 << 20  # smaller activations are not worth a copy's host work (tens of µs)
@@ -122,11 +123,17 @@ def swappable(profile: Profile) -> list[fx.Node]:
     ranked = []
     for n, nbytes, ratio, ok in zip(acts["node"], acts["bytes"],
                                     acts["recompute_ratio_B_per_ms"], acts["recomputable"]):
-        val = n.meta.get("val")
-        if (nbytes >= MIN_SWAP_B and isinstance(val, torch.Tensor)
-                and val.numel() * val.element_size() == nbytes and _dense(val)):
+        if can_swap_value(n, nbytes):
             ranked.append((ratio if ok else 0.0, n))
     return [n for _, n in sorted(ranked, key=lambda rn: rn[0])]
+
+
+def can_swap_value(n: fx.Node, nbytes: int) -> bool:
+    """Whether swapping ``n``'s value frees its storage of ``nbytes``: one dense tensor that
+    covers the storage, of at least :data:`MIN_SWAP_B`."""
+    val = n.meta.get("val")
+    return (nbytes >= MIN_SWAP_B and isinstance(val, torch.Tensor)
+            and val.numel() * val.element_size() == nbytes and _dense(val))
 
 
 def _dense(t: torch.Tensor) -> bool:

@@ -36,12 +36,15 @@ from lightning_ac.graph_passes import is_random_op
 __all__ = [
     "CATEGORIES",
     "PHASES",
+    "EagerMemory",
     "GraphProfiler",
     "Profile",
     "is_random_op",
     "is_tensor_node",
     "live_bytes",
     "measure_host_device_bandwidth",
+    "measure_joint",
+    "profile_graphs",
     "recompute_chain",
     "profile_iteration",
     "profile_joint",
@@ -410,6 +413,9 @@ class Profile:
     optimizer: OptimizerGraph | None = None
     rank: dict[fx.Node, int] = field(default_factory=dict)
     """``fx.Node`` → row of ``nodes``."""
+    graphs: list[JointGraph] = field(default_factory=list)
+    """The step's joint graphs in the order their forwards run: ``[joint]``, or several where
+    dynamo split the step (:mod:`lightning_ac.step_graphs`)."""
     storages: pd.DataFrame | None = None
     """Every non-persistent allocation: creator node, alias nodes, bytes, category, and the ranks
     ``start``/``stop`` between which it is live (the simulator replays these with a plan)."""
@@ -489,35 +495,20 @@ def profile_iteration(joint: JointGraph, optimizer: OptimizerGraph | None = None
         raise ValueError(f"previous_grads={previous_grads!r}: expected one of {PREVIOUS_GRADS}")
     t_start = time.perf_counter()
     device = joint.primal_values[0].device
-    tangents = [torch.ones(t.meta["val"].shape, dtype=t.meta["val"].dtype, device=device)
-                for t in joint.tangents]
-    # The graph updates buffers in place (BatchNorm statistics, graph_passes.batch_norm_without_
-    # buffers): the profile runs on copies of them, so the model is left as it was.
-    primals = [v.clone() if r.kind == "buffer" else v
-               for v, r in zip(joint.primal_values, joint.primal_roles)]
     registry: dict = {}
     with torch.no_grad(), _preserved_rng(device):
-        jp = GraphProfiler(joint.gm, runs=runs, registry=registry, swap=swap,
-                           min_swap_B=min_swap_B, cold_l2=cold_l2)
-        if warmup:
-            jp.run(*primals, *tangents, measure=False)
-        outs = jp.run(*primals, *tangents)
+        jp, outs = _run_joint(joint, registry=registry, runs=runs, warmup=warmup, swap=swap,
+                              min_swap_B=min_swap_B, cold_l2=cold_l2)
         grads_by_primal = {joint.grad_of[node]: val for node, val in zip(joint.outputs(), outs)
                            if node in joint.grad_of}
         op = None
         if optimizer is not None:
             grads = [grads_by_primal.get(i) for i in optimizer.param_index]
-            grads = [g if g is not None else torch.zeros_like(p)
-                     for g, p in zip(grads, optimizer.param_values)]
-            # make_fx flattens its list arguments into one placeholder per tensor
-            args = (*optimizer.param_values, *grads, *optimizer.state_values)
-            op = GraphProfiler(optimizer.gm, runs=runs, registry=registry, cold_l2=cold_l2)
-            if warmup:
-                op.run(*args, measure=False)
-            op.run(*args)
-        del outs, grads_by_primal, primals
+            op = _run_optimizer(optimizer, grads, registry=registry, runs=runs, warmup=warmup,
+                                cold_l2=cold_l2)
+        del outs, grads_by_primal
     bandwidth = measure_host_device_bandwidth(device)
-    profile = _assemble(joint, optimizer, jp, op, bandwidth, previous_grads)
+    profile = _assemble([joint], [jp], optimizer, op, bandwidth, previous_grads)
     log.debug("profiled %d nodes on %s in %.2f s (host swap: %s)", len(profile.nodes), device,
               time.perf_counter() - t_start, swap)
     profile.summary.update(device=str(device), device_name=_device_name(device),
@@ -525,6 +516,93 @@ def profile_iteration(joint: JointGraph, optimizer: OptimizerGraph | None = None
                            profile_s=round(time.perf_counter() - t_start, 3),
                            optimizer_note=optimizer.note if optimizer else "",
                            host_swap=swap, swapped_B=jp.swapped_B, cold_l2=cold_l2,
+                           previous_grads=previous_grads)
+    return profile
+
+
+def _run_joint(joint: JointGraph, *, registry: dict, runs: int, warmup: bool, swap: bool,
+               min_swap_B: int, cold_l2: bool) -> tuple[GraphProfiler, list]:
+    """Run ``joint`` on its real primals and tangents of ones, measuring every node (call under
+    ``torch.no_grad()``). Returns the profiler and the joint graph's outputs."""
+    device = joint.primal_values[0].device
+    tangents = [torch.ones(t.meta["val"].shape, dtype=t.meta["val"].dtype, device=device)
+                for t in joint.tangents]
+    # The graph updates buffers in place (BatchNorm statistics, graph_passes.batch_norm_without_
+    # buffers): the profile runs on copies of them, so the model is left as it was.
+    primals = [v.clone() if r.kind == "buffer" else v
+               for v, r in zip(joint.primal_values, joint.primal_roles)]
+    jp = GraphProfiler(joint.gm, runs=runs, registry=registry, swap=swap,
+                       min_swap_B=min_swap_B, cold_l2=cold_l2)
+    if warmup:
+        jp.run(*primals, *tangents, measure=False)
+    return jp, jp.run(*primals, *tangents)
+
+
+def _run_optimizer(optimizer: OptimizerGraph, grads: list, *, registry: dict, runs: int,
+                   warmup: bool, cold_l2: bool) -> GraphProfiler:
+    """Run the optimizer graph on its shadow copies with ``grads`` (None: zeros), measuring
+    every node (call under ``torch.no_grad()``)."""
+    grads = [g if g is not None else torch.zeros_like(p)
+             for g, p in zip(grads, optimizer.param_values)]
+    # make_fx flattens its list arguments into one placeholder per tensor
+    args = (*optimizer.param_values, *grads, *optimizer.state_values)
+    op = GraphProfiler(optimizer.gm, runs=runs, registry=registry, cold_l2=cold_l2)
+    if warmup:
+        op.run(*args, measure=False)
+    op.run(*args)
+    return op
+
+
+def measure_joint(joint: JointGraph, *, registry: dict, runs: int = 3, warmup: bool = True,
+                  swap: bool = False, min_swap_B: int = 64 << 10,
+                  cold_l2: bool = False) -> GraphProfiler:
+    """Measure one graph of a step that dynamo split, as :func:`profile_iteration` measures a
+    whole one (same arguments); :func:`profile_graphs` assembles the graphs' measurements.
+    Pass the step's graphs one ``registry``, so that a tensor two graphs read (a parameter,
+    the batch) is one storage."""
+    device = joint.primal_values[0].device
+    with torch.no_grad(), _preserved_rng(device), compat.real_tensor_mode(), \
+            torch.autocast(device.type, enabled=False):
+        jp, outs = _run_joint(joint, registry=registry, runs=runs, warmup=warmup, swap=swap,
+                              min_swap_B=min_swap_B, cold_l2=cold_l2)
+        del outs
+    return jp
+
+
+def profile_graphs(joints: list[JointGraph], profilers: list[GraphProfiler],
+                   optimizer: torch.optim.Optimizer | None, params: list[torch.Tensor], *,
+                   backward_order: Sequence[int], handed_on: frozenset = frozenset(),
+                   eager: Sequence[EagerMemory] = (), eager_param_B: int = 0,
+                   runs: int = 3, warmup: bool = True, cold_l2: bool = False,
+                   previous_grads: str = "freed", **_ignored) -> Profile:
+    """The profile of a step that runs as several graphs (:mod:`lightning_ac.step_graphs`):
+    the graphs' measurements (:func:`measure_joint`, in forward order) on one timeline, with
+    their backwards in ``backward_order``, eager code's memory, and ``optimizer``'s step over
+    ``params`` (traced and measured here, on shadow copies)."""
+    t_start = time.perf_counter()
+    device = params[0].device
+    opt = capture_optimizer_step(optimizer, params) if optimizer is not None else None
+    capture_s = time.perf_counter() - t_start
+    try:
+        op = None
+        if opt is not None:
+            with torch.no_grad(), _preserved_rng(device):
+                op = _run_optimizer(opt, [None] * len(opt.param_values), registry={},
+                                    runs=runs, warmup=warmup, cold_l2=cold_l2)
+        bandwidth = measure_host_device_bandwidth(device)
+        profile = _assemble(joints, profilers, opt, op, bandwidth, previous_grads,
+                            backward_order=backward_order, handed_on=handed_on, eager=eager,
+                            eager_param_B=eager_param_B)
+    finally:
+        if opt is not None:
+            opt.release()
+    profile.summary.update(device=str(device), device_name=_device_name(device),
+                           torch_version=torch.__version__, runs_per_node=runs,
+                           profile_s=round(time.perf_counter() - t_start, 3),
+                           optimizer_note=opt.note if opt else "",
+                           optimizer_capture_s=round(capture_s, 3),
+                           host_swap=any(p.swap for p in profilers),
+                           swapped_B=sum(p.swapped_B for p in profilers), cold_l2=cold_l2,
                            previous_grads=previous_grads)
     return profile
 
@@ -577,25 +655,30 @@ def _device_name(device: torch.device) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _classify(joint: JointGraph, optimizer: OptimizerGraph | None, storages: list[_Storage],
-              phase: dict[fx.Node, str]) -> None:
+def _classify(joints: list[JointGraph], optimizer: OptimizerGraph | None,
+              storages: list[_Storage], phase: dict[fx.Node, str]) -> None:
     """Give every storage a category and mark the ones that live through the iteration."""
-    role = dict(zip(joint.primals, joint.primal_roles))
+    role = {p: r for j in joints for p, r in zip(j.primals, j.primal_roles)}
     opt_params = set(optimizer.params) if optimizer else set()
+    opt_grads = set(optimizer.grads) if optimizer else set()
     opt_states = set(optimizer.states) if optimizer else set()
-    grads = set(joint.grad_of)
-    pinned = set(joint.pinned)
+    grads = {g for j in joints for g in j.grad_of}
+    pinned = {n for j in joints for n in j.pinned}
     for s in storages:
         c = s.creator
         if c.op == "placeholder":
-            if c in role:  # joint-graph primal
+            if c in role and role[c].kind == "carried":
+                s.category = "other"  # another graph's output: live until its last use here
+            elif c in role:  # joint-graph primal
                 s.persistent = True
                 s.category = "parameter" if role[c].kind == "parameter" else "other"
             elif c in opt_params:
                 s.persistent, s.mirror, s.category = True, True, "parameter"
+            elif c in opt_grads:  # gradients the joint graphs did not make (zeros stand in)
+                s.persistent, s.mirror, s.category = True, True, "gradient"
             elif c in opt_states:
                 s.persistent, s.category = True, "optimizer_state"
-            else:  # tangents; the optimizer's gradient inputs alias backward storages
+            else:  # tangents
                 s.category = "other"
         elif c in pinned:  # buffer copies, RNG states: saved for the whole step, tiny, persistent
             s.persistent, s.category = True, "other"
@@ -611,19 +694,56 @@ def _classify(joint: JointGraph, optimizer: OptimizerGraph | None, storages: lis
             s.category = "other"  # optimizer temporaries
 
 
-def _assemble(joint: JointGraph, optimizer: OptimizerGraph | None, jp: GraphProfiler,
-              op: GraphProfiler | None, bandwidth: dict[str, float] | None,
-              previous_grads: str = "freed") -> Profile:
-    profilers = [jp] + ([op] if op else [])
-    # Execution order of the iteration: forward, then backward (tangents first: the gradient of
-    # the output appears when backward starts), then the optimizer step. Forward nodes never
-    # depend on backward ones, so this is a topological order of the joint graph.
+@dataclass(frozen=True)
+class EagerMemory:
+    """Memory of a step's code that runs outside the captured graphs (between two graphs of a
+    step that dynamo split, or a module it does not trace, such as ``nn.LSTM``)."""
+
+    after_graph: int
+    """Index (forward order) of the graph the eager code runs after; -1: before the first."""
+    saved_B: int
+    """Bytes autograd saved for backward in that code (parameters and graph inputs/outputs
+    excluded: they are counted elsewhere). Live from the code until its backward, which runs
+    just before the backward of the graph it follows."""
+
+
+def _assemble(joints: list[JointGraph], profilers: list[GraphProfiler],
+              optimizer: OptimizerGraph | None, op: GraphProfiler | None,
+              bandwidth: dict[str, float] | None, previous_grads: str = "freed", *,
+              backward_order: Sequence[int] | None = None,
+              handed_on: frozenset = frozenset(), eager: Sequence[EagerMemory] = (),
+              eager_param_B: int = 0) -> Profile:
+    """The iteration's tables from the graphs' measurements.
+
+    ``joints`` are the step's graphs in the order their forwards ran (usually one); their
+    backwards run in ``backward_order`` (default: the reverse). ``handed_on`` are forward
+    outputs that a later graph takes as an input (counted there from then on); ``eager`` and
+    ``eager_param_B`` (parameters only eager code uses, and their gradients) are memory no
+    graph holds.
+    """
+    profilers = profilers + ([op] if op else [])
+    # Execution order of the iteration: every graph's forward, then each graph's backward in the
+    # order autograd ran them (its tangents first: a graph's output gradients appear when its
+    # backward starts), then the optimizer step. Forward nodes never depend on backward ones, so
+    # this is a topological order of every joint graph.
     phase: dict[fx.Node, str] = {}
-    for node in joint.graph.nodes:
-        if node.op != "output":
-            phase[node] = "backward" if joint.is_backward(node) else "forward"
-    order = [n for n in phase if phase[n] == "forward"] + joint.tangents + \
-        [n for n in phase if phase[n] == "backward" and n.op != "placeholder"]
+    for j in joints:
+        for node in j.graph.nodes:
+            if node.op != "output":
+                phase[node] = "backward" if j.is_backward(node) else "forward"
+    order = [n for j in joints for n in j.graph.nodes if phase.get(n) == "forward"]
+    fwd_end, count = {}, 0  # each graph's last forward rank
+    for j in joints:
+        count += sum(1 for n in j.graph.nodes if phase.get(n) == "forward")
+        fwd_end[j.graph] = count - 1
+    bw = list(backward_order) if backward_order is not None else []
+    bw += [k for k in reversed(range(len(joints))) if k not in bw]
+    bwd_start = {}
+    for k in bw:
+        j = joints[k]
+        bwd_start[j.graph] = len(order)
+        order += j.tangents + [n for n in j.graph.nodes
+                               if phase.get(n) == "backward" and n.op != "placeholder"]
     if optimizer is not None:
         for node in optimizer.graph.nodes:
             if node.op != "output":
@@ -637,14 +757,16 @@ def _assemble(joint: JointGraph, optimizer: OptimizerGraph | None, jp: GraphProf
     storage_of = {n: s for p in profilers for n, s in p.storage_of.items()}
     runtime = {n: t for p in profilers for n, t in p.runtime_ms.items()}
     peak_delta = {n: d for p in profilers for n, d in p.peak_delta.items()}
-    _classify(joint, optimizer, storages, phase)
-    grads = set(joint.grad_of)
+    _classify(joints, optimizer, storages, phase)
+    grads = {g for j in joints for g in j.grad_of}
 
     def last_use(n: fx.Node) -> int:
         users = [rank[u] for u in n.users if u in rank]
         if any(u.op == "output" for u in n.users):  # a graph output
             if n in grads:
                 users.append(end)  # gradients live until the optimizer has used them
+            elif n in handed_on:
+                users.append(fwd_end[n.graph])  # the next graph holds it from here
             else:
                 users.append(n_joint - 1 if phase[n] != "optimizer" else end)
         return max(users, default=rank[n])
@@ -653,6 +775,7 @@ def _assemble(joint: JointGraph, optimizer: OptimizerGraph | None, jp: GraphProf
     # last use of any node that aliases it. Persistent storages form the base under everything.
     n_nodes = len(order)
     base = {c: 0 for c in CATEGORIES}
+    base["parameter"] += eager_param_B
     created_B = np.zeros(n_nodes, dtype=np.int64)
     records = []
     for s in storages:
@@ -665,6 +788,19 @@ def _assemble(joint: JointGraph, optimizer: OptimizerGraph | None, jp: GraphProf
         records.append({"node": _representative(s), "creator": s.creator,
                         "aliases": tuple(s.aliases), "bytes": s.nbytes,
                         "category": s.category, "start": start, "stop": stop})
+    # Memory no graph node makes (it aliases no node, so the simulator never maps one to it):
+    # what eager code between graphs saves for its backward, and the gradients of parameters
+    # only eager code uses (made during backward, used by the optimizer).
+    for e in eager:
+        j = joints[e.after_graph] if e.after_graph >= 0 else None
+        start = fwd_end[j.graph] if j is not None else 0
+        stop = bwd_start[j.graph] if j is not None else n_joint - 1
+        records.append({"node": order[start], "creator": order[start], "aliases": (),
+                        "bytes": e.saved_B, "category": "other", "start": start, "stop": stop})
+    if eager_param_B:
+        records.append({"node": order[n_forward], "creator": order[n_forward], "aliases": (),
+                        "bytes": eager_param_B, "category": "gradient", "start": n_forward,
+                        "stop": end})
     if previous_grads != "freed":
         # The previous step's gradients, where the loop frees them late: same sizes as this
         # step's, live from the start of the step. They alias no node of this step (so the
@@ -708,7 +844,7 @@ def _assemble(joint: JointGraph, optimizer: OptimizerGraph | None, jp: GraphProf
 
     # Buffers may be written back in place after forward (BatchNorm's running statistics), so a
     # value rebuilt from one in backward would read the new value: such values are never dropped.
-    mutable = {p for p, r in zip(joint.primals, joint.primal_roles) if r.kind == "buffer"}
+    mutable = {p for j in joints for p, r in zip(j.primals, j.primal_roles) if r.kind == "buffer"}
     slower = min(bandwidth.values()) if bandwidth else None
     activations = _activation_table(storages, phase, rank, runtime, nodes, slower, mutable)
     peak_rank = int(nodes["peak_mem_B"].idxmax())
@@ -730,9 +866,13 @@ def _assemble(joint: JointGraph, optimizer: OptimizerGraph | None, jp: GraphProf
         # the slower direction, and each direction (the swap schedule uses these)
         "host_device_bandwidth_GBps": round(slower / 1e6, 2) if slower else None,
         **{f"{k}_GBps": round(v / 1e6, 2) for k, v in (bandwidth or {}).items()},
+        "graphs": len(joints),
+        "eager_saved_B": [int(e.saved_B) for e in eager],
+        "eager_param_B": int(eager_param_B),
     }
     return Profile(nodes=nodes, activations=activations, memory=memory, summary=summary,
-                   joint=joint, optimizer=optimizer, rank=rank, storages=table)
+                   joint=joints[0], optimizer=optimizer, rank=rank, storages=table,
+                   graphs=list(joints))
 
 
 def op_name(n: fx.Node) -> str:

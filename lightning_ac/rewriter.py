@@ -27,7 +27,7 @@ from lightning_ac.planner import Plan
 
 __all__ = ["compile_with_plan", "decode_plan", "empty_saved_tensors", "encode_plan",
            "getitems_after_their_op", "graph_fingerprint", "insert_swaps", "partition",
-           "retarget", "saved_values"]
+           "restrict", "retarget", "saved_values"]
 
 
 def saved_values(joint: JointGraph, plan: Plan) -> list[fx.Node]:
@@ -198,6 +198,18 @@ def retarget(plan: Plan, planned_on: fx.Graph, graph: fx.Graph) -> Plan:
         to_new[a] = b
 
     return dataclasses.replace(plan, **_map_nodes(vars(plan), to_new.get))
+
+
+def restrict(plan: Plan, graph: fx.Graph) -> Plan:
+    """The part of ``plan`` (made on the profile of a step of several graphs) that concerns
+    ``graph``: its nodes only. A swap whose release or prefetch point lies in another graph
+    releases at the end of this graph's forward and prefetches at its first use."""
+    def mine(x):
+        return x if x.graph is graph else None
+
+    fields = {f: [x for x in getattr(plan, f) if x.graph is graph] for f in _NODE_LISTS}
+    return dataclasses.replace(plan, **{**_map_nodes(fields | {f: getattr(plan, f)
+                                                             for f in _NODE_PAIRS}, mine)})
 
 
 _NODE_LISTS = ("recomputed", "kept", "recomputed_nodes", "swapped")

@@ -1,0 +1,375 @@
+"""A step that dynamo splits into several graphs, planned as one step.
+
+Graph breaks (a ``print`` or logger call in ``forward``, ``.item()``, data-dependent control
+flow) and modules dynamo leaves to eager (``nn.LSTM``) split a step into graphs G1..Gk with eager
+code between them. :class:`StepGraphs` keeps them as one ordered list and plans them together:
+
+1. **The capture call** (the step's first call with these input shapes). Dynamo calls the
+   shared backend once per graph (:class:`~lightning_ac.capture.GraphSlot`); each graph is
+   captured as a :class:`~lightning_ac.capture.JointGraph` at its first run, with its real inputs,
+   and measured there (:func:`~lightning_ac.profiler.measure_joint`). The plan over all graphs
+   cannot exist yet (later graphs have not run), so this call runs each graph with a provisional
+   partition: every activation saved, or, where the step may not fit un-checkpointed (CUDA with a
+   budget), every activation it can swap kept in host memory from the end of its graph's forward.
+   What eager code between graphs saves for backward is counted by autograd's saved-tensor hooks;
+   the order in which the graphs' backwards run is recorded, not assumed.
+2. **The next call** assembles the measurements into one :class:`~lightning_ac.profiler.Profile`
+   (all forwards in order, the backwards in the recorded order, eager memory, the optimizer
+   step), plans it under the budget, and compiles each graph again with its part of the plan;
+   :func:`~lightning_ac.rewriter.retarget` checks node by node that the new trace is the graph
+   that was profiled.
+
+A graph that cannot be captured (AOTAutograd fails on it) runs as dynamo traced it, and the plan
+summary says so; it is planned as eager code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from lightning_ac.capture import GraphSlot, JointGraph, aot_compile, compile_graphs, running
+from lightning_ac.planner import Plan, can_swap_value
+from lightning_ac.profiler import (EagerMemory, GraphProfiler, Profile, _tensors,
+                                   is_tensor_node, measure_joint, profile_graphs)
+from lightning_ac.report import format_bytes
+from lightning_ac.rewriter import partition, restrict, retarget
+
+log = logging.getLogger(__name__)
+
+__all__ = ["MAX_RECAPTURES", "CapturedGraph", "StepGraphs"]
+
+MAX_RECAPTURES = 3
+"""How many times a step whose graphs change after its capture call (dynamo compiled a graph
+again: a value it had specialized on changed) is captured again before the new graphs are left
+to run unplanned."""
+
+
+@dataclass(eq=False)
+class CapturedGraph:
+    """One graph of the step, in the order its forward runs."""
+
+    index: int
+    slot: GraphSlot
+    joint: JointGraph | None = None
+    """The joint graph captured and measured at the first run (None: not captured)."""
+    measured: GraphProfiler | None = None
+    compiled: Callable | None = None
+    """AOTAutograd's compiled function that runs it now."""
+    plan: Plan | None = None
+    """This graph's part of the step's plan, on :attr:`joint`."""
+    stale: bool = False
+    """The plan changed since :attr:`compiled` was made: compile again at the next run."""
+    error: str = ""
+    """Why it could not be captured (it then runs as dynamo traced it)."""
+    saved_B: int = 0
+    """Bytes the running partition's forward saves for backward (by the traced sizes)."""
+    input_ptrs: set[int] = field(default_factory=set)
+    output_ptrs: list[int] = field(default_factory=list)
+
+
+class StepGraphs:
+    """The graphs of one step (one set of input shapes) that dynamo split, planned as one step.
+
+    Call it as the step. ``make_plan(profile)`` plans the assembled profile (budget, reserve,
+    what to do when infeasible: the caller's policy); ``measure_options`` go to
+    :func:`~lightning_ac.profiler.measure_joint` and the profile.
+    """
+
+    def __init__(self, fn: Callable, module: nn.Module, optimizer: torch.optim.Optimizer | None,
+                 *, make_plan: Callable[[Profile], Plan], host_swap: bool,
+                 measure_options: dict, previous_grads: str) -> None:
+        self.fn, self.module, self.optimizer = fn, module, optimizer
+        self.make_plan = make_plan
+        self.host_swap = host_swap
+        self.measure_options = measure_options
+        self.previous_grads = previous_grads
+        self.compiled = compile_graphs(fn)
+        self.graphs: list[CapturedGraph] = []
+        self._by_slot: dict[tuple[GraphSlot, int], CapturedGraph] = {}
+        self._occurrence: dict[GraphSlot, int] = {}
+        self.backward_order: list[int] = []
+        self.eager: list[EagerMemory] = []
+        self.profile: Profile | None = None
+        self.plan: Plan | None = None
+        self.planning_s = 0.0
+        """Wall time of assembling, profiling the optimizer and planning (the second call)."""
+        self._registry: dict = {}
+        self._capturing = False
+        self._call_inputs: set[int] = set()
+        self._eager_saved: dict[int, dict[int, int]] = {}
+        self._own_ptrs: set[int] = set()
+        self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
+        self._changed = False
+        self.recaptures = 0
+        """Capture calls after the first (see :data:`MAX_RECAPTURES`)."""
+
+    # -- what it shows ------------------------------------------------------------------------
+
+    @property
+    def captured(self) -> list[CapturedGraph]:
+        return [g for g in self.graphs if g.joint is not None]
+
+    def describe(self) -> str:
+        """Which graphs were planned and what stayed eager, in a line."""
+        parts = []
+        for g in self.graphs:
+            if g.joint is None:
+                parts.append(f"graph {g.index + 1} eager ({g.error})")
+            else:
+                n = sum(1 for _ in g.joint.graph.nodes)
+                rec = len(g.plan.recomputed) if g.plan else 0
+                swp = len(g.plan.swapped) if g.plan else 0
+                parts.append(f"graph {g.index + 1}: {n} nodes, {rec} recomputed"
+                             + (f", {swp} swapped" if swp else ""))
+        eager = sum(e.saved_B for e in self.eager)
+        k = len(self.graphs)
+        return ((f"the step runs as {k} graphs planned together (" if k > 1 else
+                 "the step runs as 1 graph and eager code (") + "; ".join(parts)
+                + f"); eager code {'between them' if k > 1 else 'around it'} saves "
+                f"{format_bytes(eager)} for backward (counted in the plan)")
+
+    @property
+    def will_capture(self) -> bool:
+        """Whether the next call is a capture call (its graphs measured, run unplanned)."""
+        return not self.graphs or (self._changed and self.recaptures < MAX_RECAPTURES)
+
+    # -- running ------------------------------------------------------------------------------
+
+    def __call__(self, *args, **kwargs):
+        # one graph dynamo compiled can run several times in a step (the same block's code in
+        # each layer): each run is a graph of the step of its own
+        self._occurrence = {}
+        if self.graphs and self.will_capture:
+            self._forget()
+            self.recaptures += 1
+        if self.profile is None and self.graphs and not self._capturing:
+            self.finalize()
+        if self.graphs:
+            with running(self):
+                return self.compiled(*args, **kwargs)
+        return self._capture_call(args, kwargs)
+
+    def _forget(self) -> None:
+        """Drop the graphs, measurements and plan (their step changed): capture again."""
+        log.info("the step's graphs changed after it was planned; capturing it again")
+        self.graphs, self._by_slot, self.backward_order, self.eager = [], {}, [], []
+        self.profile = self.plan = None
+        self._registry, self._eager_saved, self._changed = {}, {}, False
+
+    def _capture_call(self, args, kwargs):
+        """The first call: graphs are captured and measured as they run; eager code's saved
+        tensors are counted."""
+        self._capturing = True
+        self._call_inputs = {id(t) for t in _tensors([*args, *kwargs.values()])}
+        self._own_ptrs = {t.untyped_storage().data_ptr()
+                          for t in [*self.module.parameters(), *self.module.buffers()]}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+        try:
+            with running(self), self._hooks:
+                return self.compiled(*args, **kwargs)
+        finally:
+            self._hooks = None
+            self._capturing = False
+            self._call_inputs = set()
+
+    def run_graph(self, slot: GraphSlot, args: list):
+        """Run one graph of the step (called by its :class:`GraphSlot`)."""
+        k = self._occurrence.get(slot, 0)
+        self._occurrence[slot] = k + 1
+        g = self._by_slot.get((slot, k))
+        if g is None:
+            if not self._capturing:
+                # dynamo compiled a graph the capture call did not see (it specialized on a
+                # value that changed, or the code took another path): it runs as traced, and
+                # the next call captures the step again
+                if not self._changed:
+                    log.info("graph %d of the step is new since the capture call; it runs "
+                             "unplanned", sum(self._occurrence.values()))
+                self._changed = True
+                return slot.gm(*args)
+            g = CapturedGraph(index=len(self.graphs), slot=slot)
+            self.graphs.append(g)
+            self._by_slot[slot, k] = g
+            with self._paused_hooks():
+                self._capture(g, args)
+        elif g.stale and g.joint is not None:
+            with self._paused_hooks():
+                self._recompile(g, args)
+        if g.compiled is None:
+            return slot.gm(*args)
+        if self._capturing:
+            g.input_ptrs = {t.untyped_storage().data_ptr() for t in _tensors(args)}
+        with self._paused_hooks():
+            out = g.compiled(*args)
+        if self._capturing:
+            g.output_ptrs = [t.untyped_storage().data_ptr() for t in _tensors(out)]
+        return out
+
+    @contextlib.contextmanager
+    def _paused_hooks(self):
+        """Graphs save through AOTAutograd, which the profile counts: the eager-memory hooks
+        stay off while one is compiled or runs."""
+        hooks = self._hooks
+        if hooks is None:
+            yield
+            return
+        hooks.__exit__(None, None, None)
+        try:
+            yield
+        finally:
+            hooks.__enter__()
+
+    def _pack(self, t: torch.Tensor):
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if ptr and ptr not in self._own_ptrs:
+            nbytes = st.nbytes()
+            if t.is_cuda:
+                nbytes = -(-nbytes // 512) * 512
+            self._eager_saved.setdefault(len(self.graphs) - 1, {})[ptr] = nbytes
+        return t
+
+    # -- capture and compile ------------------------------------------------------------------
+
+    def _capture(self, g: CapturedGraph, args: list) -> None:
+        def first_partition(joint: JointGraph):
+            g.joint = joint
+            g.measured = measure_joint(joint, registry=self._registry,
+                                       swap=self.host_swap, **self.measure_options)
+            joint.primal_values = [v if r.kind == "parameter" else None
+                                   for v, r in zip(joint.primal_values, joint.primal_roles)]
+            return _partition(g, joint, _provisional_plan(joint, g.measured, self.host_swap))
+
+        if not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            g.error = "no input requires a gradient"
+            return
+        try:
+            g.compiled = aot_compile(g.slot.gm, args, self.module, first_partition,
+                                     call_inputs=self._call_inputs,
+                                     on_backward=lambda i=g.index: self._backward_ran(i))
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:  # this graph stays as dynamo traced it
+            g.joint, g.measured, g.compiled = None, None, None
+            g.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:120]}"
+            log.info("graph %d of the step could not be captured: %s", g.index + 1, g.error)
+        if g.compiled is not None and g.joint is None:
+            g.error = "nothing in it needs a gradient"  # AOTAutograd compiled it for inference
+
+    def _recompile(self, g: CapturedGraph, args: list) -> None:
+        planned_on, part = g.joint.graph, g.plan
+        g.compiled = aot_compile(g.slot.gm, args, self.module,
+                                 lambda joint: _partition(g, joint, retarget(part, planned_on,
+                                                                             joint.graph)))
+        g.stale = False
+
+    def _backward_ran(self, index: int) -> None:
+        if self.profile is None and index not in self.backward_order:
+            self.backward_order.append(index)
+
+    # -- planning -----------------------------------------------------------------------------
+
+    def finalize(self) -> None:
+        """Assemble the graphs' measurements into the step's profile, plan it, and mark each
+        graph to be compiled again with its part of the plan."""
+        t0 = time.perf_counter()
+        captured = self.captured
+        if not captured:
+            raise RuntimeError("no graph of the step could be captured")
+        self.eager = self._eager_memory()
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        in_graphs = {id(v) for g in captured for v in g.joint.primal_values if v is not None}
+        eager_param_B = sum(_nbytes(p) for p in params if id(p) not in in_graphs)
+        order = [i for i in self.backward_order]
+        position = {g.index: k for k, g in enumerate(captured)}
+        self.profile = profile_graphs(
+            [g.joint for g in captured], [g.measured for g in captured], self.optimizer, params,
+            backward_order=[position[i] for i in order if i in position],
+            handed_on=self._handed_on(), eager=self.eager, eager_param_B=eager_param_B,
+            previous_grads=self.previous_grads, **self.measure_options)
+        for g in captured:
+            g.measured = None  # the profile has what it measured
+        self.use(self.make_plan(self.profile))
+        self.planning_s = time.perf_counter() - t0
+
+    def use(self, plan: Plan) -> None:
+        """Run ``plan`` (made on :attr:`profile`) from the next call on."""
+        self.plan = plan
+        for g in self.captured:
+            g.plan = restrict(plan, g.joint.graph)
+            g.stale = True
+
+    def _eager_memory(self) -> list[EagerMemory]:
+        """What eager code saved for backward, per region, less what graphs hold (their inputs
+        and outputs are counted with the graphs)."""
+        counted = {p for g in self.graphs for p in [*g.input_ptrs, *g.output_ptrs]}
+        position = {g.index: k for k, g in enumerate(self.captured)}
+        out = []
+        for after, saved in sorted(self._eager_saved.items()):
+            nbytes = sum(b for p, b in saved.items() if p not in counted)
+            # eager code after a graph that was not captured belongs with the last captured one
+            k = max((position[i] for i in position if i <= after), default=-1)
+            if nbytes:
+                out.append(EagerMemory(after_graph=k, saved_B=nbytes))
+        return out
+
+    def _handed_on(self) -> frozenset:
+        """Forward outputs of a graph that a later graph takes as an input."""
+        later_inputs: set[int] = set()
+        out = set()
+        for g in reversed(self.graphs):
+            if g.joint is not None:
+                outputs = g.joint.outputs()[:len(g.output_ptrs)]
+                for node, ptr in zip(outputs, g.output_ptrs):
+                    if isinstance(node, fx.Node) and ptr in later_inputs:
+                        out.add(node)
+            later_inputs |= g.input_ptrs
+        return frozenset(out)
+
+
+def _partition(g: CapturedGraph, joint: JointGraph, plan: Plan):
+    fwd, bwd = partition(joint, plan)
+    (out,) = fwd.graph.find_nodes(op="output")
+    g.saved_B = sum(_value_bytes(n) for n in out.args[0][joint.num_fwd_outputs:]
+                    if isinstance(n, fx.Node))
+    return fwd, bwd
+
+
+def _value_bytes(n: fx.Node) -> int:
+    val = n.meta.get("val")
+    return val.numel() * val.element_size() if isinstance(val, torch.Tensor) else 0
+
+
+def _provisional_plan(joint: JointGraph, measured: GraphProfiler, swap: bool) -> Plan:
+    """The capture call's partition of one graph: every activation saved; with ``swap``, each
+    one that can be kept in host memory until backward is (the step's plan does not exist yet,
+    and the un-checkpointed step may not fit)."""
+    kept = [n for n in joint.graph.nodes
+            if n.op == "call_function" and not joint.is_backward(n) and is_tensor_node(n)
+            and any(joint.is_backward(u) for u in n.users)]
+    swapped = []
+    if swap:
+        for n in kept:
+            storages = measured.storage_of.get(n, [])
+            if len(storages) == 1 and storages[0].creator is n and not storages[0].persistent \
+                    and can_swap_value(n, storages[0].nbytes):
+                swapped.append(n)
+    return Plan(budget_B=None, baseline_peak_B=0, predicted_peak_B=0, predicted_extra_ms=0.0,
+                stop_reason="capture call", kept=kept, swapped=swapped)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    n = t.untyped_storage().nbytes()
+    return -(-n // 512) * 512 if t.is_cuda else n
+
+
+def _unpack(t: torch.Tensor) -> torch.Tensor:
+    return t

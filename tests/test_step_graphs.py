@@ -1,0 +1,153 @@
+"""A step that dynamo splits into several graphs is planned as one step (lightning_ac.step_graphs)."""
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_ac import State, auto_checkpoint
+from lightning_ac.measure import saved_tensor_bytes
+
+log = logging.getLogger("a_user_model")
+
+
+class Block(nn.Module):
+    def __init__(self, d=64):
+        super().__init__()
+        self.up, self.down = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        return x + self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+class Broken(nn.Module):
+    """Two stacks of blocks with something dynamo cannot trace between them."""
+
+    def __init__(self, brk: str, d=64):
+        super().__init__()
+        self.brk = brk
+        self.first = nn.Sequential(*[Block(d) for _ in range(3)])
+        self.second = nn.Sequential(*[Block(d) for _ in range(3)])
+        self.lstm = nn.LSTM(d, d, batch_first=True) if brk == "lstm" else None
+
+    def forward(self, x):
+        h = self.first(x)
+        if self.brk == "print":
+            print("between the stacks", end="\r")
+        elif self.brk == "item" and (h.abs().mean() > 1e-9).item():  # data-dependent branch
+            h = h * 1.0
+        elif self.brk == "logger":
+            log.warning("between the stacks")
+        elif self.brk == "lstm":
+            h, _ = self.lstm(h)
+        return self.second(h).pow(2).mean()
+
+
+def _midway(profile):
+    """A budget halfway between the step's floor-ish and its un-checkpointed peak."""
+    return int(profile.peak_bytes - 0.5 * profile.summary["activation_B"])
+
+
+def _train(model, step, x, opt, steps):
+    losses = []
+    for _ in range(steps):
+        loss = step(x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("brk", ["print", "item", "logger"])
+def test_a_step_with_a_break_is_planned_across_it(brk):
+    torch.manual_seed(0)
+    model = Broken(brk)
+    ref = copy.deepcopy(model)
+    x = torch.randn(4, 32, 64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    ac = auto_checkpoint(model, opt, budget=_midway)
+    losses = _train(model, model, x, opt, 1)  # the capture call: graphs measured, not planned
+    graphs = ac.last.graphs
+    assert graphs is not None and len(graphs.captured) == 2
+    provisional = [g.saved_B for g in graphs.captured]
+    losses += _train(model, model, x, opt, 3)
+    assert ac.state is State.ACTIVE and ac.plan.stop_reason == "fits"
+    assert ac.profile.summary["graphs"] == 2
+    planned = [g.saved_B for g in graphs.captured]
+    # both sides of the break recompute something and save less than un-checkpointed
+    assert all(g.plan.recomputed for g in graphs.captured)
+    assert all(p < q for p, q in zip(planned, provisional)), (planned, provisional)
+    assert ac.plan.predicted_peak_B <= ac.plan.budget_B < ac.plan.baseline_peak_B
+    assert "2 graphs planned together" in ac.summary()
+
+    ref_losses = _train(ref, ref, x, ref_opt, 4)
+    assert losses == pytest.approx(ref_losses, rel=1e-6)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+    # the whole step saves less than the same model un-checkpointed
+    _, saved = saved_tensor_bytes(model, [x], exclude=list(model.parameters()))
+    _, ref_saved = saved_tensor_bytes(ref, [x], exclude=list(ref.parameters()))
+    assert saved < ref_saved
+
+
+def test_eager_code_between_graphs_is_counted():
+    """nn.LSTM runs eagerly between two graphs: what it saves for backward and its parameters'
+    memory are in the profile, and the plan still covers both graphs."""
+    torch.manual_seed(0)
+    model = Broken("lstm")
+    x = torch.randn(4, 32, 64)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    ac = auto_checkpoint(model, opt, budget=_midway)
+    _train(model, model, x, opt, 3)
+    assert ac.state is State.ACTIVE and len(ac.last.graphs.captured) >= 2
+    summary = ac.profile.summary
+    lstm_params = sum(p.numel() * p.element_size() for p in model.lstm.parameters())
+    assert summary["eager_param_B"] == lstm_params
+    # what the LSTM saves, measured on its own, less its input and output: the first graph's
+    # output and the next graph's input, counted with those graphs
+    h = torch.randn(4, 32, 64, requires_grad=True)
+    _, lstm_saved = saved_tensor_bytes(lambda t: model.lstm(t)[0].sum(), [h],
+                                       exclude=[h, *model.lstm.parameters()])
+    lstm_saved -= h.numel() * h.element_size()  # its output, the size of its input here
+    assert sum(summary["eager_saved_B"]) == pytest.approx(lstm_saved, rel=0.05)
+    # eager memory sits under the plan: the profile's peak counts it
+    assert ac.plan.baseline_peak_B > ac.profile.persistent_B + lstm_params + lstm_saved
+
+
+def test_twenty_fits_in_one_process_all_plan_and_keep_the_users_compiled_functions():
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(1)
+        return gm.forward
+
+    @torch.compile(backend=counting_backend)
+    def users_own(t):
+        return torch.sin(t) * 2
+
+    users_own(torch.randn(8))
+    x = torch.randn(4, 32, 64)
+    for fit in range(20):
+        model = Broken("print")
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        ac = auto_checkpoint(model, opt, budget=_midway)
+        _train(model, model, x, opt, 2)
+        assert ac.state is State.ACTIVE, f"fit {fit}: {ac.summary()}"
+        assert len(ac.last.graphs.captured) == 2 and ac.plan.recomputed, f"fit {fit}"
+        ac.remove()
+    users_own(torch.randn(8))
+    assert len(compiles) == 1  # not evicted, not recompiled
+
+
+def test_a_step_that_is_one_graph_still_plans_on_its_first_call():
+    torch.manual_seed(0)
+    model = Broken("none")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    ac = auto_checkpoint(model, opt, budget=_midway)
+    _train(model, model, torch.randn(4, 32, 64), opt, 1)
+    assert ac.last.graphs is None and ac.state is State.ACTIVE and ac.plan.recomputed
