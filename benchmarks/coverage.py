@@ -317,8 +317,8 @@ def run_model(name: str, family: str, make: Callable[[int], Workload], batch: in
             warnings.simplefilter("always")
             run = _steps(ac, w, opt, steps, ac)
     except Exception as exc:
-        return {**row, "reason": f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
-                "traceback": traceback.format_exc()[-800:]}
+        return {**row, "reason": f"{type(exc).__name__}: {exc}"[:600].replace("\n", " "),
+                "traceback": traceback.format_exc()[-1500:]}
     said = [str(c.message) for c in caught if "MuTwoAC" in str(c.message)]
     engaged = ac.state is State.ACTIVE and ac.plan is not None
     graphs = ac.last.graphs if ac.last is not None else None
@@ -409,6 +409,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         _write(pd.DataFrame(rows), args.out, stem)  # so far: a run cut short keeps its rows
         print(f"{name:24s} {'engaged' if rows[-1]['engaged'] else 'NOT engaged':12s} "
               f"{time.perf_counter() - t0:6.1f} s  {rows[-1]['reason'][:100]}", flush=True)
+        if rows[-1].get("traceback"):
+            print(rows[-1]["traceback"], flush=True)
         print({k: rows[-1].get(k) for k in ("graphs", "budget_B", "measured_peak_B",
                                             "steps_over_budget", "replans", "step_ms",
                                             "step_ms_no_ac", "max_rel_loss_diff")}, flush=True)

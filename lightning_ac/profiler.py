@@ -571,7 +571,8 @@ def measure_joint(joint: JointGraph, *, registry: dict, runs: int = 3, warmup: b
 
 def profile_graphs(joints: list[JointGraph], profilers: list[GraphProfiler],
                    optimizer: torch.optim.Optimizer | None, params: list[torch.Tensor], *,
-                   backward_order: Sequence[int], handed_on: frozenset = frozenset(),
+                   backward_order: Sequence[int],
+                   handed_on: Sequence[tuple[fx.Node, fx.Node]] = (),
                    eager: Sequence[EagerMemory] = (), eager_param_B: int = 0,
                    runs: int = 3, warmup: bool = True, cold_l2: bool = False,
                    previous_grads: str = "freed", **_ignored) -> Profile:
@@ -711,13 +712,14 @@ def _assemble(joints: list[JointGraph], profilers: list[GraphProfiler],
               optimizer: OptimizerGraph | None, op: GraphProfiler | None,
               bandwidth: dict[str, float] | None, previous_grads: str = "freed", *,
               backward_order: Sequence[int] | None = None,
-              handed_on: frozenset = frozenset(), eager: Sequence[EagerMemory] = (),
-              eager_param_B: int = 0) -> Profile:
+              handed_on: Sequence[tuple[fx.Node, fx.Node]] = (),
+              eager: Sequence[EagerMemory] = (), eager_param_B: int = 0) -> Profile:
     """The iteration's tables from the graphs' measurements.
 
     ``joints`` are the step's graphs in the order their forwards ran (usually one); their
-    backwards run in ``backward_order`` (default: the reverse). ``handed_on`` are forward
-    outputs that a later graph takes as an input (counted there from then on); ``eager`` and
+    backwards run in ``backward_order`` (default: the reverse). ``handed_on`` pairs a forward
+    output with the input of a later graph that is the same tensor: one storage, live until the
+    last use of either, and no candidate to drop or swap (the later graph holds it); ``eager`` and
     ``eager_param_B`` (parameters only eager code uses, and their gradients) are memory no
     graph holds.
     """
@@ -759,14 +761,22 @@ def _assemble(joints: list[JointGraph], profilers: list[GraphProfiler],
     peak_delta = {n: d for p in profilers for n, d in p.peak_delta.items()}
     _classify(joints, optimizer, storages, phase)
     grads = {g for j in joints for g in j.grad_of}
+    handed = set()
+    for out, inp in handed_on:
+        mine, theirs = storage_of.get(out, []), storage_of.get(inp, [])
+        if len(mine) == 1 and len(theirs) == 1 and mine[0] is not theirs[0]:
+            mine[0].aliases += [a for a in theirs[0].aliases if a not in mine[0].aliases]
+            theirs[0].persistent = theirs[0].mirror = True  # counted in mine
+            mine[0].category = "other"
+            handed.add(out)
 
     def last_use(n: fx.Node) -> int:
         users = [rank[u] for u in n.users if u in rank]
         if any(u.op == "output" for u in n.users):  # a graph output
             if n in grads:
                 users.append(end)  # gradients live until the optimizer has used them
-            elif n in handed_on:
-                users.append(fwd_end[n.graph])  # the next graph holds it from here
+            elif n in handed:
+                pass  # the later graph's uses (its aliases) say how long it lives
             else:
                 users.append(n_joint - 1 if phase[n] != "optimizer" else end)
         return max(users, default=rank[n])

@@ -67,7 +67,7 @@ def partition(joint: JointGraph, plan: Plan) -> tuple[fx.GraphModule, fx.GraphMo
         getitems_after_their_op(bwd)
     use_replays(bwd)  # random ops backward re-runs draw what forward drew
     if plan.swapped:
-        insert_swaps(fwd, bwd, plan, joint.graph)
+        insert_swaps(fwd, bwd, plan, joint.graph, joint.num_fwd_outputs)
     return compat.use_boxed_calling_convention(fwd), compat.use_boxed_calling_convention(bwd)
 
 
@@ -84,7 +84,8 @@ def _aliases_in(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
     return out
 
 
-def insert_swaps(fwd: fx.GraphModule, bwd: fx.GraphModule, plan: Plan, joint: fx.Graph) -> int:
+def insert_swaps(fwd: fx.GraphModule, bwd: fx.GraphModule, plan: Plan, joint: fx.Graph,
+                 num_fwd_outputs: int = 0) -> int:
     """Keep ``plan.swapped`` activations in host memory between forward and backward.
 
     Forward calls :func:`~lightning_ac.swapping.swap_out` after the last use of the activation
@@ -95,8 +96,9 @@ def insert_swaps(fwd: fx.GraphModule, bwd: fx.GraphModule, plan: Plan, joint: fx
     :func:`~lightning_ac.swapping.swap_in` before the node the plan says (or before the first
     use, if reordering put that earlier) and :func:`~lightning_ac.swapping.swap_wait` just before
     the first use. Nodes match across the joint, forward and backward graphs by name (the
-    partition keeps names). The slots (events, host buffers) live as long as either graph.
-    Returns how many activations it swapped.
+    partition keeps names). A value the forward also returns (its first ``num_fwd_outputs``
+    outputs) is not swapped: its caller holds it on the device anyway. The slots (events, host
+    buffers) live as long as either graph. Returns how many activations it swapped.
     """
     from lightning_ac import swapping
 
@@ -106,6 +108,7 @@ def insert_swaps(fwd: fx.GraphModule, bwd: fx.GraphModule, plan: Plan, joint: fx
     j_pos = {n.name: i for i, n in enumerate(joint.nodes)}
     f_by_joint = sorted((j_pos[n.name], n) for n in fwd.graph.nodes
                         if n.name in j_pos and n.op != "placeholder")
+    returned = set(f_out.args[0][:num_fwd_outputs])
     slots = swapping.SlotGroup(len(plan.swapped))
     fwd.swap_slots = bwd.swap_slots = slots
     done = 0
@@ -113,8 +116,8 @@ def insert_swaps(fwd: fx.GraphModule, bwd: fx.GraphModule, plan: Plan, joint: fx
     for x, slot in zip(plan.swapped, slots.ids):
         src, held = fnodes.get(x.name), bnodes.get(x.name)
         if src is None or held is None or held.op != "placeholder" or not held.users \
-                or src not in f_out.all_input_nodes:
-            continue  # not saved as planned: nothing to swap
+                or src not in f_out.all_input_nodes or src in returned:
+            continue  # not saved as planned, or returned as well: nothing to swap
         val = src.meta.get("val")
         f_pos = {n: i for i, n in enumerate(fwd.graph.nodes)}  # (grows with each swap)
         last = max((u for a in _aliases_in(fwd, src) for u in a.users if u.op != "output"),

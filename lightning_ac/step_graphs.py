@@ -71,8 +71,10 @@ class CapturedGraph:
     """Why it could not be captured (it then runs as dynamo traced it)."""
     saved_B: int = 0
     """Bytes the running partition's forward saves for backward (by the traced sizes)."""
-    input_ptrs: set[int] = field(default_factory=set)
-    output_ptrs: list[int] = field(default_factory=list)
+    input_ptrs: list[int] = field(default_factory=list)
+    """Storage addresses of its tensor inputs in the capture call, in order (its primals')."""
+    outputs: list[tuple[int, tuple]] = field(default_factory=list)
+    """Storage address and shape of each tensor it returned in the capture call."""
 
 
 class StepGraphs:
@@ -206,11 +208,11 @@ class StepGraphs:
         if g.compiled is None:
             return slot.gm(*args)
         if self._capturing:
-            g.input_ptrs = {t.untyped_storage().data_ptr() for t in _tensors(args)}
+            g.input_ptrs = [t.untyped_storage().data_ptr() for t in _tensors(args)]
         with self._paused_hooks():
             out = g.compiled(*args)
         if self._capturing:
-            g.output_ptrs = [t.untyped_storage().data_ptr() for t in _tensors(out)]
+            g.outputs = [(t.untyped_storage().data_ptr(), tuple(t.shape)) for t in _tensors(out)]
         return out
 
     @contextlib.contextmanager
@@ -310,7 +312,7 @@ class StepGraphs:
     def _eager_memory(self) -> list[EagerMemory]:
         """What eager code saved for backward, per region, less what graphs hold (their inputs
         and outputs are counted with the graphs)."""
-        counted = {p for g in self.graphs for p in [*g.input_ptrs, *g.output_ptrs]}
+        counted = {p for g in self.graphs for p in [*g.input_ptrs, *(p for p, _ in g.outputs)]}
         position = {g.index: k for k, g in enumerate(self.captured)}
         out = []
         for after, saved in sorted(self._eager_saved.items()):
@@ -321,18 +323,23 @@ class StepGraphs:
                 out.append(EagerMemory(after_graph=k, saved_B=nbytes))
         return out
 
-    def _handed_on(self) -> frozenset:
-        """Forward outputs of a graph that a later graph takes as an input."""
-        later_inputs: set[int] = set()
-        out = set()
-        for g in reversed(self.graphs):
-            if g.joint is not None:
-                outputs = g.joint.outputs()[:len(g.output_ptrs)]
-                for node, ptr in zip(outputs, g.output_ptrs):
-                    if isinstance(node, fx.Node) and ptr in later_inputs:
-                        out.add(node)
-            later_inputs |= g.input_ptrs
-        return frozenset(out)
+    def _handed_on(self) -> list[tuple[fx.Node, fx.Node]]:
+        """(output of a graph, input of a later graph) pairs that are the same tensor in the
+        capture call: one storage, which the profile counts once."""
+        made: dict[int, fx.Node] = {}  # storage address -> the forward output that made it
+        pairs = []
+        for g in self.captured:
+            for ptr, primal in zip(g.input_ptrs, g.joint.primals):
+                if ptr in made:
+                    pairs.append((made[ptr], primal))
+            # the compiled function returns the user outputs, which AOTAutograd puts last among
+            # the joint graph's forward outputs (after updated buffers); shapes must agree
+            fwd_outputs = g.joint.outputs()[:g.joint.num_fwd_outputs]
+            for (ptr, shape), node in zip(reversed(g.outputs), reversed(fwd_outputs)):
+                val = node.meta.get("val") if isinstance(node, fx.Node) else None
+                if isinstance(val, torch.Tensor) and tuple(val.shape) == shape:
+                    made.setdefault(ptr, node)
+        return pairs
 
 
 def _partition(g: CapturedGraph, joint: JointGraph, plan: Plan):

@@ -234,9 +234,9 @@ def _swapping(w, bandwidth_GBps, budget_of, swap_host_ms=0.0, edit=None):
             edit(made["plan"])
         return made["plan"]
 
-    def spy(fwd, bwd, p, joint):
+    def spy(fwd, bwd, p, joint, *args):
         graphs.update(fwd=fwd, bwd=bwd)
-        return real(fwd, bwd, p, joint)
+        return real(fwd, bwd, p, joint, *args)
 
     real = rewriter.insert_swaps
     with mock.patch.object(planner, "MIN_SWAP_B", 0), \
