@@ -361,8 +361,8 @@ def to_markdown(df: pd.DataFrame) -> str:
              "step vs no AC | loss diff | why not, or what split the step |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in df.itertuples():
-        peak = cell(r, "measured_peak_B", lambda v: f"{v / r.budget_B:.2f}")
-        over = cell(r, "step_ms", lambda v: f"{v / r.step_ms_no_ac:.2f}x")
+        peak = cell(r, "measured_peak_B", lambda v, r=r: f"{v / r.budget_B:.2f}")
+        over = cell(r, "step_ms", lambda v, r=r: f"{v / r.step_ms_no_ac:.2f}x")
         why = r.reason if r.reason else getattr(r, "split_by", "")
         why = "" if not isinstance(why, str) else why.replace("|", "/").replace("\n", " ")[:140]
         lines.append(
@@ -390,8 +390,15 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                     help="GPU mode: realistic sizes (GPU_MODELS), budget a share of each "
                          "model's measured un-checkpointed peak")
     ap.add_argument("--budget-share", type=float, default=0.6, help="GPU mode's budget share")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="torch.use_deterministic_algorithms(True), so that the losses with and "
+                         "without AC can be compared exactly (set CUBLAS_WORKSPACE_CONFIG=:4096:8 "
+                         "too)")
     ap.add_argument("--out", type=Path, default=Path("reports/coverage"))
     args = ap.parse_args(argv)
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     pool = GPU_MODELS if args.gpu else [(*m, args.batch_size) for m in MODELS]
     chosen = [m for m in pool if args.only is None or m[0] in args.only]
     if args.only and len(chosen) != len(args.only):

@@ -37,8 +37,15 @@ from torch import nn
 
 from lightning_ac.capture import GraphSlot, JointGraph, aot_compile, compile_graphs, running
 from lightning_ac.planner import Plan, can_swap_value
-from lightning_ac.profiler import (EagerMemory, GraphProfiler, Profile, _tensors,
-                                   is_tensor_node, measure_joint, profile_graphs)
+from lightning_ac.profiler import (
+    EagerMemory,
+    GraphProfiler,
+    Profile,
+    _tensors,
+    is_tensor_node,
+    measure_joint,
+    profile_graphs,
+)
 from lightning_ac.report import format_bytes
 from lightning_ac.rewriter import partition, restrict, retarget
 

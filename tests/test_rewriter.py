@@ -393,3 +393,33 @@ def test_a_plan_moves_to_a_retrace_of_the_same_step_and_not_to_another_shapes():
     other = make_workload("tiny-bert", 8, seq_len=16)
     with pytest.raises(CaptureError, match="differs from the planned one at node"):
         retarget(p, first.graph, capture_joint(other.loss, other.inputs, other.model).graph)
+
+
+def test_a_value_the_forward_also_returns_is_not_swapped():
+    """A swap frees nothing when the caller holds the value too (a graph's output that the next
+    graph of a split step takes in): the forward returns it as it is, and only values that are
+    saved alone are swapped."""
+    from types import SimpleNamespace
+
+    from lightning_ac import swapping
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 64)
+
+    def step(x):
+        h = lin(x).relu()  # returned, and saved for relu's and mul's backward
+        return (h * h).sum(), h
+
+    def swap_everything_kept(p):
+        p.swapped = [n for n in p.kept if n.meta["val"].numel() > 64]
+
+    w = SimpleNamespace(loss=step, model=lin)
+    with _swapping(w, 0.1, lambda prof: prof.peak_bytes, swap_host_ms=-float("inf"),
+                   edit=swap_everything_kept) as (compiled, made, graphs):
+        x = torch.randn(32, 64)
+        loss, h = compiled(x)
+    assert any(n.name.startswith("relu") for n in made["plan"].swapped)
+    out = graphs["fwd"].graph.output_node().args[0]
+    returned = [n for n in out[:2] if isinstance(n, torch.fx.Node)]
+    assert returned and not any(n.target is swapping.swap_out for n in returned)
+    torch.testing.assert_close(h, lin(x).relu())

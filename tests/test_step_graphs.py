@@ -151,3 +151,13 @@ def test_a_step_that_is_one_graph_still_plans_on_its_first_call():
     ac = auto_checkpoint(model, opt, budget=_midway)
     _train(model, model, torch.randn(4, 32, 64), opt, 1)
     assert ac.last.graphs is None and ac.state is State.ACTIVE and ac.plan.recomputed
+
+
+def test_the_graph_breaks_benchmark_plans_each_split(tmp_path):
+    from benchmarks import graph_breaks
+
+    df = graph_breaks.main(["--dim", "32", "--blocks", "4", "--batch-size", "16", "--seq-len", "64",
+                            "--graphs", "1", "2", "--steps", "4", "--out", str(tmp_path)])
+    assert list(df.graphs) == [1, 2] and list(df.planning_calls) == [1, 2]
+    assert (df.max_rel_loss_diff <= 1e-6).all() and (df.saved_B < df.saved_B_no_ac).all()
+    assert (tmp_path / "graph_breaks.csv").exists() and "planning_vs_one_graph" in df
