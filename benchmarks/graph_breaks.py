@@ -76,6 +76,17 @@ class _Stack(nn.Module):
         return nn.functional.cross_entropy(self.head(x.mean(1)), y)
 
 
+def _train_step(model, opt, x, y, times: list[float]) -> float:
+    """One step; appends its wall time to ``times``; returns the loss."""
+    opt.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    loss = model(x, y)
+    loss.backward()
+    opt.step()
+    times.append(time.perf_counter() - t0)
+    return loss.item()
+
+
 def run(dim: int, blocks: int, batch: int, seq: int, graphs: list[int], steps: int) -> pd.DataFrame:
     torch.manual_seed(0)
     base = _Stack(dim, blocks)
@@ -98,21 +109,9 @@ def run(dim: int, blocks: int, batch: int, seq: int, graphs: list[int], steps: i
                              previous_grads="freed")
         times, planning, losses, ref_losses, ref_times = [], [], [], [], []
         for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            t0 = time.perf_counter()
-            loss = model(x, y)
-            loss.backward()
-            opt.step()
-            times.append(time.perf_counter() - t0)
+            for m, o, t, ls in ((model, opt, times, losses), (ref, ref_opt, ref_times, ref_losses)):
+                ls.append(_train_step(m, o, x, y, t))
             planning.append(ac.planned_last_call)
-            losses.append(loss.item())
-            ref_opt.zero_grad(set_to_none=True)
-            t0 = time.perf_counter()
-            r = ref(x, y)
-            r.backward()
-            ref_opt.step()
-            ref_times.append(time.perf_counter() - t0)
-            ref_losses.append(r.item())
         budget = ac.plan.budget_B
         steady = statistics.median(t for t, p in zip(times, planning) if not p)
         _, saved = saved_tensor_bytes(model, [x, y], exclude=list(model.parameters()))

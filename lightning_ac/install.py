@@ -234,8 +234,8 @@ class AutoCheckpoint:
         the step cannot be captured."""
         if self._disabled:
             return State.OFF
-        if self.last is None:
-            return State.PLANNING
+        if self.last is None or self.last.plan is None:
+            return State.PLANNING  # (or a step of several graphs between capture and plan)
         return State.ACTIVE if self.last.compiled is not None else State.OFF
 
     @property

@@ -9,6 +9,7 @@ from torch import nn
 
 from lightning_ac import State, auto_checkpoint
 from lightning_ac.measure import saved_tensor_bytes
+from lightning_ac.step_graphs import MAX_RECAPTURES
 
 log = logging.getLogger("a_user_model")
 
@@ -40,6 +41,8 @@ class Broken(nn.Module):
             h = h * 1.0
         elif self.brk == "logger":
             log.warning("between the stacks")
+        elif self.brk == "float" and h.abs().mean().item() > 1e-9:  # dynamo specialises on it
+            h = h * 1.0
         elif self.brk == "lstm":
             h, _ = self.lstm(h)
         return self.second(h).pow(2).mean()
@@ -161,3 +164,35 @@ def test_the_graph_breaks_benchmark_plans_each_split(tmp_path):
     assert list(df.graphs) == [1, 2] and list(df.planning_calls) == [1, 2]
     assert (df.max_rel_loss_diff <= 1e-6).all() and (df.saved_B < df.saved_B_no_ac).all()
     assert (tmp_path / "graph_breaks.csv").exists() and "planning_vs_one_graph" in df
+
+
+def test_a_measured_excess_replans_every_graph_lower():
+    torch.manual_seed(0)
+    model = Broken("print")
+    x = torch.randn(4, 32, 64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    ac = auto_checkpoint(model, opt, budget=_midway)
+    _train(model, model, x, opt, 1)
+    assert ac.state is State.PLANNING and ac.plan is None  # captured, not planned yet
+    _train(model, model, x, opt, 2)
+    first, saved = ac.plan, [g.saved_B for g in ac.last.graphs.captured]
+    assert ac.observe_peak(first.budget_B + first.budget_B // 10)  # 10% over: plan again
+    _train(model, model, x, opt, 1)
+    assert ac.replans == 1 and ac.plan.predicted_peak_B < first.predicted_peak_B
+    assert sum(g.saved_B for g in ac.last.graphs.captured) < sum(saved)
+
+
+def test_a_step_whose_graphs_change_is_captured_again_a_bounded_number_of_times():
+    """The graph after the break specialises on a float that changes every step: each planned
+    call meets a graph it did not capture, runs it unplanned, and captures the step again at
+    the next call, at most MAX_RECAPTURES times; training is eager's throughout."""
+    torch.manual_seed(0)
+    model = Broken("float")
+    ref = copy.deepcopy(model)
+    x = torch.randn(4, 32, 64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    ac = auto_checkpoint(model, opt, budget=_midway)
+    losses = _train(model, model, x, opt, 10)
+    assert ac.last.graphs.recaptures == MAX_RECAPTURES
+    assert losses == pytest.approx(_train(ref, ref, x, ref_opt, 10), rel=1e-6)
