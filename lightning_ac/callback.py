@@ -8,7 +8,12 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+)
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
@@ -235,14 +240,16 @@ class MuTwoAC(StepMonitor):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Check, before the first batch, that this fit is one MuTwoAC can plan: on one device or
-        under data parallelism (DDP, each rank planning its own step); not yet where parameters
-        are sharded (FSDP, DeepSpeed, model parallelism)."""
+        """Check, before the first batch, that this fit is one MuTwoAC can plan: on one device,
+        under data parallelism (DDP) or under FSDP2 (``ModelParallelStrategy`` with
+        ``fully_shard``: each rank plans its step, the gathering hooks running eagerly between
+        its graphs); not yet under ``FSDPStrategy`` (FSDP1's flat parameters) or DeepSpeed."""
         self._disabled = None
         if stage != "fit":
             return
         strategy = trainer.strategy
-        supported = isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and \
+        supported = isinstance(strategy, (SingleDeviceStrategy, DDPStrategy,
+                                          ModelParallelStrategy)) and \
             not isinstance(strategy, DeepSpeedStrategy)
         if not supported:
             self._disabled = f"{type(strategy).__name__}"

@@ -106,10 +106,12 @@ class _Captured(Exception):
 
 
 def _roles(example_inputs: Sequence, module: nn.Module | None,
-           call_inputs: set[int] | None = None) -> list[PrimalRole]:
+           lasting: set[int] | None = None) -> list[PrimalRole]:
     """Name each dynamo graph input by identity with the module's parameters and buffers. With
-    ``call_inputs`` (ids of the step's argument tensors), any other input is ``"carried"``: a
-    value an earlier graph or eager code of the same step made."""
+    ``lasting`` (ids of the tensors that last through the step: its arguments, and the module's
+    parameters and buffers as the step began), any other input is ``"carried"``: a value made
+    inside the same step, by an earlier graph, by eager code, or by FSDP2 gathering a sharded
+    parameter for this graph (a module parameter while it runs, gone after)."""
     named: dict[int, PrimalRole] = {}
     if module is not None:
         for name, p in module.named_parameters(remove_duplicate=False):
@@ -119,7 +121,7 @@ def _roles(example_inputs: Sequence, module: nn.Module | None,
     roles, n_inputs = [], 0
     for t in example_inputs:
         role = named.get(id(t))
-        if role is None and call_inputs is not None and id(t) not in call_inputs:
+        if lasting is not None and id(t) not in lasting:
             role = PrimalRole("carried", f"carried{n_inputs}")
             n_inputs += 1
         elif role is None:
@@ -212,13 +214,14 @@ def compile_joint(fn: Callable, module: nn.Module | None,
 
 def aot_compile(gm: fx.GraphModule, example_inputs: list, module: nn.Module | None,
                 partition: Callable[[JointGraph], tuple[fx.GraphModule, fx.GraphModule]], *,
-                call_inputs: set[int] | None = None,
+                lasting: set[int] | None = None,
                 on_backward: Callable[[], None] | None = None) -> Callable:
     """Compile dynamo's graph ``gm`` with AOTAutograd, ``partition(joint)`` choosing the forward
     and backward modules (boxed, ready to run) from the :class:`JointGraph` built on
-    ``example_inputs`` (real tensors). ``on_backward`` is called each time the backward runs.
+    ``example_inputs`` (real tensors; ``lasting`` as for the primals' roles, see :func:`_roles`).
+    ``on_backward`` is called each time the backward runs.
     Returns AOTAutograd's compiled function."""
-    roles = _roles(example_inputs, module, call_inputs)
+    roles = _roles(example_inputs, module, lasting)
     # What AOTAutograd keeps of partition_fn (torch 2.11 keeps it with the compiled step) must
     # not hold the real tensors (parameters, the first batch): they are reached through a list
     # emptied once the partition is done.

@@ -4,7 +4,9 @@
 pipeline: capture the step (:mod:`~lightning_ac.capture`), profile it on the device together
 with the optimizer step (:mod:`~lightning_ac.profiler`), plan it under the budget
 (:mod:`~lightning_ac.planner`) and partition the same graph by the plan
-(:mod:`~lightning_ac.rewriter`). Later training calls run the rewritten graphs. The returned
+(:mod:`~lightning_ac.rewriter`). Later training calls run the rewritten graphs. A step that
+dynamo splits into several graphs (graph breaks, ``nn.LSTM``, FSDP2's hooks) is captured at its
+first call and planned as one step at its second (:mod:`~lightning_ac.step_graphs`). The returned
 :class:`AutoCheckpoint` shows the plan and puts the original forward back with
 :meth:`~AutoCheckpoint.remove`.
 
@@ -195,7 +197,8 @@ class AutoCheckpoint:
     run a rewritten step; everything else runs the original forward. Each set of input shapes
     (a shorter sequence, the last smaller batch) gets a plan of its own at its first training
     call, kept in a bounded cache (:data:`MAX_SHAPES`); a shape whose step fits runs the
-    original forward.
+    original forward. Where dynamo splits the step, its graphs are captured at the shape's first
+    call and planned together at the second (:class:`~lightning_ac.step_graphs.StepGraphs`).
 
     Attributes:
         plans: the :class:`ShapePlan` of each shape planned, least recently used first.

@@ -284,6 +284,8 @@ class GraphProfiler(fx.Interpreter):
     def _register(self, n: fx.Node, out) -> None:
         found: list[_Storage] = []
         for t in _tensors(out):
+            if hasattr(t, "to_local"):  # a DTensor (FSDP2's sharded parameters): its shard
+                t = t.to_local()
             st = t.untyped_storage()
             ptr, nbytes = st.data_ptr(), st.nbytes()
             if ptr == 0 or nbytes == 0:
@@ -664,6 +666,7 @@ def _classify(joints: list[JointGraph], optimizer: OptimizerGraph | None,
     opt_grads = set(optimizer.grads) if optimizer else set()
     opt_states = set(optimizer.states) if optimizer else set()
     grads = {g for j in joints for g in j.grad_of}
+    handed = _grads_handed_on(joints)
     pinned = {n for j in joints for n in j.pinned}
     for s in storages:
         c = s.creator
@@ -689,10 +692,19 @@ def _classify(joints: list[JointGraph], optimizer: OptimizerGraph | None,
         elif phase[c] == "forward":
             reads_in_bwd = any(phase.get(u) == "backward" for a in s.aliases for u in a.users)
             s.category = "activation" if reads_in_bwd else "other"
-        elif phase[c] == "backward":
-            s.category = "gradient" if any(a in grads for a in s.aliases) else "other"
+        elif phase[c] == "backward":  # (gradients of carried inputs are handed on: not kept)
+            s.category = "gradient" if any(a in grads and a not in handed for a in s.aliases) \
+                else "other"
         else:
             s.category = "other"  # optimizer temporaries
+
+
+def _grads_handed_on(joints: list[JointGraph]) -> set[fx.Node]:
+    """Gradients of carried inputs (values made earlier in the step, FSDP2's gathered
+    parameters): eager code takes them when the graph's backward ends (autograd, to the graph
+    that made the value; FSDP2, to reduce-scatter), so they are not the step's to keep."""
+    return {g for j in joints for g, i in j.grad_of.items()
+            if j.primal_roles[i].kind == "carried"}
 
 
 @dataclass(frozen=True)
@@ -740,12 +752,13 @@ def _assemble(joints: list[JointGraph], profilers: list[GraphProfiler],
         fwd_end[j.graph] = count - 1
     bw = list(backward_order) if backward_order is not None else []
     bw += [k for k in reversed(range(len(joints))) if k not in bw]
-    bwd_start = {}
+    bwd_start, bwd_end = {}, {}
     for k in bw:
         j = joints[k]
         bwd_start[j.graph] = len(order)
         order += j.tangents + [n for n in j.graph.nodes
                                if phase.get(n) == "backward" and n.op != "placeholder"]
+        bwd_end[j.graph] = len(order) - 1
     if optimizer is not None:
         for node in optimizer.graph.nodes:
             if node.op != "output":
@@ -760,7 +773,8 @@ def _assemble(joints: list[JointGraph], profilers: list[GraphProfiler],
     runtime = {n: t for p in profilers for n, t in p.runtime_ms.items()}
     peak_delta = {n: d for p in profilers for n, d in p.peak_delta.items()}
     _classify(joints, optimizer, storages, phase)
-    grads = {g for j in joints for g in j.grad_of}
+    handed_grads = _grads_handed_on(joints)
+    grads = {g for j in joints for g in j.grad_of} - handed_grads
     handed = set()
     for out, inp in handed_on:
         mine, theirs = storage_of.get(out, []), storage_of.get(inp, [])
@@ -777,6 +791,8 @@ def _assemble(joints: list[JointGraph], profilers: list[GraphProfiler],
                 users.append(end)  # gradients live until the optimizer has used them
             elif n in handed:
                 pass  # the later graph's uses (its aliases) say how long it lives
+            elif n in handed_grads:
+                users.append(bwd_end[n.graph])  # eager code takes it when the backward ends
             else:
                 users.append(n_joint - 1 if phase[n] != "optimizer" else end)
         return max(users, default=rank[n])

@@ -112,7 +112,7 @@ class StepGraphs:
         """Wall time of assembling, profiling the optimizer and planning (the second call)."""
         self._registry: dict = {}
         self._capturing = False
-        self._call_inputs: set[int] = set()
+        self._lasting: set[int] = set()
         self._eager_saved: dict[int, dict[int, int]] = {}
         self._own_ptrs: set[int] = set()
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
@@ -177,9 +177,10 @@ class StepGraphs:
         """The first call: graphs are captured and measured as they run; eager code's saved
         tensors are counted."""
         self._capturing = True
-        self._call_inputs = {id(t) for t in _tensors([*args, *kwargs.values()])}
-        self._own_ptrs = {t.untyped_storage().data_ptr()
-                          for t in [*self.module.parameters(), *self.module.buffers()]}
+        # what lasts through the step; anything else a graph takes in is made inside it
+        self._lasting = {id(t) for t in [*_tensors([*args, *kwargs.values()]),
+                                         *self.module.parameters(), *self.module.buffers()]}
+        self._own_ptrs = {_ptr(t) for t in [*self.module.parameters(), *self.module.buffers()]}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
         try:
             with running(self), self._hooks:
@@ -187,7 +188,7 @@ class StepGraphs:
         finally:
             self._hooks = None
             self._capturing = False
-            self._call_inputs = set()
+            self._lasting = set()
 
     def run_graph(self, slot: GraphSlot, args: list):
         """Run one graph of the step (called by its :class:`GraphSlot`)."""
@@ -215,11 +216,11 @@ class StepGraphs:
         if g.compiled is None:
             return slot.gm(*args)
         if self._capturing:
-            g.input_ptrs = [t.untyped_storage().data_ptr() for t in _tensors(args)]
+            g.input_ptrs = [_ptr(t) for t in _tensors(args)]
         with self._paused_hooks():
             out = g.compiled(*args)
         if self._capturing:
-            g.outputs = [(t.untyped_storage().data_ptr(), tuple(t.shape)) for t in _tensors(out)]
+            g.outputs = [(_ptr(t), tuple(t.shape)) for t in _tensors(out)]
         return out
 
     @contextlib.contextmanager
@@ -237,13 +238,9 @@ class StepGraphs:
             hooks.__enter__()
 
     def _pack(self, t: torch.Tensor):
-        st = t.untyped_storage()
-        ptr = st.data_ptr()
+        ptr = _ptr(t)
         if ptr and ptr not in self._own_ptrs:
-            nbytes = st.nbytes()
-            if t.is_cuda:
-                nbytes = -(-nbytes // 512) * 512
-            self._eager_saved.setdefault(len(self.graphs) - 1, {})[ptr] = nbytes
+            self._eager_saved.setdefault(len(self.graphs) - 1, {})[ptr] = _nbytes(t)
         return t
 
     # -- capture and compile ------------------------------------------------------------------
@@ -262,7 +259,7 @@ class StepGraphs:
             return
         try:
             g.compiled = aot_compile(g.slot.gm, args, self.module, first_partition,
-                                     call_inputs=self._call_inputs,
+                                     lasting=self._lasting,
                                      on_backward=lambda i=g.index: self._backward_ran(i))
         except torch.cuda.OutOfMemoryError:
             raise
@@ -380,8 +377,24 @@ def _provisional_plan(joint: JointGraph, measured: GraphProfiler, swap: bool) ->
                 stop_reason="capture call", kept=kept, swapped=swapped)
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor that holds ``t``'s memory on this rank (a DTensor's local shard)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _ptr(t: torch.Tensor) -> int:
+    """Address of ``t``'s storage (0 where it has none: a tensor subclass without one)."""
+    try:
+        return _local(t).untyped_storage().data_ptr()
+    except RuntimeError:
+        return 0
+
+
 def _nbytes(t: torch.Tensor) -> int:
-    n = t.untyped_storage().nbytes()
+    try:
+        n = _local(t).untyped_storage().nbytes()
+    except RuntimeError:
+        return 0
     return -(-n // 512) * 512 if t.is_cuda else n
 
 

@@ -325,3 +325,41 @@ def test_cold_l2_profile_reads_cached_sized_inputs_from_memory():
         gp.run(t)
         times[cold] = gp.runtime_ms[mul]
     assert times[True] >= 0.95 * times[False], times
+
+
+def test_a_step_split_by_a_graph_break_keeps_its_budget_from_the_capture_call_on():
+    """On CUDA with an explicit budget the capture call keeps activations in host memory (the
+    un-checkpointed step may not fit), and it and the planned steps peak within the budget; the
+    losses are eager's."""
+    import copy
+
+    from lightning_ac import State, auto_checkpoint
+    from tests.test_step_graphs import Broken
+
+    torch.manual_seed(0)
+    model = Broken("print", d=1024).cuda()
+    ref = copy.deepcopy(model)
+    x = torch.randn(16, 512, 1024, device="cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-4)
+
+    def step(m, o):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        o.zero_grad(set_to_none=True)
+        loss = m(x)
+        loss.backward()
+        o.step()
+        return loss.item(), torch.cuda.max_memory_allocated()
+
+    ref_runs = [step(ref, ref_opt) for _ in range(5)]
+    no_ac_peak = max(p for _, p in ref_runs[1:])
+    budget = int(0.7 * no_ac_peak)
+    ac = auto_checkpoint(model, opt, budget=budget)
+    runs = [step(model, opt) for _ in range(5)]
+    assert ac.state is State.ACTIVE and len(ac.last.graphs.captured) == 2
+    # the capture call and the planned steps; the call that plans also profiles the optimizer
+    # step on shadow copies, as a one-graph step's first call does
+    peaks = [p for _, p in runs]
+    assert peaks[0] <= budget and all(p <= budget for p in peaks[2:]), (peaks, budget)
+    assert [loss for loss, _ in runs] == pytest.approx([loss for loss, _ in ref_runs], rel=1e-5)
