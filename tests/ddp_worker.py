@@ -27,25 +27,36 @@ class Counted(LitWorkload):
         return loss
 
 
-def main() -> None:
+def fit_two_ranks(model: L.LightningModule, loader, strategy, max_steps: int,
+                  describe=lambda cb: {}) -> None:
+    """Parse ``--budget`` (0: no AC) and ``--out``, fit ``model`` on two CPU ranks under
+    ``strategy``, and write each rank's ``rank_<r>.json`` (its saved bytes, losses, MuTwoAC's
+    state and ``describe(callback)``) and ``params_<r>.pt`` (its parameters, or its shards)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=int, default=0, help="0: no AC")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    torch.manual_seed(0)
-    m = Counted("cnn")
     cb = MuTwoAC(budget=args.budget, verbose=False) if args.budget else None
-    t = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=3,
+    t = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=max_steps,
                   callbacks=[cb] if cb else [], logger=L.loggers.CSVLogger(args.out),
                   enable_progress_bar=False, enable_model_summary=False,
                   enable_checkpointing=False, deterministic=True, log_every_n_steps=1)
-    t.fit(m, m.dataloader(3))
-    seen = {"rank": t.global_rank, "saved_B": m.saved_B, "losses": m.losses}
+    t.fit(model, loader)
+    seen = {"rank": t.global_rank, "saved_B": model.saved_B, "losses": model.losses}
     if cb is not None:
-        seen.update(state=str(cb.state), plan=encode_plan(cb.plan, cb.profile.joint.graph),
-                    recomputed=len(cb.plan.recomputed))
-    torch.save([p.detach() for p in m.parameters()], args.out / f"params_{t.global_rank}.pt")
+        seen.update(state=str(cb.state), **describe(cb))
+    local = [p.to_local().detach() if hasattr(p, "to_local") else p.detach()
+             for p in model.parameters()]
+    torch.save(local, args.out / f"params_{t.global_rank}.pt")
     (args.out / f"rank_{t.global_rank}.json").write_text(json.dumps(seen, default=str))
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    m = Counted("cnn")
+    fit_two_ranks(m, m.dataloader(3), "ddp", 3, lambda cb: {
+        "plan": encode_plan(cb.plan, cb.profile.joint.graph),
+        "recomputed": len(cb.plan.recomputed)})
 
 
 if __name__ == "__main__":
