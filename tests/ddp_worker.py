@@ -27,15 +27,29 @@ class Counted(LitWorkload):
         return loss
 
 
-def fit_two_ranks(model: L.LightningModule, loader, strategy, max_steps: int,
-                  describe=lambda cb: {}) -> None:
-    """Parse ``--budget`` (0: no AC) and ``--out``, fit ``model`` on two CPU ranks under
-    ``strategy``, and write each rank's ``rank_<r>.json`` (its saved bytes, losses, MuTwoAC's
-    state and ``describe(callback)``) and ``params_<r>.pt`` (its parameters, or its shards)."""
+class CountedWithABreak(Counted):
+    """The CNN with a ``print`` between its feature blocks: dynamo splits its step in two."""
+
+    def forward(self, x, y):
+        features = self.model.features
+        h = features[:6](x)
+        print(end="")
+        h = features[6:](h)
+        return self.model.head(h.mean(dim=(2, 3)))
+
+
+def fit_two_ranks(make, strategy, max_steps: int, describe=lambda cb: {}) -> None:
+    """Parse ``--budget`` (0: no AC), ``--out`` and ``--graph-break``, fit the model and loader
+    ``make(args)`` returns on two CPU ranks under ``strategy``, and write each rank's
+    ``rank_<r>.json`` (its saved bytes, losses, MuTwoAC's state and ``describe(callback)``) and
+    ``params_<r>.pt`` (its parameters, or its shards)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=int, default=0, help="0: no AC")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--graph-break", action="store_true")
     args = ap.parse_args()
+    torch.manual_seed(0)
+    model, loader = make(args)
     cb = MuTwoAC(budget=args.budget, verbose=False) if args.budget else None
     t = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=max_steps,
                   callbacks=[cb] if cb else [], logger=L.loggers.CSVLogger(args.out),
@@ -52,11 +66,18 @@ def fit_two_ranks(model: L.LightningModule, loader, strategy, max_steps: int,
 
 
 def main() -> None:
-    torch.manual_seed(0)
-    m = Counted("cnn")
-    fit_two_ranks(m, m.dataloader(3), "ddp", 3, lambda cb: {
-        "plan": encode_plan(cb.plan, cb.profile.joint.graph),
-        "recomputed": len(cb.plan.recomputed)})
+    def make(args):
+        m = (CountedWithABreak if args.graph_break else Counted)("cnn")
+        return m, m.dataloader(3)
+
+    def describe(cb):
+        graphs = cb.ac.last.graphs
+        return {"recomputed": len(cb.plan.recomputed),
+                "graphs": len(graphs.captured) if graphs else 1,
+                # (a plan travels between ranks as positions in one graph)
+                "plan": None if graphs else encode_plan(cb.plan, cb.profile.joint.graph)}
+
+    fit_two_ranks(make, "ddp", 3, describe)
 
 
 if __name__ == "__main__":

@@ -51,11 +51,11 @@ class Sharded(L.LightningModule):
 
 
 def main() -> None:
-    torch.manual_seed(0)
-    m = Sharded()
-    data = TensorDataset(torch.randn(48, 32, 64), torch.randint(0, 10, (48,)))
-    fit_two_ranks(m, DataLoader(data, batch_size=8),
-                  ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), 4,
+    def make(args):
+        data = TensorDataset(torch.randn(48, 32, 64), torch.randint(0, 10, (48,)))
+        return Sharded(), DataLoader(data, batch_size=8)
+
+    fit_two_ranks(make, ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), 4,
                   lambda cb: {"recomputed": len(cb.plan.recomputed),
                               "graphs": len(cb.ac.last.graphs.captured),
                               "predicted_peak_B": cb.plan.predicted_peak_B})

@@ -13,10 +13,11 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 FSDP_WORKER = Path(__file__).with_name("fsdp_worker.py")
 
 
-def _fit(out: Path, budget: int = 0, worker: Path = WORKER) -> tuple[list[dict], str]:
+def _fit(out: Path, budget: int = 0, worker: Path = WORKER, *flags: str
+         ) -> tuple[list[dict], str]:
     out.mkdir(parents=True)
-    run = subprocess.run([sys.executable, str(worker), "--budget", str(budget), "--out", str(out)],
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, str(worker), "--budget", str(budget), "--out", str(out),
+                          *flags], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     return [json.loads((out / f"rank_{r}.json").read_text()) for r in (0, 1)], run.stderr
 
@@ -40,6 +41,22 @@ def test_ddp_with_mutwoac_trains_as_ddp_without_it_on_one_shared_plan(tmp_path):
     metrics = next((tmp_path / "ac").rglob("metrics.csv")).read_text()
     assert "mutwo/predicted_peak_B" in metrics and "mutwo/replans" in metrics
     assert "sync_dist" not in said and "does not plan" not in said
+
+
+def test_ddp_with_a_graph_break_trains_as_ddp_without_ac(tmp_path):
+    """The step splits in two; each rank captures and plans its graphs (no plan is shared: the
+    collectives are DDP's hooks, in the same order on every rank whatever each one recomputes)."""
+    ref, _ = _fit(tmp_path / "ref", 0, WORKER, "--graph-break")
+    ranks, said = _fit(tmp_path / "ac", 1_900_000, WORKER, "--graph-break")
+    for r, r_ref in zip(ranks, ref):
+        assert r["state"] == "active" and r["graphs"] == 2 and r["recomputed"] > 0
+        assert r["saved_B"] < r_ref["saved_B"]
+        assert r["losses"] == r_ref["losses"]
+    for rank in (0, 1):
+        params = torch.load(tmp_path / "ac" / f"params_{rank}.pt")
+        ref_params = torch.load(tmp_path / "ref" / f"params_{rank}.pt")
+        for p, q in zip(params, ref_params):
+            assert (p - q).norm() <= 1e-6 * q.norm() + 1e-12
 
 
 def test_fsdp2_with_mutwoac_trains_as_fsdp2_without_it(tmp_path):
