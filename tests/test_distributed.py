@@ -22,6 +22,15 @@ def _fit(out: Path, budget: int = 0, worker: Path = WORKER, *flags: str
     return [json.loads((out / f"rank_{r}.json").read_text()) for r in (0, 1)], run.stderr
 
 
+def _assert_same_parameters(run: Path, ref: Path) -> None:
+    """Each rank's parameters (or shards) after the fit within 1e-6 of the reference run's."""
+    for rank in (0, 1):
+        params = torch.load(run / f"params_{rank}.pt")
+        ref_params = torch.load(ref / f"params_{rank}.pt")
+        for p, q in zip(params, ref_params):
+            assert (p - q).norm() <= 1e-6 * q.norm() + 1e-12
+
+
 def test_ddp_with_mutwoac_trains_as_ddp_without_it_on_one_shared_plan(tmp_path):
     ref, _ = _fit(tmp_path / "ref")
     # below the per-rank step's 2.08 MiB peak, well above its floor (1.46 to 1.58 MiB, by run)
@@ -32,11 +41,7 @@ def test_ddp_with_mutwoac_trains_as_ddp_without_it_on_one_shared_plan(tmp_path):
     for r, r_ref in zip(ranks, ref):
         assert r["saved_B"] < r_ref["saved_B"]  # less saved for backward than DDP without AC
         assert r["losses"] == r_ref["losses"]
-    for rank in (0, 1):
-        params = torch.load(tmp_path / "ac" / f"params_{rank}.pt")
-        ref_params = torch.load(tmp_path / "ref" / f"params_{rank}.pt")
-        for p, q in zip(params, ref_params):
-            assert (p - q).norm() <= 1e-6 * q.norm() + 1e-12
+    _assert_same_parameters(tmp_path / "ac", tmp_path / "ref")
     # the metrics are logged once, as the maximum over ranks, without Lightning's sync warning
     metrics = next((tmp_path / "ac").rglob("metrics.csv")).read_text()
     assert "mutwo/predicted_peak_B" in metrics and "mutwo/replans" in metrics
@@ -52,11 +57,7 @@ def test_ddp_with_a_graph_break_trains_as_ddp_without_ac(tmp_path):
         assert r["state"] == "active" and r["graphs"] == 2 and r["recomputed"] > 0
         assert r["saved_B"] < r_ref["saved_B"]
         assert r["losses"] == r_ref["losses"]
-    for rank in (0, 1):
-        params = torch.load(tmp_path / "ac" / f"params_{rank}.pt")
-        ref_params = torch.load(tmp_path / "ref" / f"params_{rank}.pt")
-        for p, q in zip(params, ref_params):
-            assert (p - q).norm() <= 1e-6 * q.norm() + 1e-12
+    _assert_same_parameters(tmp_path / "ac", tmp_path / "ref")
 
 
 def test_fsdp2_with_mutwoac_trains_as_fsdp2_without_it(tmp_path):
@@ -69,11 +70,7 @@ def test_fsdp2_with_mutwoac_trains_as_fsdp2_without_it(tmp_path):
         assert r["predicted_peak_B"] <= 3_000_000
         assert r["saved_B"] < r_ref["saved_B"]
         assert r["losses"] == r_ref["losses"]
-    for rank in (0, 1):  # each rank's shards
-        params = torch.load(tmp_path / "ac" / f"params_{rank}.pt")
-        ref_params = torch.load(tmp_path / "ref" / f"params_{rank}.pt")
-        for p, q in zip(params, ref_params):
-            assert (p - q).norm() <= 1e-6 * q.norm() + 1e-12
+    _assert_same_parameters(tmp_path / "ac", tmp_path / "ref")  # each rank's shards
     assert "does not plan" not in said
 
 
