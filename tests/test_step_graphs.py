@@ -196,3 +196,22 @@ def test_a_step_whose_graphs_change_is_captured_again_a_bounded_number_of_times(
     losses = _train(model, model, x, opt, 10)
     assert ac.last.graphs.recaptures == MAX_RECAPTURES
     assert losses == pytest.approx(_train(ref, ref, x, ref_opt, 10), rel=1e-6)
+
+
+def test_a_split_step_lets_its_model_go():
+    """Dynamo keeps the graphs it compiled on the user's code (the shared backend's slots), but
+    they hold dynamo's graph only: a model trained through a split step is freed with it."""
+    import gc
+    import weakref
+
+    def fit():
+        model = Broken("print")
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        ac = auto_checkpoint(model, opt, budget=_midway)
+        _train(model, model, torch.randn(4, 32, 64), opt, 3)
+        assert ac.state is State.ACTIVE
+        return weakref.ref(model)
+
+    model = fit()
+    gc.collect()
+    assert model() is None
