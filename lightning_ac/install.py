@@ -302,6 +302,10 @@ class AutoCheckpoint:
     def _plan_and_run(self, shapes: tuple, args, kwargs):
         """The first training call of ``shapes``: capture, profile and plan the step, then run it."""
         step = ShapePlan(shapes, foreign_B=self._foreign_bytes(args, kwargs))
+        split = next((s.not_one_graph for s in self.plans.values() if s.graphs is not None), "")
+        if split:  # another shape of a step known not to be one graph: skip the attempt
+            step.not_one_graph = split
+            return self._capture_graphs(step, args, kwargs)
         step.compiled = compile_with_plan(self.fn, self.module,
                                           functools.partial(self._make_plan, step))
         t0 = time.perf_counter()

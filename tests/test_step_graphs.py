@@ -215,3 +215,20 @@ def test_a_split_step_lets_its_model_go():
     model = fit()
     gc.collect()
     assert model() is None
+
+
+def test_each_shape_of_a_split_step_is_planned_without_trying_one_graph_again(monkeypatch):
+    from lightning_ac import install
+
+    attempts = []
+    real = install.compile_with_plan
+    monkeypatch.setattr(install, "compile_with_plan",
+                        lambda *a, **k: attempts.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    model = Broken("print")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    ac = auto_checkpoint(model, opt, budget=_midway)
+    for length in (32, 24, 32, 24, 24):  # two shapes, each captured then planned
+        _train(model, model, torch.randn(4, length, 64), opt, 1)
+    assert len(ac.plans) == 2 and all(p.graphs.plan is not None for p in ac.plans.values())
+    assert len(attempts) == 1  # the first shape's one-graph attempt only
