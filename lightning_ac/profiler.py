@@ -718,6 +718,9 @@ class EagerMemory:
     """Bytes autograd saved for backward in that code (parameters and graph inputs/outputs
     excluded: they are counted elsewhere). Live from the code until its backward, which runs
     just before the backward of the graph it follows."""
+    peak_B: int = 0
+    """What the code allocates while it runs above what it saves (CUDA: the allocator's peak
+    during it), counted at the end of the forward of the graph it follows."""
 
 
 def _assemble(joints: list[JointGraph], profilers: list[GraphProfiler],
@@ -823,6 +826,10 @@ def _assemble(joints: list[JointGraph], profilers: list[GraphProfiler],
         stop = bwd_start[j.graph] if j is not None else n_joint - 1
         records.append({"node": order[start], "creator": order[start], "aliases": (),
                         "bytes": e.saved_B, "category": "other", "start": start, "stop": stop})
+        if e.peak_B:
+            records.append({"node": order[start], "creator": order[start], "aliases": (),
+                            "bytes": e.peak_B, "category": "other", "start": start,
+                            "stop": start})
     if eager_param_B:
         records.append({"node": order[n_forward], "creator": order[n_forward], "aliases": (),
                         "bytes": eager_param_B, "category": "gradient", "start": n_forward,
@@ -894,6 +901,7 @@ def _assemble(joints: list[JointGraph], profilers: list[GraphProfiler],
         **{f"{k}_GBps": round(v / 1e6, 2) for k, v in (bandwidth or {}).items()},
         "graphs": len(joints),
         "eager_saved_B": [int(e.saved_B) for e in eager],
+        "eager_peak_B": [int(e.peak_B) for e in eager],
         "eager_param_B": int(eager_param_B),
     }
     return Profile(nodes=nodes, activations=activations, memory=memory, summary=summary,

@@ -11,8 +11,9 @@ code between them. :class:`StepGraphs` keeps them as one ordered list and plans 
    cannot exist yet (later graphs have not run), so this call runs each graph with a provisional
    partition: every activation saved, or, where the step may not fit un-checkpointed (CUDA with a
    budget), every activation it can swap kept in host memory from the end of its graph's forward.
-   What eager code between graphs saves for backward is counted by autograd's saved-tensor hooks;
-   the order in which the graphs' backwards run is recorded, not assumed.
+   What eager code between graphs saves for backward is counted by autograd's saved-tensor hooks,
+   and on CUDA the peak it allocates while it runs by the allocator's statistics; the order in
+   which the graphs' backwards run is recorded, not assumed.
 2. **The next call** assembles the measurements into one :class:`~lightning_ac.profiler.Profile`
    (all forwards in order, the backwards in the recorded order, eager memory, the optimizer
    step), plans it under the budget, and compiles each graph again with its part of the plan;
@@ -114,6 +115,9 @@ class StepGraphs:
         self._capturing = False
         self._lasting: set[int] = set()
         self._eager_saved: dict[int, dict[int, int]] = {}
+        self._eager_peak: dict[int, int] = {}
+        """Region → the allocator's peak above what was allocated when it began (CUDA)."""
+        self._region_base: int | None = None
         self._own_ptrs: set[int] = set()
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
         self._changed = False
@@ -172,6 +176,7 @@ class StepGraphs:
         self.graphs, self._by_slot, self.backward_order, self.eager = [], {}, [], []
         self.profile = self.plan = None
         self._registry, self._eager_saved, self._changed = {}, {}, False
+        self._eager_peak = {}
 
     def _capture_call(self, args, kwargs):
         """The first call: graphs are captured and measured as they run; eager code's saved
@@ -182,11 +187,15 @@ class StepGraphs:
                                          *self.module.parameters(), *self.module.buffers()]}
         self._own_ptrs = {_ptr(t) for t in [*self.module.parameters(), *self.module.buffers()]}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+        self._region_starts()
         try:
             with running(self), self._hooks:
-                return self.compiled(*args, **kwargs)
+                out = self.compiled(*args, **kwargs)
+            self._region_ends()
+            return out
         finally:
             self._hooks = None
+            self._region_base = None
             self._capturing = False
             self._lasting = set()
 
@@ -205,6 +214,7 @@ class StepGraphs:
                              "unplanned", sum(self._occurrence.values()))
                 self._changed = True
                 return slot.gm(*args)
+            self._region_ends()
             g = CapturedGraph(index=len(self.graphs), slot=slot)
             self.graphs.append(g)
             self._by_slot[slot, k] = g
@@ -221,7 +231,28 @@ class StepGraphs:
             out = g.compiled(*args)
         if self._capturing:
             g.outputs = [(_ptr(t), tuple(t.shape)) for t in _tensors(out)]
+            self._region_starts()
         return out
+
+    def _region_starts(self) -> None:
+        """Eager code begins (the call's start, or a graph has run): on CUDA, measure its peak
+        from here. (The capture call's own peak is not a step's: nothing else reads it.)"""
+        if self._on_cuda():
+            self._region_base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+
+    def _region_ends(self) -> None:
+        """A graph is about to run: the eager code before it has ended. (After a graph that
+        could not be captured, the next region is measured from the same start: that graph ran
+        eagerly too.)"""
+        if self._region_base is not None:
+            region = len(self.graphs) - 1
+            peak = torch.cuda.max_memory_allocated() - self._region_base
+            self._eager_peak[region] = max(self._eager_peak.get(region, 0), peak)
+
+    def _on_cuda(self) -> bool:
+        p = next(self.module.parameters(), None)
+        return p is not None and p.is_cuda
 
     @contextlib.contextmanager
     def _paused_hooks(self):
@@ -319,12 +350,16 @@ class StepGraphs:
         counted = {p for g in self.graphs for p in [*g.input_ptrs, *(p for p, _ in g.outputs)]}
         position = {g.index: k for k, g in enumerate(self.captured)}
         out = []
-        for after, saved in sorted(self._eager_saved.items()):
+        for after in sorted({*self._eager_saved, *self._eager_peak}):
+            saved = self._eager_saved.get(after, {})
             nbytes = sum(b for p, b in saved.items() if p not in counted)
+            # above what it keeps, what the code allocates while it runs (the next graph's
+            # inputs among it: they are not live yet where this is counted)
+            peak = max(0, self._eager_peak.get(after, 0) - nbytes)
             # eager code after a graph that was not captured belongs with the last captured one
             k = max((position[i] for i in position if i <= after), default=-1)
-            if nbytes:
-                out.append(EagerMemory(after_graph=k, saved_B=nbytes))
+            if nbytes or peak:
+                out.append(EagerMemory(after_graph=k, saved_B=nbytes, peak_B=peak))
         return out
 
     def _handed_on(self) -> list[tuple[fx.Node, fx.Node]]:
