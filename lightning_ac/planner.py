@@ -130,10 +130,12 @@ def swappable(profile: Profile) -> list[fx.Node]:
 
 def can_swap_value(n: fx.Node, nbytes: int) -> bool:
     """Whether swapping ``n``'s value frees its storage of ``nbytes``: one dense tensor that
-    covers the storage, of at least :data:`MIN_SWAP_B`."""
+    covers the storage, of at least :data:`MIN_SWAP_B`, that the graph does not also return
+    (its caller would hold it on the device: the rewriter leaves such values alone)."""
     val = n.meta.get("val")
     return (nbytes >= MIN_SWAP_B and isinstance(val, torch.Tensor)
-            and val.numel() * val.element_size() == nbytes and _dense(val))
+            and val.numel() * val.element_size() == nbytes and _dense(val)
+            and not any(u.op == "output" for u in n.users))
 
 
 def _dense(t: torch.Tensor) -> bool:

@@ -423,3 +423,22 @@ def test_a_value_the_forward_also_returns_is_not_swapped():
     returned = [n for n in out[:2] if isinstance(n, torch.fx.Node)]
     assert returned and not any(n.target is swapping.swap_out for n in returned)
     torch.testing.assert_close(h, lin(x).relu())
+
+
+def test_a_value_the_forward_also_returns_is_no_swap_candidate():
+    from lightning_ac import planner
+    from lightning_ac.capture import capture_joint
+
+    lin = torch.nn.Linear(64, 64)
+
+    def step(x):
+        h = lin(x).sin().relu()  # sin saves its input: a candidate; relu's output is returned
+        return (h * h).sum(), h
+
+    joint = capture_joint(step, [torch.randn(32, 64)], lin)
+    with compat.real_tensor_mode():
+        prof = profile_iteration(joint)
+    with mock.patch.object(planner, "MIN_SWAP_B", 0):
+        candidates = planner.swappable(prof)
+    relu = next(n for n in prof.activations["node"] if n.name.startswith("relu"))
+    assert candidates and relu not in candidates
