@@ -11,6 +11,7 @@ import torch
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 FSDP_WORKER = Path(__file__).with_name("fsdp_worker.py")
+BUCKETS_WORKER = Path(__file__).with_name("ddp_buckets_worker.py")
 
 
 def _fit(out: Path, budget: int = 0, worker: Path = WORKER, *flags: str
@@ -56,6 +57,19 @@ def test_ddp_with_a_graph_break_trains_as_ddp_without_ac(tmp_path):
     for r, r_ref in zip(ranks, ref):
         assert r["state"] == "active" and r["graphs"] == 2 and r["recomputed"] > 0
         assert r["saved_B"] < r_ref["saved_B"]
+        assert r["losses"] == r_ref["losses"]
+    _assert_same_parameters(tmp_path / "ac", tmp_path / "ref")
+
+
+def test_ddp_compiled_whole_is_planned_across_its_gradient_buckets(tmp_path):
+    """auto_checkpoint on the DDP module itself: dynamo's DDP optimizer cuts the step at bucket
+    boundaries (3 buckets), each graph's backward hands its bucket's gradients to DDP as it ends
+    (the all-reduce can start under the rest of backward), and the graphs are planned as one
+    step; training equals DDP's without AC."""
+    ref, _ = _fit(tmp_path / "ref", 0, BUCKETS_WORKER)
+    ranks, _ = _fit(tmp_path / "ac", 10_000_000, BUCKETS_WORKER)  # no-AC peak 13.0 MiB
+    for r, r_ref in zip(ranks, ref):
+        assert r["state"] == "active" and r["graphs"] == 3 and r["recomputed"] > 0
         assert r["losses"] == r_ref["losses"]
     _assert_same_parameters(tmp_path / "ac", tmp_path / "ref")
 
