@@ -779,9 +779,16 @@ def step_bytes(module: nn.Module, optimizer: torch.optim.Optimizer | None, input
 
 
 def input_shapes(args, kwargs) -> tuple:
-    """The shapes of a call's tensor arguments (None for other arguments), as a hashable key."""
+    """The shapes of a call's tensor arguments, inside lists, tuples and dicts too (a batch
+    passed as one dict), with None for other arguments, as a hashable key."""
     def shape(v):
-        return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+        if isinstance(v, torch.Tensor):
+            return tuple(v.shape)
+        if isinstance(v, (list, tuple)):
+            return tuple(shape(x) for x in v)
+        if isinstance(v, dict):
+            return tuple((str(k), shape(x)) for k, x in sorted(v.items(), key=lambda kv: str(kv[0])))
+        return None
 
     return tuple(shape(a) for a in args) + tuple((k, shape(v)) for k, v in sorted(kwargs.items()))
 

@@ -375,3 +375,27 @@ def test_memory_others_hold_when_a_shape_is_planned_lowers_its_target(monkeypatc
     monkeypatch.setattr(install.AutoCheckpoint, "_foreign_bytes", lambda *_: budget)
     with pytest.raises(BudgetError, match="of which .* already allocated by other tensors"):
         auto_checkpoint(w.loss, None, module=w.model, budget=budget)(*w.inputs)
+
+
+def test_shapes_inside_a_batch_passed_as_one_dict_or_list_key_their_own_plans():
+    from lightning_ac.install import describe_shapes, input_shapes
+
+    a = input_shapes(({"x": torch.ones(4, 8), "n": 3},), {})
+    b = input_shapes(({"x": torch.ones(4, 6), "n": 3},), {})
+    c = input_shapes(([torch.ones(4, 8), torch.ones(4)],), {"mask": torch.ones(4, 8)})
+    assert a != b and hash(a) != hash(b) and hash(c)
+    assert "mask=[4, 8]" in describe_shapes(c)
+
+    class DictModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Sequential(nn.Linear(8, 64), nn.GELU(), nn.Linear(64, 8))
+
+        def forward(self, batch):
+            return self.lin(batch["x"]).pow(2).mean()
+
+    m = DictModel()
+    ac = auto_checkpoint(m, None, budget=10**12, always_rewrite=True)
+    for n in (16, 12, 16):
+        m({"x": torch.randn(n, 8)}).backward()
+    assert len(ac.plans) == 2
