@@ -322,6 +322,9 @@ class MuTwoAC(StepMonitor):
             metrics["mutwo/replans"] = float(self.ac.replans)
             metrics["mutwo/excess_B"] = float(self._epoch_excess)
             metrics["mutwo/planned_shapes"] = float(len(self.ac.plans))
+            last = self.ac.last
+            if last is not None and last.plan is not None:  # how many graphs the step runs as
+                metrics["mutwo/graphs"] = float(len(last.graphs.captured) if last.graphs else 1)
         if self.plan is not None:
             if self.plan.budget_B is not None:
                 metrics["mutwo/budget_B"] = float(self.plan.budget_B)

@@ -76,6 +76,7 @@ def test_training_with_ac_matches_training_without(tmp_path, name):
                 "mutwo/swapped_B", "mutwo/recompute_overhead_ms", "mutwo/active"):
         assert metrics[key].notna().sum() == 2, key  # once per epoch
     assert metrics["mutwo/active"].dropna().eq(1).all()
+    assert metrics["mutwo/graphs"].dropna().eq(1).all()  # one graph: nothing split it
     # the planning step and one warm-up step after it are left out of the first epoch's figures
     assert metrics["mutwo/measured_steps"].dropna().tolist() == [2, 4]
     assert metrics["mutwo/step_time_median_ms"].dropna().gt(0).all()
@@ -158,6 +159,8 @@ def test_a_graph_break_is_planned_across_it(tmp_path):
     t.fit(m, m.dataloader(4), m.dataloader(1))
     assert cb.state == "active" and cb.plan.stop_reason == "fits" and cb.plan.recomputed
     assert cb.ac.last.graphs is not None  # planned as the graphs dynamo split the step into
+    metrics = pd.read_csv(next((tmp_path / "ac").rglob("metrics.csv")))
+    assert metrics["mutwo/graphs"].dropna().tolist() == [len(cb.ac.last.graphs.captured)]
     torch.manual_seed(0)
     ref = _Branchy("cnn")
     _trainer(tmp_path / "ref").fit(ref, ref.dataloader(4), ref.dataloader(1))
