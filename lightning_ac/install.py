@@ -344,24 +344,26 @@ class AutoCheckpoint:
             out = step.graphs(*args, **kwargs)
         except Exception as exc:
             _raise_if_memory_error(exc)
-            self._turn_off()
-            rank_zero_warn(f"MuTwoAC: {step.not_one_graph}\nIts graphs could not be captured "
-                           f"either: {type(exc).__name__}: {str(exc).strip()[:300]}\n"
-                           "Training continues without activation checkpointing.")
+            self._give_up(step, "Its graphs could not be captured either: "
+                          f"{type(exc).__name__}: {str(exc).strip()[:300]}")
             return self.fn(*args, **kwargs)
         step.planning_call_s = time.perf_counter() - t0
         if not step.graphs.captured:
-            self._turn_off()
-            rank_zero_warn(f"MuTwoAC: {step.not_one_graph}\nNo part of the step could be "
-                           "captured as a graph (" + "; ".join(
-                               f"graph {g.index + 1}: {g.error}" for g in step.graphs.graphs)
-                           + "), so there is nothing to plan. Training continues without "
-                           "activation checkpointing.")
+            self._give_up(step, "No part of the step could be captured as a graph (" + "; ".join(
+                f"graph {g.index + 1}: {g.error}" for g in step.graphs.graphs)
+                + "), so there is nothing to plan.")
             return out
         self._keep(step)
         log.info("%s; captured %d graphs, planned at the next call", step.not_one_graph,
                  len(step.graphs.graphs))
         return out
+
+    def _give_up(self, step: ShapePlan, why: str) -> None:
+        """Turn AC off for the rest of the fit and tell the user why (the step is not one graph,
+        and its graphs could not be used either)."""
+        self._turn_off()
+        rank_zero_warn(f"MuTwoAC: {step.not_one_graph}\n{why}\n"
+                       "Training continues without activation checkpointing.")
 
     def _plan_graphs(self, step: ShapePlan, args, kwargs):
         """The call after a capture call: plan the step's graphs together, then run them."""
@@ -370,14 +372,11 @@ class AutoCheckpoint:
             step.graphs.finalize()
         except Exception as exc:
             _raise_if_memory_error(exc)
-            self._turn_off()
-            rank_zero_warn(f"MuTwoAC: {step.not_one_graph}\nIts graphs could not be planned: "
-                           f"{type(exc).__name__}: {str(exc).strip()[:300]}\n"
-                           "Training continues without activation checkpointing.")
+            self._give_up(step, "Its graphs could not be planned: "
+                          f"{type(exc).__name__}: {str(exc).strip()[:300]}")
             return self.fn(*args, **kwargs)
         step.plan, step.profile = step.graphs.plan, step.graphs.profile
         self._announce(step)
-        self.planned_last_call = True
         out = self.fn(*args, **kwargs) if step.compiled is None else \
             step.compiled(*args, **kwargs)
         step.planning_call_s = time.perf_counter() - t0

@@ -36,6 +36,7 @@ from lightning_ac.graph_passes import is_random_op
 __all__ = [
     "CATEGORIES",
     "PHASES",
+    "allocated_bytes",
     "EagerMemory",
     "GraphProfiler",
     "Profile",
@@ -56,6 +57,11 @@ log = logging.getLogger(__name__)
 PHASES = ("forward", "backward", "optimizer")
 CATEGORIES = ("parameter", "gradient", "activation", "optimizer_state", "other")
 _CUDA_BLOCK = 512  # the CUDA caching allocator rounds every allocation up to this many bytes
+
+
+def allocated_bytes(nbytes: int, cuda: bool) -> int:
+    """What a storage of ``nbytes`` takes from the allocator: on CUDA, rounded up to its block."""
+    return -(-nbytes // _CUDA_BLOCK) * _CUDA_BLOCK if cuda else nbytes
 
 
 def is_tensor_node(node: fx.Node) -> bool:
@@ -290,8 +296,7 @@ class GraphProfiler(fx.Interpreter):
             ptr, nbytes = st.data_ptr(), st.nbytes()
             if ptr == 0 or nbytes == 0:
                 continue
-            if t.is_cuda:
-                nbytes = -(-nbytes // _CUDA_BLOCK) * _CUDA_BLOCK
+            nbytes = allocated_bytes(nbytes, t.is_cuda)
             entry = self._registry.get(ptr)
             if entry is not None and any(r() is not None for r in entry[1]):
                 storage = entry[0]
@@ -577,7 +582,7 @@ def profile_graphs(joints: list[JointGraph], profilers: list[GraphProfiler],
                    handed_on: Sequence[tuple[fx.Node, fx.Node]] = (),
                    eager: Sequence[EagerMemory] = (), eager_param_B: int = 0,
                    runs: int = 3, warmup: bool = True, cold_l2: bool = False,
-                   previous_grads: str = "freed", **_ignored) -> Profile:
+                   previous_grads: str = "freed") -> Profile:
     """The profile of a step that runs as several graphs (:mod:`lightning_ac.step_graphs`):
     the graphs' measurements (:func:`measure_joint`, in forward order) on one timeline, with
     their backwards in ``backward_order``, eager code's memory, and ``optimizer``'s step over

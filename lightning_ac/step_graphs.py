@@ -43,6 +43,7 @@ from lightning_ac.profiler import (
     GraphProfiler,
     Profile,
     _tensors,
+    allocated_bytes,
     is_tensor_node,
     measure_joint,
     profile_graphs,
@@ -331,7 +332,9 @@ class StepGraphs:
             [g.joint for g in captured], [g.measured for g in captured], self.optimizer, params,
             backward_order=[position[i] for i in order if i in position],
             handed_on=self._handed_on(), eager=self.eager, eager_param_B=eager_param_B,
-            previous_grads=self.previous_grads, **self.measure_options)
+            previous_grads=self.previous_grads,
+            **{k: v for k, v in self.measure_options.items()
+               if k in ("runs", "warmup", "cold_l2")})  # (the rest is for the graphs)
         for g in captured:
             g.measured = None  # the profile has what it measured
         self.use(self.make_plan(self.profile))
@@ -427,10 +430,9 @@ def _ptr(t: torch.Tensor) -> int:
 
 def _nbytes(t: torch.Tensor) -> int:
     try:
-        n = _local(t).untyped_storage().nbytes()
+        return allocated_bytes(_local(t).untyped_storage().nbytes(), t.is_cuda)
     except RuntimeError:
         return 0
-    return -(-n // 512) * 512 if t.is_cuda else n
 
 
 def _unpack(t: torch.Tensor) -> torch.Tensor:
