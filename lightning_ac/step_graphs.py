@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -406,13 +407,40 @@ def _provisional_plan(joint: JointGraph, measured: GraphProfiler, swap: bool) ->
             and any(joint.is_backward(u) for u in n.users)]
     swapped = []
     if swap:
+        # a saved value frees its memory when swapped if it alone covers one storage the graph
+        # made (often a view of an op's output: the op's result itself is not saved)
+        holders = Counter(id(st) for n in kept for st in measured.storage_of.get(n, []))
         for n in kept:
             storages = measured.storage_of.get(n, [])
-            if len(storages) == 1 and storages[0].creator is n and not storages[0].persistent \
+            if len(storages) == 1 and holders[id(storages[0])] == 1 \
+                    and not storages[0].persistent and storages[0].creator is not None \
+                    and storages[0].creator.op != "placeholder" \
                     and can_swap_value(n, storages[0].nbytes):
                 swapped.append(n)
     return Plan(budget_B=None, baseline_peak_B=0, predicted_peak_B=0, predicted_extra_ms=0.0,
-                stop_reason="capture call", kept=kept, swapped=swapped)
+                stop_reason="capture call", kept=kept, swapped=swapped,
+                release_before=_one_behind(joint, swapped))
+
+
+def _one_behind(joint: JointGraph, swapped: list[fx.Node]) -> dict[fx.Node, fx.Node]:
+    """Release points that keep at most two swapped activations on the device at once: each
+    one's device memory is given back once the next one's copy out has been issued (so compute
+    waits only for a copy already under way). Released at the forward's end instead, a graph's
+    activations would all be on the device together, as without AC."""
+    order = {n: i for i, n in enumerate(joint.graph.nodes)}
+
+    def last_forward_use(n: fx.Node) -> int:
+        return max((order[u] for u in n.users if not joint.is_backward(u) and u.op != "output"),
+                   default=order[n])
+
+    nodes = list(joint.graph.nodes)
+    by_last_use = sorted(swapped, key=last_forward_use)
+    release = {}
+    for x, after in zip(by_last_use, by_last_use[1:]):
+        at = last_forward_use(after) + 1
+        if at < len(nodes) and not joint.is_backward(nodes[at]):
+            release[x] = nodes[at]
+    return release
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
