@@ -27,6 +27,7 @@ import torch
 
 from benchmarks.common import load_workload, workload_parser
 from lightning_ac import auto_checkpoint, parse_budget
+from lightning_ac.install import describe_shapes
 from lightning_ac.measure import peak_memory_B
 
 
@@ -57,7 +58,8 @@ def train(args, budget_B: int | None, label: str) -> tuple[list[dict], float, ob
     ac = None
     if budget_B is not None:
         step_fn = ac = auto_checkpoint(w.loss, opt, module=w.model, budget=budget_B,
-                                       previous_grads="freed", verbose=args.verbose)
+                                       previous_grads="freed", verbose=args.verbose,
+                                       dynamic_shapes=not args.per_shape)
     data = batches(w, args.lengths, args.steps, args.seed, args.short_last)
     torch.manual_seed(args.seed)  # the same dropout draws in both runs
     rows = []
@@ -76,6 +78,7 @@ def train(args, budget_B: int | None, label: str) -> tuple[list[dict], float, ob
         opt.step()
         row = {"run": label, "step": i, "length": n, "batch": inputs[0].shape[0],
                "loss": loss.item()}  # (.item() waits for the step)
+        row["wall_ms"] = (time.perf_counter() - t0) * 1e3  # (planning included)
         if cuda:
             end.record()
             end.synchronize()
@@ -108,6 +111,9 @@ def summarize(df: pd.DataFrame, budget_B: int, walls: dict[str, float], ac) -> d
            "median_step_ms_ac": float(steady.step_ms.median()),
            "wall_s_no_ac": round(walls["no AC"], 2), "wall_s_ac": round(walls["MuTwoAC"], 2),
            "planning_call_s": [round(s.planning_call_s, 2) for s in ac.plans.values()],
+           "plans": [describe_shapes(s.shapes) for s in ac.plans.values()],
+           "varying_sizes_planned_for": [{str(k): v for k, v in s.sizes.items()}
+                                         for s in ac.plans.values() if s.dynamic],
            # where a planning call's time goes: profiling (with the optimizer step's capture),
            # planning; the rest is capture, compilation and the step itself
            "profile_s": [s.profile.summary["profile_s"] for s in ac.plans.values()],
@@ -144,6 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--short-last", action="store_true", help="the last batch has half the samples")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--verbose", action="store_true", help="say each plan")
+    ap.add_argument("--per-shape", action="store_true",
+                    help="plan each shape alone (dynamic_shapes=False), as before varying sizes "
+                         "were traced dynamic")
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
     if args.budget is None and not cuda:

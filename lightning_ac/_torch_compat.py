@@ -17,6 +17,10 @@ import torch.fx as fx
 __all__ = [
     "aot_backend",
     "as_fake",
+    "concrete",
+    "forward_sym_nodes",
+    "mark_dims_dynamic",
+    "size_symbol",
     "batch_norm_backend",
     "cudnn_batch_norm_reserve_bytes",
     "current_cuda_stream_id",
@@ -58,9 +62,10 @@ def real_tensor_mode() -> Iterator[None]:
 
 def as_fake(real: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``real`` as a FakeTensor of the fake mode ``like`` belongs to (for a new node's
-    ``meta['val']``: AOTAutograd counts saved tensors by their fake values)."""
+    ``meta['val']``: AOTAutograd counts saved tensors by their fake values), with ``real``'s
+    sizes (under dynamic shapes the mode would otherwise give each size a new symbol)."""
     mode = getattr(like, "fake_mode", None)
-    return real if mode is None else mode.from_tensor(real)
+    return real if mode is None else mode.from_tensor(real, static_shapes=True)
 
 
 def batch_norm_backend(input: torch.Tensor, weight: torch.Tensor | None,
@@ -96,9 +101,62 @@ def extract_fwd_bwd(
     return partitioners._extract_fwd_bwd_modules(
         joint,
         saved_values=list(saved_values),
-        saved_sym_nodes=[],
+        saved_sym_nodes=forward_sym_nodes(joint),
         num_fwd_outputs=num_fwd_outputs,
     )
+
+
+def forward_sym_nodes(joint: fx.GraphModule) -> list[fx.Node]:
+    """The forward's nodes whose value is a size (a ``SymInt``: a graph traced with dynamic
+    shapes), which backward may read: saved beside the tensors, as AOTAutograd's own
+    partitioner does (those backward does not read are dropped by the extraction)."""
+    from torch.fx.experimental.proxy_tensor import is_sym_node
+
+    return [n for n in joint.graph.nodes if n.op != "output" and not is_backward_node(n)
+            and is_sym_node(n)]
+
+
+def mark_dims_dynamic(t: torch.Tensor, dims: Sequence[int]) -> None:
+    """Ask dynamo to trace dimensions ``dims`` of input ``t`` as sizes that vary (one graph for
+    every length), where it can: a dimension it must specialize (a size of 0 or 1, or one the
+    code branches on) stays static, without an error."""
+    for d in dims:
+        torch._dynamo.maybe_mark_dynamic(t, d)
+
+
+def size_symbol(size) -> object | None:
+    """The symbol a traced size stands for (``s0`` for a dynamic length), or None where the size
+    is a plain int or an expression of several symbols."""
+    if isinstance(size, torch.SymInt):
+        expr = size.node.expr
+        return expr if getattr(expr, "is_Symbol", False) else None
+    return None
+
+
+def concrete(value, bindings: dict):
+    """``value`` with every traced size replaced by its value under ``bindings`` (symbol → int):
+    an int for a ``SymInt``, a meta tensor of the same dtype, sizes and strides for a
+    FakeTensor with dynamic sizes, tuples and lists element-wise; anything else as it is.
+
+    Raises:
+        KeyError: a size depends on a symbol ``bindings`` does not give.
+    """
+    if isinstance(value, torch.SymInt):
+        expr = value.node.expr
+        if not isinstance(expr, int):
+            expr = expr.xreplace(bindings)  # (a plain int where the expression was one symbol)
+        if not isinstance(expr, int) and not expr.is_number:
+            raise KeyError(f"no value for {sorted(map(str, expr.free_symbols))} in {value}")
+        return int(expr)
+    if isinstance(value, torch.Tensor):
+        if not any(isinstance(x, torch.SymInt) for x in (*value.shape, *value.stride())):
+            return value
+        return torch.empty_strided([concrete(x, bindings) for x in value.shape],
+                                   [concrete(x, bindings) for x in value.stride()],
+                                   dtype=value.dtype, device="meta")
+    if isinstance(value, (tuple, list)):
+        return type(value)(concrete(v, bindings) for v in value)
+    return value
 
 
 def use_boxed_calling_convention(gm: fx.GraphModule) -> fx.GraphModule:

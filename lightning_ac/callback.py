@@ -166,6 +166,9 @@ class MuTwoAC(StepMonitor):
             smaller batch) at its first step; ``False``: such batches run without AC, with a
             warning.
         max_shapes: plans kept at once (the least recently used goes beyond that).
+        dynamic_shapes: once batches differ only in some sizes (sequence length, the last short
+            batch), trace the step with those sizes dynamic and plan it once for the largest
+            seen: later sizes need no new capture or profile. ``False``: plan each shape alone.
 
     Logged at the end of every training epoch (through the trainer's loggers):
 
@@ -200,12 +203,14 @@ class MuTwoAC(StepMonitor):
     def __init__(self, budget: int | str | None = None, *, margin: float = 0.05,
                  verbose: bool = True, warmup_steps: int = 1,
                  host_swap: bool | str = "auto", swap: bool = True, plan_new_shapes: bool = True,
-                 max_shapes: int = MAX_SHAPES) -> None:
+                 max_shapes: int = MAX_SHAPES, dynamic_shapes: bool = True) -> None:
         super().__init__(warmup_steps=warmup_steps)
         self.budget_B = parse_budget(budget)
         validate_options("MuTwoAC", swap=swap, host_swap=host_swap, margin=margin,
-                         plan_new_shapes=plan_new_shapes, max_shapes=max_shapes)
+                         plan_new_shapes=plan_new_shapes, max_shapes=max_shapes,
+                         dynamic_shapes=dynamic_shapes)
         self.plan_new_shapes, self.max_shapes = plan_new_shapes, max_shapes
+        self.dynamic_shapes = dynamic_shapes
         self.swap, self.host_swap, self.margin = swap, host_swap, margin
         self.verbose = verbose
         self.ac: AutoCheckpoint | None = None
@@ -276,7 +281,7 @@ class MuTwoAC(StepMonitor):
                 budget=self.budget_B, swap=self.swap, host_swap=self.host_swap,
                 margin=self.margin, verbose=self.verbose,
                 previous_grads=_previous_grads(trainer), plan_new_shapes=self.plan_new_shapes,
-                max_shapes=self.max_shapes)
+                max_shapes=self.max_shapes, dynamic_shapes=self.dynamic_shapes)
             self._planning_step = self._steps_seen + 1  # the step about to run
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 

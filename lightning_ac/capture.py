@@ -48,6 +48,7 @@ __all__ = [
     "capture_optimizer_step",
     "compile_graphs",
     "compile_joint",
+    "node_value",
     "running",
 ]
 
@@ -76,6 +77,9 @@ class JointGraph:
     tangents: list[fx.Node]
     num_fwd_outputs: int
     """How many leading outputs belong to the forward (user outputs and mutated buffers)."""
+    sizes: list[fx.Node] = field(default_factory=list)
+    """Placeholders that are sizes, not tensors (a graph traced with dynamic shapes: the length
+    of a batch's sequences), in call order among :attr:`primals`; empty for a static graph."""
     grad_of: dict[fx.Node, int] = field(default_factory=dict)
     """Backward output node → index of the primal whose gradient it is."""
     pinned: list[fx.Node] = field(default_factory=list)
@@ -86,6 +90,31 @@ class JointGraph:
     @property
     def graph(self) -> fx.Graph:
         return self.gm.graph
+
+    @property
+    def bindings(self) -> dict:
+        """Symbol → size the graph's dynamic sizes stand for in its profile (the call it was
+        captured on, or the sizes its profile was scaled to: :func:`~lightning_ac.profiler.
+        profile_at`); empty for a static graph. Kept on the graph module, so that a node's
+        :func:`node_value` finds it."""
+        return self.gm.meta.setdefault(_BINDINGS, {})
+
+    @bindings.setter
+    def bindings(self, value: dict) -> None:
+        self.gm.meta[_BINDINGS] = dict(value)
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether some sizes in the graph vary from call to call (one graph for all lengths)."""
+        return bool(self.sizes)
+
+    def call_args(self, primal_values: Sequence) -> list:
+        """The graph's primal arguments in placeholder order: ``primal_values`` (tensors, as
+        :attr:`primals`) with the sizes' values (under :attr:`bindings`) in between."""
+        values = iter(primal_values)
+        sizes = set(self.sizes)
+        return [compat.concrete(p.meta["val"], self.bindings) if p in sizes else next(values)
+                for p in self.graph.find_nodes(op="placeholder") if not self.is_backward(p)]
 
     def is_backward(self, node: fx.Node) -> bool:
         """True for nodes of the backward pass (tangents included)."""
@@ -120,6 +149,9 @@ def _roles(example_inputs: Sequence, module: nn.Module | None,
             named.setdefault(id(b), PrimalRole("buffer", name))
     roles, n_inputs = [], 0
     for t in example_inputs:
+        if not isinstance(t, torch.Tensor):  # a dynamic size: not a primal (JointGraph.sizes)
+            roles.append(PrimalRole("size", ""))
+            continue
         role = named.get(id(t))
         if lasting is not None and id(t) not in lasting:
             role = PrimalRole("carried", f"carried{n_inputs}")
@@ -136,40 +168,81 @@ def _build_joint(joint_gm: fx.GraphModule, example_inputs: list, roles: list[Pri
     compat.eliminate_common_subexpressions(joint_gm)
     placeholders = list(joint_gm.graph.find_nodes(op="placeholder"))
     tangents = [p for p in placeholders if compat.is_backward_node(p)]
-    primals = [p for p in placeholders if not compat.is_backward_node(p)]
+    sizes = [p for p in placeholders if not compat.is_backward_node(p)
+             and isinstance(p.meta.get("val"), torch.SymInt)]
+    primals = [p for p in placeholders if not compat.is_backward_node(p) and p not in sizes]
     tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
     if len(primals) != len(tensors):
         raise CaptureError(
             f"the joint graph has {len(primals)} primal inputs but dynamo passed {len(tensors)} "
             "tensors; inputs that are not tensors (or duplicated inputs) are not supported yet"
         )
+    bindings = _bindings(primals, tensors)
     for node, t in zip(primals, tensors):
         val = node.meta.get("val")
-        if val is not None and tuple(val.shape) != tuple(t.shape):
+        if val is not None and list(compat.concrete(tuple(val.shape), bindings)) != list(t.shape):
             raise CaptureError(f"primal {node.name} has shape {tuple(val.shape)} but the example "
                                f"input has {tuple(t.shape)}: inputs were reordered")
     joint = JointGraph(gm=joint_gm, primals=primals, primal_values=tensors,
                        primal_roles=[r for r, t in zip(roles, example_inputs)
                                      if isinstance(t, torch.Tensor)],
-                       tangents=tangents, num_fwd_outputs=num_fwd_outputs)
+                       tangents=tangents, num_fwd_outputs=num_fwd_outputs, sizes=sizes)
+    joint.bindings = bindings
     grads = joint.outputs()[num_fwd_outputs:]
-    # AOTAutograd returns one gradient slot per primal, or one per primal that requires grad.
-    if len(grads) == len(tensors):
+    # AOTAutograd returns one gradient slot per primal (sizes too: theirs is None), or one per
+    # primal that requires grad.
+    tensor_index = iter(range(len(tensors)))
+    inputs = [p for p in placeholders if not compat.is_backward_node(p)]
+    if len(grads) == len(inputs) and sizes:
+        owners = [None if p in sizes else next(tensor_index) for p in inputs]
+    elif len(grads) == len(tensors):
         owners = list(range(len(tensors)))
     else:
         owners = [i for i, t in enumerate(tensors) if t.requires_grad]
     if len(owners) != len(grads):
         raise CaptureError(f"cannot align {len(grads)} gradient outputs with {len(tensors)} primals")
-    joint.grad_of = {g: i for g, i in zip(grads, owners) if isinstance(g, fx.Node)}
+    joint.grad_of = {g: i for g, i in zip(grads, owners)
+                     if isinstance(g, fx.Node) and i is not None}
     apply_graph_passes(joint)
     log.debug("captured a joint graph of %d nodes (%d primals, %d forward outputs)",
               len(joint_gm.graph.nodes), len(primals), num_fwd_outputs)
     return joint
 
 
+def _bindings(primals: list[fx.Node], tensors: list[torch.Tensor]) -> dict:
+    """The value of each dynamic size of a graph in this call: read off the real inputs,
+    dimension by dimension (every size symbol dynamo makes stands for some input's dimension).
+
+    Raises:
+        CaptureError: a size symbol no input dimension gives.
+    """
+    out = {}
+    for node, t in zip(primals, tensors):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            for size, real in zip(val.shape, t.shape):
+                sym = compat.size_symbol(size)
+                if sym is not None:
+                    out[sym] = int(real)
+    return out
+
+
+_BINDINGS = "mutwo_bindings"
+
+
+def node_value(node: fx.Node):
+    """``node``'s traced value (``meta["val"]``), with dynamic sizes at the values its joint graph
+    is profiled at (:attr:`JointGraph.bindings`): what the profiler, planner and rewriter read
+    to count bytes. Other graphs' values as they are."""
+    val = node.meta.get("val")
+    gm = node.graph.owning_module
+    bindings = gm.meta.get(_BINDINGS) if gm is not None else None
+    return compat.concrete(val, bindings) if bindings else val
+
+
 def compile_joint(fn: Callable, module: nn.Module | None,
-                  partition: Callable[[JointGraph], tuple[fx.GraphModule, fx.GraphModule]]
-                  ) -> Callable:
+                  partition: Callable[[JointGraph], tuple[fx.GraphModule, fx.GraphModule]],
+                  *, dynamic: bool = False) -> Callable:
     """``torch.compile`` ``fn`` so that ``partition(joint)`` decides its forward/backward split.
 
     On the first call, dynamo traces ``fn`` with the real arguments, AOTAutograd builds the joint
@@ -188,6 +261,10 @@ def compile_joint(fn: Callable, module: nn.Module | None,
     (on torch 2.11) the partition function with the compiled step. Ours reach ``module`` and
     ``partition`` (the planner, its profile) only through the returned function, by a weak
     reference, so that a model whose plan is dropped can be freed.
+
+    With ``dynamic``, the dimensions of the arguments marked with
+    :func:`~lightning_ac._torch_compat.mark_dims_dynamic` before the first call are traced as
+    sizes that vary: one graph, and one partition, for every length.
     """
     needs = _BackendNeeds(module, partition)
     needs_ref = weakref.ref(needs)
@@ -207,7 +284,8 @@ def compile_joint(fn: Callable, module: nn.Module | None,
 
         return aot_compile(gm, example_inputs, module, partition_now)
 
-    compiled = torch.compile(own_entry(fn), backend=backend, fullgraph=True, dynamic=False)
+    compiled = torch.compile(own_entry(fn), backend=backend, fullgraph=True,
+                             dynamic=None if dynamic else False)
     compiled.mutwo_backend_needs = needs  # what keeps them alive
     return compiled
 

@@ -179,7 +179,8 @@ def batch_norm_without_buffers(joint: JointGraph) -> int:
         if (compat.is_backward_node(bn) or training is not True or not isinstance(momentum, float)
                 or not isinstance(eps, float) or 3 not in outs or 4 not in outs
                 or any(u.op == "call_function" and not _reads_stats_unused(u)
-                       for o in (outs[3], outs[4]) for u in o.users)):
+                       for o in (outs[3], outs[4]) for u in o.users)
+                or _has_dynamic_size(x)):  # (its count per channel would vary: left as traced)
             continue
         for i in (3, 4):  # backward's BatchNorm reads them but does not use them in training
             for u in list(outs[i].users):
@@ -222,6 +223,11 @@ def batch_norm_without_buffers(joint: JointGraph) -> int:
                                         for i, j in ((3, k), (4, len(group) + k))])
     joint.gm.recompile()
     return sum(len(g) for g in groups.values())
+
+
+def _has_dynamic_size(n) -> bool:
+    val = n.meta.get("val") if isinstance(n, fx.Node) else None
+    return isinstance(val, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in val.shape)
 
 
 def _cudnn_reserve(x, w, b, rm, rv, eps) -> torch.Tensor | None:

@@ -32,19 +32,32 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.fx as fx
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_ac import _torch_compat as compat
 from lightning_ac.capture import JointGraph
-from lightning_ac.errors import BudgetError, describe_capture_failure, unwrap_compile_error
+from lightning_ac.errors import (
+    BudgetError,
+    CaptureError,
+    describe_capture_failure,
+    unwrap_compile_error,
+)
 from lightning_ac.planner import Plan, default_reserve_B, plan
-from lightning_ac.profiler import PREVIOUS_GRADS, NodeOutOfMemoryError, Profile, op_name, profile_joint
+from lightning_ac.profiler import (
+    PREVIOUS_GRADS,
+    NodeOutOfMemoryError,
+    Profile,
+    op_name,
+    profile_at,
+    profile_joint,
+)
 from lightning_ac.report import format_bytes
 from lightning_ac.rewriter import compile_with_plan, decode_plan, encode_plan, retarget
 from lightning_ac.simulator import peak_breakdown
@@ -130,7 +143,7 @@ def device_memory_limit(device: torch.device, margin: float = 0.05) -> int | Non
 
 def validate_options(owner: str, *, swap: Any, host_swap: Any, margin: Any,
                      previous_grads: Any = "until_backward", plan_new_shapes: Any = True,
-                     max_shapes: Any = 1) -> None:
+                     max_shapes: Any = 1, dynamic_shapes: Any = True) -> None:
     """Check the options :func:`auto_checkpoint` and ``MuTwoAC`` share; the message names
     ``owner(argument=value)`` and what is expected.
 
@@ -153,6 +166,9 @@ def validate_options(owner: str, *, swap: Any, host_swap: Any, margin: Any,
     if not isinstance(plan_new_shapes, bool):
         raise MisconfigurationException(
             f"{owner}(plan_new_shapes={plan_new_shapes!r}) must be True or False.")
+    if not isinstance(dynamic_shapes, bool):
+        raise MisconfigurationException(
+            f"{owner}(dynamic_shapes={dynamic_shapes!r}) must be True or False.")
     if not isinstance(max_shapes, int) or isinstance(max_shapes, bool) or max_shapes < 1:
         raise MisconfigurationException(f"{owner}(max_shapes={max_shapes!r}) must be a positive int.")
 
@@ -187,6 +203,24 @@ class ShapePlan:
     comes at the call after the capture call)."""
     not_one_graph: str = ""
     """Why the step is not one graph (the first graph break), where it is not."""
+    tensor_shapes: list[tuple] = field(default_factory=list)
+    """The shape of each tensor argument of the call that planned it (:func:`input_tensors`)."""
+    varying: frozenset = frozenset()
+    """``(tensor index, dim)`` of the dimensions traced as varying sizes: one graph and one plan
+    for every call whose shapes differ only there (:attr:`shapes` is their pattern)."""
+    sources: dict = field(default_factory=dict)
+    """Each size symbol of that graph → the ``(tensor index, dim)`` of the call it reads."""
+    sizes: dict = field(default_factory=dict)
+    """The sizes (symbol → int) the plan is made for: the largest seen, so that it holds for
+    every call up to them (memory grows with each size)."""
+
+    @property
+    def dynamic(self) -> bool:
+        return bool(self.varying)
+
+    def sizes_of(self, tensors: list[torch.Tensor]) -> dict:
+        """The value of each size symbol in a call with these tensor arguments."""
+        return {sym: int(tensors[i].shape[d]) for sym, (i, d) in self.sources.items()}
 
 
 class AutoCheckpoint:
@@ -209,13 +243,16 @@ class AutoCheckpoint:
                  *, budget: Budget, swap: bool, host_swap: bool | str, margin: float,
                  verbose: bool, previous_grads: str, always_rewrite: bool, on_infeasible: str,
                  plan_new_shapes: bool, max_shapes: int, profile_options: dict[str, Any],
-                 installed_on: nn.Module | None) -> None:
+                 installed_on: nn.Module | None, dynamic_shapes: bool = True) -> None:
         self.fn, self.module, self.optimizer = fn, module, optimizer
         self.budget = budget
         self.swap, self.host_swap, self.margin = swap, host_swap, margin
         self.verbose, self.previous_grads = verbose, previous_grads
         self.always_rewrite, self.on_infeasible = always_rewrite, on_infeasible
         self.plan_new_shapes, self.max_shapes = plan_new_shapes, max_shapes
+        self.dynamic_shapes = dynamic_shapes
+        self._static_only = False
+        """Set when a step traced with dynamic sizes failed: each shape is then planned alone."""
         self.profile_options = profile_options
         self.plans: OrderedDict[tuple, ShapePlan] = OrderedDict()
         self.last: ShapePlan | None = None
@@ -280,14 +317,19 @@ class AutoCheckpoint:
         if self._disabled or not self.module.training or not torch.is_grad_enabled():
             return self.fn(*args, **kwargs)
         shapes = input_shapes(args, kwargs)
-        step = self.plans.get(shapes)
+        step = self.plans.get(shapes) or self._varying_plan_for(args, kwargs)
         if step is None:
             if self.plans and not self.plan_new_shapes:
                 self._warn_unplanned_shape(shapes)
                 return self.fn(*args, **kwargs)  # another shape, as the user asked: eager
+            varying = self._varying_dims(args, kwargs)
+            if varying:
+                return self._plan_varying(varying, shapes, args, kwargs)
             return self._plan_and_run(shapes, args, kwargs)
-        self.plans.move_to_end(shapes)
+        self.plans.move_to_end(step.shapes)
         self.last = step
+        if step.dynamic:
+            return self._run_varying(step, args, kwargs)
         if step.graphs is not None and step.graphs.profile is None:
             return self._plan_graphs(step, args, kwargs)
         if step.compiled is None:
@@ -301,7 +343,8 @@ class AutoCheckpoint:
 
     def _plan_and_run(self, shapes: tuple, args, kwargs):
         """The first training call of ``shapes``: capture, profile and plan the step, then run it."""
-        step = ShapePlan(shapes, foreign_B=self._foreign_bytes(args, kwargs))
+        step = ShapePlan(shapes, foreign_B=self._foreign_bytes(args, kwargs),
+                         tensor_shapes=[tuple(t.shape) for t in input_tensors(args, kwargs)])
         split = next((s.not_one_graph for s in self.plans.values() if s.graphs is not None), "")
         if split:  # another shape of a step known not to be one graph: skip the attempt
             step.not_one_graph = split
@@ -320,6 +363,120 @@ class AutoCheckpoint:
         self._keep(step)
         self._announce(step)
         return out
+
+    # -- inputs whose sizes vary: one graph traced with dynamic sizes ------------------------
+
+    def _varying_plan_for(self, args, kwargs) -> ShapePlan | None:
+        """The plan of varying sizes whose pattern this call's shapes fit, if any."""
+        for step in reversed(self.plans.values()):
+            if step.dynamic and shapes_pattern(args, kwargs, step.varying) == step.shapes:
+                return step
+        return None
+
+    def _varying_dims(self, args, kwargs) -> frozenset:
+        """The dimensions to trace as varying for this call (empty: plan its shapes alone): those
+        in which it differs from a shape planned before as one graph, with the same tensors of
+        the same ranks otherwise (and those of an earlier plan of varying sizes)."""
+        if not self.dynamic_shapes or self._static_only:
+            return frozenset()
+        shapes = [tuple(t.shape) for t in input_tensors(args, kwargs)]
+        dims: set = set()
+        for step in self.plans.values():
+            if step.graphs is not None or step.not_one_graph:
+                return frozenset()  # several graphs: planned per shape (not traced dynamic yet)
+            known = step.tensor_shapes
+            if len(known) != len(shapes) or any(len(a) != len(b) for a, b in zip(known, shapes)):
+                continue  # other arguments: not the same step
+            dims |= step.varying | {(i, d) for i, (a, b) in enumerate(zip(known, shapes))
+                                    for d, (x, y) in enumerate(zip(a, b)) if x != y}
+        return frozenset(dims)
+
+    def _plan_varying(self, varying: frozenset, shapes: tuple, args, kwargs):
+        """A call whose shapes differ from planned ones in ``varying``: capture the step once with
+        those dimensions as dynamic sizes, profile it at this call's sizes, and plan it for the
+        largest sizes seen (the profile scaled to them: :func:`~lightning_ac.profiler.
+        profile_at`). Where that fails, this shape is planned alone."""
+        tensors = input_tensors(args, kwargs)
+        step = ShapePlan(shapes_pattern(args, kwargs, varying),
+                         foreign_B=self._foreign_bytes(args, kwargs),
+                         tensor_shapes=[tuple(t.shape) for t in tensors], varying=varying)
+        _mark_varying(tensors, varying)
+        step.compiled = compile_with_plan(
+            self.fn, self.module, functools.partial(self._make_varying_plan, step, tensors),
+            dynamic=True)
+        t0 = time.perf_counter()
+        try:
+            out = step.compiled(*args, **kwargs)
+        except Exception as exc:
+            _raise_if_memory_error(exc)
+            self._static_only = True
+            log.info("could not plan one graph for varying sizes (%s); planning each shape",
+                     str(exc).strip().splitlines()[0][:200])
+            return self._plan_and_run(input_shapes(args, kwargs), args, kwargs)
+        step.planning_call_s = time.perf_counter() - t0
+        self._keep(step)
+        self._announce(step)
+        return out
+
+    def _make_varying_plan(self, step: ShapePlan, tensors: list, joint: JointGraph) -> Plan:
+        """``_make_plan`` for a graph traced with dynamic sizes, planned at the largest sizes."""
+        index = {id(t): i for i, t in enumerate(tensors)}
+        for node, value in zip(joint.primals, joint.primal_values):
+            shape = node.meta["val"].shape
+            for d, size in enumerate(shape):
+                sym = compat.size_symbol(size)
+                if sym is not None and id(value) in index:
+                    step.sources.setdefault(sym, (index[id(value)], d))
+        missing = set(joint.bindings) - set(step.sources)
+        if missing or not step.sources:
+            raise CaptureError(f"sizes {sorted(map(str, missing))} of the traced step are no "
+                               "dimension of its arguments" if missing else
+                               "dynamo traced no varying size")
+        # the largest size of each symbol over this call and the shapes planned before
+        largest = dict(joint.bindings)
+        for other in self.plans.values():
+            seen = {other.sources[sym]: v for sym, v in other.sizes.items()}  # (varying sizes)
+            for sym, (i, d) in step.sources.items():
+                if i < len(other.tensor_shapes) and d < len(other.tensor_shapes[i]):
+                    largest[sym] = max(largest[sym], other.tensor_shapes[i][d],
+                                       seen.get((i, d), 0))
+        step.sizes = largest
+        return self._make_plan(step, joint, sizes=largest)
+
+    def _run_varying(self, step: ShapePlan, args, kwargs):
+        """A call of a plan for varying sizes: run it, after planning again for larger sizes
+        (the profile scaled to them, no new measurement) if this call has any."""
+        tensors = input_tensors(args, kwargs)
+        sizes = step.sizes_of(tensors)
+        if any(v > step.sizes[s] for s, v in sizes.items()):
+            t0 = time.perf_counter()
+            largest = {s: max(v, sizes[s]) for s, v in step.sizes.items()}
+            planned_on = step.profile.joint.graph
+            profile = profile_at(step.profile, largest)
+            new = self._plan_profile(step, profile)
+            log.info("sizes %s are larger than planned for (%s): planned again",
+                     sizes, step.sizes)
+            same = _same_choices(step.plan, new)
+            step.profile, step.plan, step.sizes = profile, new, largest
+            if not same:  # (the same choices at the larger sizes: the compiled step stands)
+                step.compiled = self._compile_with(step, new, planned_on)
+            self.planned_last_call = True
+            _mark_varying(tensors, step.varying)
+            out = step.compiled(*args, **kwargs)
+            step.planning_call_s = time.perf_counter() - t0
+            return out
+        _mark_varying(tensors, step.varying)
+        try:
+            return step.compiled(*args, **kwargs)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise torch.cuda.OutOfMemoryError(f"{exc}\n{self._out_of_memory_hint()}") from exc
+
+    def _compile_with(self, step: ShapePlan, new: Plan, planned_on: fx.Graph) -> Callable:
+        """The step compiled again with ``new``, a plan made on the graph ``planned_on`` (the
+        new trace must be the same graph: :func:`~lightning_ac.rewriter.retarget`)."""
+        return compile_with_plan(self.fn, self.module,
+                                 lambda joint: retarget(new, planned_on, joint.graph),
+                                 dynamic=step.dynamic)
 
     def _keep(self, step: ShapePlan) -> None:
         self.planned_last_call = True
@@ -423,9 +580,7 @@ class AutoCheckpoint:
         if step.graphs is not None:
             step.graphs.use(new)  # each graph is compiled again at its next run
         else:
-            planned_on = step.profile.joint.graph
-            step.compiled = compile_with_plan(
-                self.fn, self.module, lambda joint: retarget(new, planned_on, joint.graph))
+            step.compiled = self._compile_with(step, new, step.profile.joint.graph)
         step.plan, step.excess_B = new, step.excess_B + excess
         step.replans += 1
         self.replans += 1
@@ -463,8 +618,7 @@ class AutoCheckpoint:
         if new.stop_reason == "already fits" and not self.always_rewrite:
             step.compiled = None
         else:
-            step.compiled = compile_with_plan(
-                self.fn, self.module, lambda joint: retarget(new, graph, joint.graph))
+            step.compiled = self._compile_with(step, new, graph)
         step.plan = new
         log.info("adopted another rank's plan for %s: %s", describe_shapes(step.shapes),
                  new.summary())
@@ -497,13 +651,17 @@ class AutoCheckpoint:
         p = next(self.module.parameters(), None)
         return p.device if p is not None else None
 
-    def _make_plan(self, step: ShapePlan, joint: JointGraph) -> Plan:
+    def _make_plan(self, step: ShapePlan, joint: JointGraph, sizes: dict | None = None) -> Plan:
+        """Profile the captured step and plan it (at ``sizes``: a graph traced with dynamic
+        sizes, planned for other sizes than this call's)."""
         t0 = time.perf_counter()
         device = joint.primal_values[0].device
         # the joint graph already holds the casts autocast chose; running it under autocast
         # again would cast twice
         with compat.real_tensor_mode(), torch.autocast(device.type, enabled=False):
             profile = self._profile(joint, device)
+        if sizes and sizes != joint.bindings:
+            profile = profile_at(profile, sizes)
         # The profile stays readable; the tensors it was captured on (parameters, and the first
         # batch, which would otherwise stay allocated) are not needed any more.
         joint.primal_values = []
@@ -640,6 +798,18 @@ class AutoCheckpoint:
         return hint + " Otherwise lower the budget (MuTwoAC(budget=...)) or the batch size."
 
 
+def _same_choices(a: Plan, b: Plan) -> bool:
+    """Whether two plans of one graph recompute and swap the same values in the same way."""
+    return (set(a.recomputed) == set(b.recomputed) and set(a.swapped) == set(b.swapped)
+            and a.release_before == b.release_before and a.prefetch_before == b.prefetch_before)
+
+
+def _mark_varying(tensors: list[torch.Tensor], dims: frozenset) -> None:
+    """Mark the varying dimensions (``(tensor index, dim)``) of a call's tensors for dynamo."""
+    for i, d in dims:
+        compat.mark_dims_dynamic(tensors[i], [d])
+
+
 def _raise_if_memory_error(exc: BaseException) -> None:
     """Re-raise an out-of-memory error, or the :class:`BudgetError` under a compile error: those
     are the user's to see; any other failure to capture or plan turns AC off with a warning."""
@@ -675,7 +845,7 @@ def auto_checkpoint(target: nn.Module | Callable, optimizer: torch.optim.Optimiz
                     host_swap: bool | str = "auto", margin: float = 0.05, verbose: bool = False,
                     previous_grads: str = "until_backward", always_rewrite: bool = False,
                     on_infeasible: str = "raise", plan_new_shapes: bool = True,
-                    max_shapes: int = MAX_SHAPES,
+                    max_shapes: int = MAX_SHAPES, dynamic_shapes: bool = True,
                     profile_options: dict[str, Any] | None = None) -> AutoCheckpoint:
     """Plan ``target``'s training step under a memory budget on its first training call.
 
@@ -711,6 +881,12 @@ def auto_checkpoint(target: nn.Module | Callable, optimizer: torch.optim.Optimiz
             warning.
         max_shapes: plans kept at once; beyond that the least recently used one goes (and is
             made again if its shapes come back).
+        dynamic_shapes: when a call's shapes differ from a planned one's only in some sizes (a
+            sequence length, the last short batch), trace the step once with those sizes
+            dynamic and plan it for the largest sizes seen: every later size up to them runs
+            with no new capture or profile, and a larger one is planned again from the same
+            profile scaled to it. False: each set of shapes is captured, profiled and planned
+            on its own.
         profile_options: keyword arguments for :func:`~lightning_ac.profiler.profile_iteration`
             (``runs``, ``cold_l2``).
 
@@ -725,7 +901,7 @@ def auto_checkpoint(target: nn.Module | Callable, optimizer: torch.optim.Optimiz
         parse_budget(budget, owner="auto_checkpoint")
     validate_options("auto_checkpoint", swap=swap, host_swap=host_swap, margin=margin,
                      previous_grads=previous_grads, plan_new_shapes=plan_new_shapes,
-                     max_shapes=max_shapes)
+                     max_shapes=max_shapes, dynamic_shapes=dynamic_shapes)
     if on_infeasible not in ("raise", "warn"):
         raise MisconfigurationException(
             f"auto_checkpoint(on_infeasible={on_infeasible!r}) must be \"raise\" or \"warn\".")
@@ -754,7 +930,7 @@ def auto_checkpoint(target: nn.Module | Callable, optimizer: torch.optim.Optimiz
                         always_rewrite=always_rewrite, on_infeasible=on_infeasible,
                         plan_new_shapes=plan_new_shapes, max_shapes=max_shapes,
                         profile_options=dict(profile_options or {}),
-                        installed_on=installed_on)
+                        installed_on=installed_on, dynamic_shapes=dynamic_shapes)
     if installed_on is not None:
         installed_on.forward = ac
     return ac
@@ -777,19 +953,50 @@ def step_bytes(module: nn.Module, optimizer: torch.optim.Optimizer | None, input
     return sum(own.values())
 
 
+def _walk(args, kwargs, leaf: Callable[[torch.Tensor], Any]) -> tuple:
+    """A call's arguments as a hashable key: ``leaf(t)`` for each tensor (inside lists, tuples
+    and dicts too: a batch passed as one dict), None for anything else; tensors are visited in
+    one fixed order (:func:`input_tensors`'s)."""
+    def walk(v):
+        if isinstance(v, torch.Tensor):
+            return leaf(v)
+        if isinstance(v, (list, tuple)):
+            return tuple(walk(x) for x in v)
+        if isinstance(v, dict):
+            return tuple((str(k), walk(x)) for k, x in sorted(v.items(), key=lambda kv: str(kv[0])))
+        return None
+
+    return tuple(walk(a) for a in args) + tuple((k, walk(v)) for k, v in sorted(kwargs.items()))
+
+
 def input_shapes(args, kwargs) -> tuple:
     """The shapes of a call's tensor arguments, inside lists, tuples and dicts too (a batch
     passed as one dict), with None for other arguments, as a hashable key."""
-    def shape(v):
-        if isinstance(v, torch.Tensor):
-            return tuple(v.shape)
-        if isinstance(v, (list, tuple)):
-            return tuple(shape(x) for x in v)
-        if isinstance(v, dict):
-            return tuple((str(k), shape(x)) for k, x in sorted(v.items(), key=lambda kv: str(kv[0])))
-        return None
+    return _walk(args, kwargs, lambda t: tuple(t.shape))
 
-    return tuple(shape(a) for a in args) + tuple((k, shape(v)) for k, v in sorted(kwargs.items()))
+
+def input_tensors(args, kwargs) -> list[torch.Tensor]:
+    """A call's tensor arguments in the order :func:`input_shapes` lists their shapes."""
+    out: list[torch.Tensor] = []
+    _walk(args, kwargs, out.append)
+    return out
+
+
+VARYING = "*"
+"""Stands for a dimension whose size varies in a :func:`shapes_pattern`."""
+
+
+def shapes_pattern(args, kwargs, dims: frozenset) -> tuple:
+    """:func:`input_shapes` with the dimensions ``dims`` (``(tensor index, dim)`` pairs, in
+    :func:`input_tensors`'s order) written :data:`VARYING`: the key of a plan for all their
+    sizes."""
+    count = iter(range(1 << 62))
+
+    def leaf(t: torch.Tensor) -> tuple:
+        i = next(count)
+        return tuple(VARYING if (i, d) in dims else size for d, size in enumerate(t.shape))
+
+    return _walk(args, kwargs, leaf)
 
 
 def describe_shapes(shapes: tuple) -> str:
@@ -797,9 +1004,9 @@ def describe_shapes(shapes: tuple) -> str:
     "[8, 3, 32, 32], mask=[8, 64]"."""
     parts = []
     for s in shapes:
-        if s and isinstance(s[0], str):  # a keyword argument: (name, shape or None)
+        if s and isinstance(s[0], str) and s[0] != VARYING:  # a keyword argument: (name, shape)
             if s[1] is not None:
-                parts.append(f"{s[0]}={list(s[1])}")
+                parts.append(f"{s[0]}={list(s[1])}".replace(repr(VARYING), VARYING))
         elif s is not None:
-            parts.append(str(list(s)))
+            parts.append(str(list(s)).replace(repr(VARYING), VARYING))
     return ", ".join(parts)

@@ -38,6 +38,7 @@ import pandas as pd
 import torch
 import torch.fx as fx
 
+from lightning_ac.capture import node_value
 from lightning_ac.profiler import Profile, op_name, recompute_chain
 from lightning_ac.simulator import Simulation, profile_index, simulate, swap_ms, swap_schedule
 
@@ -132,7 +133,7 @@ def can_swap_value(n: fx.Node, nbytes: int) -> bool:
     """Whether swapping ``n``'s value frees its storage of ``nbytes``: one dense tensor that
     covers the storage, of at least :data:`MIN_SWAP_B`, that the graph does not also return
     (its caller would hold it on the device: the rewriter leaves such values alone)."""
-    val = n.meta.get("val")
+    val = node_value(n)
     return (nbytes >= MIN_SWAP_B and isinstance(val, torch.Tensor)
             and val.numel() * val.element_size() == nbytes and _dense(val)
             and not any(u.op == "output" for u in n.users))

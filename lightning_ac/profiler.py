@@ -21,7 +21,7 @@ import statistics
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -30,7 +30,13 @@ import torch.fx as fx
 from torch import nn
 
 from lightning_ac import _torch_compat as compat
-from lightning_ac.capture import JointGraph, OptimizerGraph, capture_joint, capture_optimizer_step
+from lightning_ac.capture import (
+    JointGraph,
+    OptimizerGraph,
+    capture_joint,
+    capture_optimizer_step,
+    node_value,
+)
 from lightning_ac.graph_passes import is_random_op
 
 __all__ = [
@@ -318,7 +324,7 @@ class NodeOutOfMemoryError(torch.cuda.OutOfMemoryError):
 
     def __init__(self, node: fx.Node, cause: BaseException):
         self.node = node
-        self.out_B = sum(t.numel() * t.element_size() for t in _tensors(node.meta.get("val")))
+        self.out_B = sum(t.numel() * t.element_size() for t in _tensors(node_value(node)))
         super().__init__(f"{cause}\n(profiling node {node.name}, {op_name(node)}, whose "
                          f"outputs take {self.out_B / 2**30:.2f} GiB)")
 
@@ -403,6 +409,22 @@ def measure_host_device_bandwidth(device: torch.device, nbytes: int = 256 << 20
     return out
 
 
+@dataclass(eq=False)
+class _Measured:
+    """A profile's measurements (per node and per storage) and how they were put together."""
+
+    profilers: list
+    """The joint graphs' measured figures (:func:`_figures`), in order."""
+    optimizer: OptimizerGraph | None
+    op: _Scaled | None
+    bandwidth: dict | None
+    previous_grads: str
+    bindings: dict
+    """The sizes they were measured at (symbol → int)."""
+    options: dict = field(default_factory=dict)
+    """``_assemble``'s keyword arguments (a step of several graphs)."""
+
+
 @dataclass
 class Profile:
     """What one profiled training iteration looks like.
@@ -426,6 +448,8 @@ class Profile:
     storages: pd.DataFrame | None = None
     """Every non-persistent allocation: creator node, alias nodes, bytes, category, and the ranks
     ``start``/``stop`` between which it is live (the simulator replays these with a plan)."""
+    measured: _Measured | None = field(default=None, repr=False)
+    """What the tables were assembled from, for :func:`profile_at`."""
 
     @property
     def persistent_B(self) -> int:
@@ -516,6 +540,9 @@ def profile_iteration(joint: JointGraph, optimizer: OptimizerGraph | None = None
         del outs, grads_by_primal
     bandwidth = measure_host_device_bandwidth(device)
     profile = _assemble([joint], [jp], optimizer, op, bandwidth, previous_grads)
+    if joint.dynamic:  # kept to scale the profile to other sizes (profile_at)
+        profile.measured = _Measured([_figures(jp)], optimizer, _figures(op), bandwidth,
+                                     previous_grads, dict(joint.bindings))
     log.debug("profiled %d nodes on %s in %.2f s (host swap: %s)", len(profile.nodes), device,
               time.perf_counter() - t_start, swap)
     profile.summary.update(device=str(device), device_name=_device_name(device),
@@ -532,7 +559,7 @@ def _run_joint(joint: JointGraph, *, registry: dict, runs: int, warmup: bool, sw
     """Run ``joint`` on its real primals and tangents of ones, measuring every node (call under
     ``torch.no_grad()``). Returns the profiler and the joint graph's outputs."""
     device = joint.primal_values[0].device
-    tangents = [torch.ones(t.meta["val"].shape, dtype=t.meta["val"].dtype, device=device)
+    tangents = [torch.ones(node_value(t).shape, dtype=t.meta["val"].dtype, device=device)
                 for t in joint.tangents]
     # The graph updates buffers in place (BatchNorm statistics, graph_passes.batch_norm_without_
     # buffers): the profile runs on copies of them, so the model is left as it was.
@@ -540,9 +567,10 @@ def _run_joint(joint: JointGraph, *, registry: dict, runs: int, warmup: bool, sw
                for v, r in zip(joint.primal_values, joint.primal_roles)]
     jp = GraphProfiler(joint.gm, runs=runs, registry=registry, swap=swap,
                        min_swap_B=min_swap_B, cold_l2=cold_l2)
+    args = [*joint.call_args(primals), *tangents]
     if warmup:
-        jp.run(*primals, *tangents, measure=False)
-    return jp, jp.run(*primals, *tangents)
+        jp.run(*args, measure=False)
+    return jp, jp.run(*args)
 
 
 def _run_optimizer(optimizer: OptimizerGraph, grads: list, *, registry: dict, runs: int,
@@ -964,6 +992,80 @@ def _activation_table(storages, phase, rank, runtime, nodes, bandwidth, mutable)
                "recompute_nodes", "recompute_ms", "recompute_ratio_B_per_ms", "recomputable",
                "swap_ms", "aliases"]
     return pd.DataFrame(rows, columns=columns)
+
+
+@dataclass(eq=False)
+class _Scaled:
+    """A :class:`GraphProfiler`'s figures scaled to other sizes (what ``_assemble`` reads)."""
+
+    storages: list
+    storage_of: dict
+    runtime_ms: dict
+    peak_delta: dict
+
+
+def _figures(p: GraphProfiler | None) -> _Scaled | None:
+    """What ``_assemble`` reads of a profiler, and nothing else: a profiler keeps the arguments
+    of its last run (the interpreter's argument iterator), which for the optimizer are shadow
+    copies of the parameters and optimizer state (1.8 GB on BERT-base, held between steps when
+    a profile kept its profilers: measured on the H200)."""
+    if p is None:
+        return None
+    return _Scaled(list(p.storages), dict(p.storage_of), dict(p.runtime_ms), dict(p.peak_delta))
+
+
+def profile_at(profile: Profile, bindings: dict) -> Profile:
+    """``profile`` (of a joint graph traced with dynamic sizes) at other sizes, without running
+    anything: each storage's bytes follow its traced size (exact for one dense tensor; scaled by
+    the same ratio otherwise), each node's time and scratch memory the ratio of its largest
+    tensor's elements, and the tables are assembled again. The joint graph's
+    :attr:`~lightning_ac.capture.JointGraph.bindings` become ``bindings``: the planner and the
+    rewriter then read its values at those sizes.
+
+    Raises:
+        ValueError: ``profile`` was not measured on a graph with dynamic sizes.
+    """
+    m, joint = profile.measured, profile.joint
+    if m is None or not joint.dynamic:
+        raise ValueError("profile_at needs the profile of a graph traced with dynamic sizes")
+    old = m.bindings
+    new = {**old, **bindings}
+    cuda = (profile.summary.get("device") or "").startswith("cuda")
+
+    def ratio(val) -> float:
+        """Elements of ``val``'s largest tensor with dynamic sizes at the new sizes over the
+        old (1 where it has none)."""
+        dynamic = [compat.concrete(t, old).numel() for t in _tensors(val)
+                   if any(isinstance(x, torch.SymInt) for x in t.shape)]
+        tensors = [t for t in _tensors(val) if any(isinstance(x, torch.SymInt) for x in t.shape)]
+        if not dynamic or max(dynamic) == 0:
+            return 1.0
+        k = max(range(len(dynamic)), key=dynamic.__getitem__)
+        return compat.concrete(tensors[k], new).numel() / dynamic[k]
+
+    swapped: dict[_Storage, _Storage] = {}
+    for p in m.profilers:
+        for st in p.storages:
+            r = ratio(_representative(st).meta.get("val"))
+            if r != 1.0:
+                swapped[st] = replace(st, nbytes=allocated_bytes(int(st.nbytes * r), cuda))
+
+    def scaled(p) -> _Scaled:
+        node_ratio = {n: max((ratio(v.meta.get("val")) for v in (n, *n.all_input_nodes)),
+                             default=1.0) for n in p.runtime_ms}
+        return _Scaled([swapped.get(st, st) for st in p.storages],
+                       {n: [swapped.get(st, st) for st in sts] for n, sts in p.storage_of.items()},
+                       {n: t * node_ratio[n] for n, t in p.runtime_ms.items()},
+                       {n: int(d * node_ratio.get(n, 1.0)) for n, d in p.peak_delta.items()})
+
+    profilers = [scaled(p) for p in m.profilers]
+    op = scaled(m.op) if m.op is not None else None
+    joint.bindings = new
+    out = _assemble(profile.graphs or [joint], profilers, m.optimizer, op, m.bandwidth,
+                    m.previous_grads, **m.options)
+    out.summary = {**profile.summary, **out.summary, "sizes": {str(k): v for k, v in new.items()}}
+    out.measured = m  # (the measured figures, not the scaled ones: scale from them again)
+    return out
 
 
 def _representative(s: _Storage) -> fx.Node:

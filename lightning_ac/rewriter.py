@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch import nn
 
 from lightning_ac import _torch_compat as compat
-from lightning_ac.capture import JointGraph, compile_joint
+from lightning_ac.capture import JointGraph, compile_joint, node_value
 from lightning_ac.errors import CaptureError
 from lightning_ac.graph_passes import use_replays
 from lightning_ac.planner import Plan
@@ -50,7 +50,7 @@ def empty_saved_tensors(joint: JointGraph) -> list[fx.Node]:
     """
     out = []
     for n in joint.graph.nodes:
-        val = n.meta.get("val")
+        val = node_value(n)
         if (n.op == "call_function" and isinstance(val, torch.Tensor) and val.numel() == 0
                 and not joint.is_backward(n) and any(joint.is_backward(u) for u in n.users)):
             out.append(n)
@@ -289,11 +289,14 @@ def decode_plan(data: dict, graph: fx.Graph) -> Plan:
 
 
 def compile_with_plan(fn: Callable, module: nn.Module | None,
-                      make_plan: Callable[[JointGraph], Plan]) -> Callable:
+                      make_plan: Callable[[JointGraph], Plan], *, dynamic: bool = False
+                      ) -> Callable:
     """Compile ``fn``; its first call captures the joint graph, plans it, and partitions it.
 
     ``make_plan(joint)`` runs inside compilation with the real primals at hand (use
     :func:`lightning_ac._torch_compat.real_tensor_mode` to run them); errors it raises come out of
     the first call (under dynamo's wrapper; :func:`lightning_ac.errors.unwrap_compile_error`).
+    ``dynamic`` as for :func:`~lightning_ac.capture.compile_joint`.
     """
-    return compile_joint(fn, module, lambda joint: partition(joint, make_plan(joint)))
+    return compile_joint(fn, module, lambda joint: partition(joint, make_plan(joint)),
+                         dynamic=dynamic)

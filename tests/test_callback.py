@@ -93,9 +93,11 @@ def test_ac_turns_itself_off_when_the_step_fits(tmp_path, caplog):
     assert len(said) == 1  # said once, not every step
 
 
-def test_a_batch_of_another_shape_is_planned_too(tmp_path):
-    """The last, smaller batch of an epoch gets a plan of its own at its first step; the steps
-    that plan are left out of the step figures."""
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_a_batch_of_another_shape_is_planned_too(tmp_path, dynamic):
+    """The last, smaller batch of an epoch is planned at its first step: with the batch size
+    traced dynamic and planned for the full batch (the default), or alone
+    (``dynamic_shapes=False``); the steps that plan are left out of the step figures."""
     from torch.utils.data import DataLoader, TensorDataset
 
     budget = int(0.85 * _baseline_peak(tmp_path, "cnn"))
@@ -103,18 +105,23 @@ def test_a_batch_of_another_shape_is_planned_too(tmp_path):
     m = LitWorkload("cnn")
     x, y = m.w.inputs  # batch 16
     data = TensorDataset(torch.cat([x, x, x[:8]]), torch.cat([y, y, y[:8]]))
-    cb = MuTwoAC(budget=budget)
+    cb = MuTwoAC(budget=budget, dynamic_shapes=dynamic)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _trainer(tmp_path / "ac", cb, epochs=2).fit(m, DataLoader(data, batch_size=16))
     assert not [w for w in caught if "MuTwoAC" in str(w.message)]  # no "runs without AC"
     assert len(cb.ac.plans) == 2 and len(m.losses) == 6
-    assert {s.shapes[0] for s in cb.ac.plans.values()} == {(16, 3, 16, 16), (8, 3, 16, 16)}
+    short = "*" if dynamic else 8
+    assert {s.shapes[0] for s in cb.ac.plans.values()} == {(16, 3, 16, 16), (short, 3, 16, 16)}
     metrics = pd.read_csv(next((tmp_path / "ac").rglob("metrics.csv")))
     assert metrics["mutwo/planned_shapes"].dropna().tolist() == [2, 2]
-    # the short last batch fits and runs the original forward: the fit is still active
     reasons = {s.shapes[0][0]: s.plan.stop_reason for s in cb.ac.plans.values()}
-    assert reasons == {16: "fits", 8: "already fits"}
+    if dynamic:  # planned for the largest batch seen, which needs AC
+        (varying,) = [s for s in cb.ac.plans.values() if s.dynamic]
+        assert list(varying.sizes.values()) == [16]
+        assert reasons == {16: "fits", "*": "fits"}
+    else:  # the short last batch fits and runs the original forward: the fit is still active
+        assert reasons == {16: "fits", 8: "already fits"}
     assert metrics["mutwo/active"].dropna().tolist() == [1, 1]
     assert metrics["mutwo/replans"].dropna().tolist() == [0, 0]
 

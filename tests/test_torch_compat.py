@@ -95,3 +95,40 @@ def test_current_cuda_stream_id_names_the_current_stream_and_device():
     with torch.cuda.stream(side):
         assert compat.current_cuda_stream_id(torch.cuda.current_device())[0] == side.stream_id
     assert compat.current_cuda_stream_id()[0] != side.stream_id
+
+
+def _dynamic_joint():
+    """The joint graph of a function traced with its input's dim 1 marked dynamic."""
+    w = torch.randn(8, 8, requires_grad=True)
+    x = torch.randn(2, 5, 8)
+    compat.mark_dims_dynamic(x, [1])
+    return capture_joint(lambda x: (x @ w).relu().sum(), [x])
+
+
+def test_a_marked_dimension_is_traced_as_a_size_symbol_and_evaluated_at_bindings():
+    joint = _dynamic_joint()
+    (x,) = [p for p in joint.primals if p.meta["val"].dim() == 3]
+    val = x.meta["val"]
+    sym = compat.size_symbol(val.shape[1])
+    assert sym is not None and compat.size_symbol(val.shape[0]) is None  # 2: specialized
+    assert joint.sizes and joint.bindings == {sym: 5}
+    assert compat.concrete(val.shape[1], {sym: 7}) == 7
+    meta = compat.concrete(val, {sym: 7})
+    assert meta.device.type == "meta" and tuple(meta.shape) == (2, 7, 8) and meta.dtype == val.dtype
+    with pytest.raises(KeyError):
+        compat.concrete(val.shape[1], {})
+
+
+def test_forward_sym_nodes_are_the_sizes_backward_may_read():
+    from torch.fx.experimental.proxy_tensor import is_sym_node
+
+    joint = _dynamic_joint()
+    nodes = compat.forward_sym_nodes(joint.gm)
+    assert nodes and all(is_sym_node(n) and not compat.is_backward_node(n) for n in nodes)
+
+
+def test_as_fake_keeps_the_real_sizes_under_dynamic_shapes():
+    joint = _dynamic_joint()
+    like = joint.primals[-1].meta["val"]
+    fake = compat.as_fake(torch.zeros(3, 4), like)
+    assert tuple(fake.shape) == (3, 4) and all(isinstance(s, int) for s in fake.shape)

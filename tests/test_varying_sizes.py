@@ -1,0 +1,134 @@
+"""Inputs whose sizes vary (dynamic padding, the last short batch): one graph traced with dynamic
+sizes, profiled once, planned for the largest sizes seen (``AutoCheckpoint._plan_varying``)."""
+
+import copy
+
+import torch
+
+from benchmarks.zoo import make_workload
+from lightning_ac import State, auto_checkpoint
+from lightning_ac import install as install_module
+from lightning_ac.profiler import profile_at
+from tests.test_install import _grads, bert_loss_of, train_lengths_as_eager
+
+
+def _midway(profile):
+    return int(profile.peak_bytes - 0.5 * profile.summary["activation_B"])
+
+
+def _counting_profiles(monkeypatch) -> list:
+    """Record each profile measured (each capture's), by wrapping AutoCheckpoint._profile."""
+    calls = []
+    orig = install_module.AutoCheckpoint._profile
+
+    def counted(self, joint, device):
+        calls.append(joint)
+        return orig(self, joint, device)
+
+    monkeypatch.setattr(install_module.AutoCheckpoint, "_profile", counted)
+    return calls
+
+
+def test_varying_lengths_share_one_capture_and_train_as_eager(monkeypatch):
+    """The second length traces the step with the length dynamic and plans it for the longer of
+    the two; every later length up to it runs that plan with no capture or profile; a longer one
+    is planned again from the same profile, scaled. Every step saves less than eager and computes
+    eager's gradients."""
+    profiles = _counting_profiles(monkeypatch)
+    torch.manual_seed(0)
+    w = make_workload("tiny-bert", 4, seq_len=40)
+    ref = copy.deepcopy(w.model)
+    ac = auto_checkpoint(bert_loss_of(w.model), None, module=w.model, budget=_midway)
+    planned = train_lengths_as_eager(ac, w, ref, (32, 16, 24, 16, 32, 8, 40, 20))
+    # profiled twice: the first shape alone, then once with the length dynamic
+    assert len(profiles) == 2 and profiles[1].dynamic and not profiles[0].dynamic
+    # planned: 32 (alone), 16 (traced dynamic, planned for 32), 40 (longer: planned again)
+    assert planned == [True, True, False, False, False, False, True, False]
+    (varying,) = [s for s in ac.plans.values() if s.dynamic]
+    assert list(varying.sizes.values()) == [40] and ac.last is varying
+    assert varying.shapes[:2] == ((4, "*"), (4, "*"))
+    assert "[4, *]" in install_module.describe_shapes(varying.shapes)
+
+
+def test_a_profile_scaled_to_another_length_is_the_one_measured_there():
+    """``profile_at`` gives, without running anything, the memory a profile measured at that
+    length has: peak and activation bytes within 1%, and the same storages."""
+    from lightning_ac import _torch_compat as compat
+    from lightning_ac.capture import capture_joint
+    from lightning_ac.profiler import profile_joint
+
+    torch.manual_seed(0)
+    w = make_workload("tiny-bert", 4, seq_len=48)
+    step = bert_loss_of(w.model)
+
+    def profiled(length):
+        inputs = [t[:, :length].contiguous() for t in w.inputs]
+        for t in inputs:
+            compat.mark_dims_dynamic(t, [1])
+        joint = capture_joint(step, inputs, w.model)
+        assert joint.dynamic
+        with compat.real_tensor_mode():
+            return profile_joint(joint, None, runs=1, warmup=False)
+
+    short, long = profiled(16), profiled(48)
+    (sym,) = short.joint.bindings
+    scaled = profile_at(short, {sym: 48})
+    assert len(scaled.storages) == len(long.storages)
+    for key in ("predicted_peak_B", "activation_B"):
+        assert abs(scaled.summary[key] - long.summary[key]) <= 0.01 * long.summary[key], key
+    assert scaled.summary["activation_B"] > 2 * short.summary["activation_B"]
+    # and back: the measured figures are what it scales from, not the last scaled ones
+    again = profile_at(scaled, {sym: 16})
+    assert again.summary["predicted_peak_B"] == short.summary["predicted_peak_B"]
+
+
+def test_dynamic_shapes_off_plans_each_shape_alone():
+    w = make_workload("mlp", 16)
+    ac = auto_checkpoint(w.loss, None, module=w.model, budget=10**12, always_rewrite=True,
+                         dynamic_shapes=False)
+    x, y = w.inputs
+    for n in (16, 8):
+        ac(x[:n], y[:n]).backward()
+    assert not any(s.dynamic for s in ac.plans.values()) and len(ac.plans) == 2
+
+
+def test_a_last_short_batch_joins_the_varying_sizes():
+    """Batch size varying as well as length: the step is traced again with both dynamic, and
+    the plan holds for the largest of each."""
+    torch.manual_seed(0)
+    w = make_workload("tiny-bert", 4, seq_len=32)
+    ac = auto_checkpoint(bert_loss_of(w.model), None, module=w.model, budget=_midway,
+                         on_infeasible="warn")  # (structure, not the floor, is tested here)
+    for rows, length in ((4, 32), (4, 16), (2, 24), (4, 8)):
+        ids, mask, labels = (t[:rows, :length].contiguous() if t.dim() > 1 else t[:rows]
+                             for t in w.inputs)
+        ac(ids, mask, labels).backward()
+        assert ac.state is State.ACTIVE, (rows, length)
+    varying = ac.last
+    assert varying.dynamic and set(varying.sizes.values()) == {4, 32}
+    assert varying.shapes[:2] == (("*", "*"), ("*", "*"))
+
+
+def test_a_batchnorm_cnn_over_varying_batch_sizes_trains_as_eager():
+    """A dynamic batch size reaches BatchNorm (left as traced: its statistics' count varies):
+    gradients and running statistics stay eager's."""
+    torch.manual_seed(0)
+    w = make_workload("cnn", 16)
+    ref = copy.deepcopy(w.model)
+    # (BatchNorm as traced reads its buffers: less can be recomputed, and where the floor of
+    # this tiny model lies against the budget depends on the CPU's timings)
+    ac = auto_checkpoint(w.loss, None, module=w.model, budget=_midway, on_infeasible="warn")
+    x, y = w.inputs
+    for n in (16, 8, 12, 16):
+        loss = ac(x[:n], y[:n])
+        ref_loss = torch.nn.functional.cross_entropy(ref(x[:n]), y[:n])
+        loss.backward()
+        ref_loss.backward()
+        assert ac.state is State.ACTIVE, n
+        for g, r in zip(_grads(w.model), _grads(ref)):
+            assert (g - r).norm() <= 1e-5 * r.norm() + 1e-7, n
+        for b, r in zip(w.model.buffers(), ref.buffers()):
+            torch.testing.assert_close(b, r)
+        w.model.zero_grad(), ref.zero_grad()
+    (varying,) = [s for s in ac.plans.values() if s.dynamic]  # (16 runs its own exact plan)
+    assert list(varying.sizes.values()) == [16] and varying.plan.recomputed
