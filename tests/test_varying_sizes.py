@@ -38,16 +38,27 @@ def test_varying_lengths_share_one_capture_and_train_as_eager(monkeypatch):
     torch.manual_seed(0)
     w = make_workload("tiny-bert", 4, seq_len=40)
     ref = copy.deepcopy(w.model)
-    ac = auto_checkpoint(bert_loss_of(w.model), None, module=w.model, budget=_midway)
-    planned = train_lengths_as_eager(ac, w, ref, (32, 16, 24, 16, 32, 8, 40, 20))
+    # (where this tiny model's floor falls against a midway budget depends on CPU timings)
+    ac = auto_checkpoint(bert_loss_of(w.model), None, module=w.model, budget=_midway,
+                         on_infeasible="warn")
+    lengths = (32, 16, 24, 16, 32, 8, 40, 20)
+    planned, active = train_lengths_as_eager(ac, w, ref, lengths)
+    # the plan is made for the longest length; shorter ones whose step fits the plan's target
+    # without AC run the original forward (as a length planned alone would)
+    ran = dict(zip(lengths, active))
+    assert ran[40] and ran[32] and not ran[8], ran
     # profiled twice: the first shape alone, then once with the length dynamic
     assert len(profiles) == 2 and profiles[1].dynamic and not profiles[0].dynamic
     # planned: 32 (alone), 16 (traced dynamic, planned for 32), 40 (longer: planned again)
     assert planned == [True, True, False, False, False, False, True, False]
     (varying,) = [s for s in ac.plans.values() if s.dynamic]
-    assert list(varying.sizes.values()) == [40] and ac.last is varying
-    assert varying.shapes[:2] == ((4, "*"), (4, "*"))
-    assert "[4, *]" in install_module.describe_shapes(varying.shapes)
+    assert max(varying.sizes.values()) == 40 and ac.last is varying
+    # the sizes checked since the last re-plan (at 40), once each, agree with what ran
+    checked = {max(v for _, v in key): fits for key, fits in varying.fits.items()}
+    assert checked and {n: not ran[n] for n in checked} == checked
+    # the batch dimension is traced as a size too (the last batch of an epoch is often shorter)
+    assert varying.shapes[:2] == (("*", "*"), ("*", "*"))
+    assert "[*, *], [*, *]" in install_module.describe_shapes(varying.shapes)
 
 
 def test_a_profile_scaled_to_another_length_is_the_one_measured_there():
@@ -92,9 +103,11 @@ def test_dynamic_shapes_off_plans_each_shape_alone():
     assert not any(s.dynamic for s in ac.plans.values()) and len(ac.plans) == 2
 
 
-def test_a_last_short_batch_joins_the_varying_sizes():
-    """Batch size varying as well as length: the step is traced again with both dynamic, and
-    the plan holds for the largest of each."""
+def test_a_last_short_batch_joins_the_varying_sizes(monkeypatch):
+    """Batch size varying as well as length: the graph traced for varying lengths has the batch
+    dynamic too, so a shorter batch needs no capture or profile of its own, and the plan holds
+    for the largest of each."""
+    profiles = _counting_profiles(monkeypatch)
     torch.manual_seed(0)
     w = make_workload("tiny-bert", 4, seq_len=32)
     ac = auto_checkpoint(bert_loss_of(w.model), None, module=w.model, budget=_midway,
@@ -103,9 +116,11 @@ def test_a_last_short_batch_joins_the_varying_sizes():
         ids, mask, labels = (t[:rows, :length].contiguous() if t.dim() > 1 else t[:rows]
                              for t in w.inputs)
         ac(ids, mask, labels).backward()
-        assert ac.state is State.ACTIVE, (rows, length)
+        # (a plan, or the original forward where the step fits the plan's target without AC)
+        assert ac.state in (State.ACTIVE, State.OFF) and ac.plan is not None, (rows, length)
     varying = ac.last
     assert varying.dynamic and set(varying.sizes.values()) == {4, 32}
+    assert len(profiles) == 2 and len(ac.plans) == 2
     assert varying.shapes[:2] == (("*", "*"), ("*", "*"))
 
 
