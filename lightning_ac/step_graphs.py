@@ -168,7 +168,7 @@ class StepGraphs:
         if self.profile is None and self.graphs and not self._capturing:
             self.finalize()
         if self.graphs:
-            with running(self):
+            with running(self), forwards_uncompiled(self.module):
                 return self.compiled(*args, **kwargs)
         return self._capture_call(args, kwargs)
 
@@ -191,7 +191,7 @@ class StepGraphs:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
         self._region_starts()
         try:
-            with running(self), self._hooks:
+            with running(self), forwards_uncompiled(self.module), self._hooks:
                 out = self.compiled(*args, **kwargs)
             self._region_ends()
             return out
@@ -383,6 +383,31 @@ class StepGraphs:
                 if isinstance(val, torch.Tensor) and tuple(val.shape) == shape:
                     made.setdefault(ptr, node)
         return pairs
+
+
+@contextlib.contextmanager
+def forwards_uncompiled(module: nn.Module):
+    """Run the step with the user's own ``torch.compile`` of submodules' ``forward`` (an instance
+    attribute: ``m.forward = torch.compile(m.forward)``) taken off: dynamo inlines a compiled
+    function into a graph that has no breaks, but a step it splits would call the user's compiled
+    function as its own frame, whose graphs go to inductor and none to this step (on GPT-2 no
+    graph reached it, and AC turned off). The step's graphs then contain that code, planned."""
+    taken = []
+    for m in module.modules():
+        f = m.__dict__.get("forward")
+        orig = getattr(f, "_torchdynamo_orig_callable", None)
+        if orig is None:
+            continue
+        taken.append((m, f))
+        if getattr(orig, "__func__", orig) is type(m).forward:
+            del m.forward  # the class's own forward
+        else:
+            m.forward = orig
+    try:
+        yield
+    finally:
+        for m, f in taken:
+            m.forward = f
 
 
 def _partition(g: CapturedGraph, joint: JointGraph, plan: Plan):

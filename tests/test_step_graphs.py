@@ -232,3 +232,24 @@ def test_each_shape_of_a_split_step_is_planned_without_trying_one_graph_again(mo
         _train(model, model, torch.randn(4, length, 64), opt, 1)
     assert len(ac.plans) == 2 and all(p.graphs.plan is not None for p in ac.plans.values())
     assert len(attempts) == 1  # the first shape's one-graph attempt only
+
+
+def test_a_users_compiled_forward_inside_a_split_step_is_planned_and_kept():
+    """The user compiled the model's forward (``model.forward = torch.compile(model.forward)``),
+    and it has the break: in the step dynamo splits, that function would run as its own frame
+    (to inductor) and no graph would reach the step; it is taken off for the step's calls
+    (planned, trains as eager) and put back after."""
+    torch.manual_seed(0)
+    model = Broken("print")
+    ref = copy.deepcopy(model)
+    compiled = torch.compile(model.forward)
+    model.forward = compiled
+    x = torch.randn(4, 32, 64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    ac = auto_checkpoint(lambda x: model(x), opt, module=model, budget=_midway)
+    losses = _train(model, ac, x, opt, 3)
+    assert ac.state is State.ACTIVE and len(ac.last.graphs.captured) == 2
+    assert all(g.plan.recomputed for g in ac.last.graphs.captured)
+    assert model.forward is compiled  # the user's own, outside the step
+    assert losses == pytest.approx(_train(ref, ref, x, ref_opt, 3), rel=1e-6)
