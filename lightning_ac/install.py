@@ -629,8 +629,11 @@ class AutoCheckpoint:
         """The last call's plan as plain data, for other ranks' :meth:`adopt` (None if there
         is no rewritten step to share)."""
         step = self.last
-        if step is None or step.plan is None or self._disabled or step.graphs is not None:
-            return None  # (a step of several graphs: each rank runs its own plan)
+        if step is None or step.plan is None or self._disabled or step.graphs is not None \
+                or step.dynamic:
+            # (a step of several graphs, or of varying sizes, whose plan is made for the largest
+            # sizes this rank saw: each rank runs its own plan)
+            return None
         return {"shapes": step.shapes,
                 "plan": encode_plan(step.plan, step.profile.joint.graph)}
 
@@ -644,7 +647,8 @@ class AutoCheckpoint:
             CaptureError: this rank's step for those shapes is not the same graph.
         """
         step = self.plans.get(message["shapes"]) if message else None
-        if step is None or step.plan is None or self._disabled or step.graphs is not None:
+        if step is None or step.plan is None or self._disabled or step.graphs is not None \
+                or step.dynamic:
             return False
         graph = step.profile.joint.graph
         if encode_plan(step.plan, graph) == message["plan"]:

@@ -59,6 +59,9 @@ def test_varying_lengths_share_one_capture_and_train_as_eager(monkeypatch):
     # the batch dimension is traced as a size too (the last batch of an epoch is often shorter)
     assert varying.shapes[:2] == (("*", "*"), ("*", "*"))
     assert "[*, *], [*, *]" in install_module.describe_shapes(varying.shapes)
+    # planned for the largest sizes this rank saw: not shared with, or taken from, other ranks
+    assert ac.plan_message() is None
+    assert not ac.adopt({"shapes": varying.shapes, "plan": {}})
 
 
 def test_a_profile_scaled_to_another_length_is_the_one_measured_there():
