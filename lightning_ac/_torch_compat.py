@@ -21,6 +21,7 @@ __all__ = [
     "forward_sym_nodes",
     "mark_dims_dynamic",
     "size_symbol",
+    "unmark_dims_dynamic",
     "batch_norm_backend",
     "cudnn_batch_norm_reserve_bytes",
     "current_cuda_stream_id",
@@ -122,6 +123,14 @@ def mark_dims_dynamic(t: torch.Tensor, dims: Sequence[int]) -> None:
     code branches on) stays static, without an error."""
     for d in dims:
         torch._dynamo.maybe_mark_dynamic(t, d)
+
+
+def unmark_dims_dynamic(t: torch.Tensor, dims: Sequence[int]) -> None:
+    """Undo :func:`mark_dims_dynamic` (for a call that is then compiled with static shapes:
+    dynamo honours the marks even there)."""
+    marked = getattr(t, "_dynamo_weak_dynamic_indices", None)
+    if marked is not None:
+        marked.difference_update(dims)
 
 
 def size_symbol(size) -> object | None:

@@ -422,6 +422,8 @@ class AutoCheckpoint:
             self._static_only = True
             log.info("could not plan one graph for varying sizes (%s); planning each shape",
                      str(exc).strip().splitlines()[0][:200])
+            for i, d in varying:
+                compat.unmark_dims_dynamic(tensors[i], [d])
             return self._plan_and_run(input_shapes(args, kwargs), args, kwargs)
         step.planning_call_s = time.perf_counter() - t0
         self._keep(step)

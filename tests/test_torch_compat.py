@@ -132,3 +132,14 @@ def test_as_fake_keeps_the_real_sizes_under_dynamic_shapes():
     like = joint.primals[-1].meta["val"]
     fake = compat.as_fake(torch.zeros(3, 4), like)
     assert tuple(fake.shape) == (3, 4) and all(isinstance(s, int) for s in fake.shape)
+
+
+def test_unmarked_dimensions_are_traced_static_again():
+    x = torch.randn(2, 5, 8)
+    compat.mark_dims_dynamic(x, [1])
+    compat.unmark_dims_dynamic(x, [1])
+    joint = capture_joint(lambda x: (x * w_static).sum(), [x])
+    assert not joint.dynamic
+
+
+w_static = torch.randn(8, requires_grad=True)

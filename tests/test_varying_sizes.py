@@ -150,3 +150,23 @@ def test_a_batchnorm_cnn_over_varying_batch_sizes_trains_as_eager():
         w.model.zero_grad(), ref.zero_grad()
     (varying,) = [s for s in ac.plans.values() if s.dynamic]  # (16 runs its own exact plan)
     assert list(varying.sizes.values()) == [16] and varying.plan.recomputed
+
+
+def test_when_the_dynamic_trace_fails_each_shape_is_planned_alone(monkeypatch):
+    """A step that cannot be planned with dynamic sizes falls back to a plan per shape, traced
+    static (the dimensions it marked are unmarked), for the rest of the fit."""
+    from lightning_ac.errors import CaptureError
+
+    def refuse(self, step, tensors, joint):
+        raise CaptureError("refused for the test")
+
+    monkeypatch.setattr(install_module.AutoCheckpoint, "_make_varying_plan", refuse)
+    profiles = _counting_profiles(monkeypatch)
+    torch.manual_seed(0)
+    w = make_workload("mlp", 16)
+    ac = auto_checkpoint(w.loss, None, module=w.model, budget=10**12, always_rewrite=True)
+    x, y = w.inputs
+    for n in (16, 8, 4):
+        ac(x[:n], y[:n]).backward()
+    assert ac._static_only and not any(s.dynamic for s in ac.plans.values())
+    assert len(ac.plans) == 3 and not any(j.dynamic for j in profiles)
