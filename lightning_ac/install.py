@@ -328,9 +328,9 @@ class AutoCheckpoint:
             if self.plans and not self.plan_new_shapes:
                 self._warn_unplanned_shape(shapes)
                 return self.fn(*args, **kwargs)  # another shape, as the user asked: eager
-            varying = self._varying_dims(args, kwargs)
+            varying, needed = self._varying_dims(args, kwargs)
             if varying:
-                return self._plan_varying(varying, shapes, args, kwargs)
+                return self._plan_varying(varying, needed, shapes, args, kwargs)
             return self._plan_and_run(shapes, args, kwargs)
         self.plans.move_to_end(step.shapes)
         self.last = step
@@ -379,71 +379,92 @@ class AutoCheckpoint:
                 return step
         return None
 
-    def _varying_dims(self, args, kwargs) -> frozenset:
-        """The dimensions to trace as varying for this call (empty: plan its shapes alone): those
-        in which it differs from a shape planned before as one graph, with the same tensors of
-        the same ranks otherwise (and those of an earlier plan of varying sizes)."""
+    def _varying_dims(self, args, kwargs) -> tuple[frozenset, frozenset]:
+        """The dimensions to trace as varying for this call (empty: plan its shapes alone), and
+        among them those that must be: the dimensions in which it differs from a shape planned
+        before as one graph, with the same tensors of the same ranks otherwise (and those of an
+        earlier plan of varying sizes); the batch dimensions join them."""
         if not self.dynamic_shapes or self._static_only:
-            return frozenset()
+            return frozenset(), frozenset()
         shapes = [tuple(t.shape) for t in input_tensors(args, kwargs)]
         dims: set = set()
         for step in self.plans.values():
             if step.graphs is not None or step.not_one_graph:
-                return frozenset()  # several graphs: planned per shape (not traced dynamic yet)
+                # several graphs: planned per shape (not traced dynamic yet)
+                return frozenset(), frozenset()
             known = step.tensor_shapes
             if len(known) != len(shapes) or any(len(a) != len(b) for a, b in zip(known, shapes)):
                 continue  # other arguments: not the same step
             dims |= step.varying | {(i, d) for i, (a, b) in enumerate(zip(known, shapes))
                                     for d, (x, y) in enumerate(zip(a, b)) if x != y}
+        needed = frozenset(dims)
         if dims:
             # the batch too: an epoch's last, shorter batch then runs the same graph instead of
             # needing a capture and profile of its own (20 s on BERT-base, reports/shapes)
             dims |= {(i, 0) for i, shape in enumerate(shapes) if shape}
-        return frozenset(dims)
+        return frozenset(dims), needed
 
-    def _plan_varying(self, varying: frozenset, shapes: tuple, args, kwargs):
-        """A call whose shapes differ from planned ones in ``varying``: capture the step once with
-        those dimensions as dynamic sizes, profile it at this call's sizes, and plan it for the
-        largest sizes seen (the profile scaled to them: :func:`~lightning_ac.profiler.
-        profile_at`). Where that fails, this shape is planned alone."""
+    def _plan_varying(self, varying: frozenset, needed: frozenset, shapes: tuple, args, kwargs):
+        """A call whose shapes differ from planned ones in ``needed``: capture the step once with
+        the ``varying`` dimensions as dynamic sizes, profile it at this call's sizes, and plan
+        it for the largest sizes seen (the profile scaled to them: :func:`~lightning_ac.
+        profiler.profile_at`). Where that fails (dynamo keeps a needed dimension static: the
+        code branches on it), this shape is planned alone, and so are later ones."""
         tensors = input_tensors(args, kwargs)
         step = ShapePlan(shapes_pattern(args, kwargs, varying),
                          foreign_B=self._foreign_bytes(args, kwargs),
                          tensor_shapes=[tuple(t.shape) for t in tensors], varying=varying)
         _mark_varying(tensors, varying)
         step.compiled = compile_with_plan(
-            self.fn, self.module, functools.partial(self._make_varying_plan, step, tensors),
-            dynamic=True)
+            self.fn, self.module,
+            functools.partial(self._make_varying_plan, step, tensors, needed), dynamic=True)
         t0 = time.perf_counter()
         try:
             out = step.compiled(*args, **kwargs)
         except Exception as exc:
             _raise_if_memory_error(exc)
-            self._static_only = True
-            log.info("could not plan one graph for varying sizes (%s); planning each shape",
-                     str(exc).strip().splitlines()[0][:200])
-            for i, d in varying:
-                compat.unmark_dims_dynamic(tensors[i], [d])
-            return self._plan_and_run(input_shapes(args, kwargs), args, kwargs)
+            return self._plan_each_shape(step, exc, tensors, args, kwargs)
         step.planning_call_s = time.perf_counter() - t0
         self._keep(step)
         self._announce(step)
         return out
 
-    def _make_varying_plan(self, step: ShapePlan, tensors: list, joint: JointGraph) -> Plan:
+    def _plan_each_shape(self, step: ShapePlan, exc: BaseException, tensors: list, args,
+                         kwargs):
+        """The step could not be planned (or run) as one graph for varying sizes: drop that plan,
+        plan this call's shapes alone, and every later new shape too."""
+        self._static_only = True
+        if self.plans.get(step.shapes) is step:
+            del self.plans[step.shapes]
+        why = unwrap_compile_error(exc, (CaptureError,)) or exc
+        log.info("could not plan one graph for varying sizes (%s: %s); planning each shape",
+                 type(why).__name__, " ".join(str(why).split())[:300])
+        for i, d in step.varying:  # (dynamo honours the marks even in a static compile)
+            compat.unmark_dims_dynamic(tensors[i], [d])
+        return self._plan_and_run(input_shapes(args, kwargs), args, kwargs)
+
+    def _make_varying_plan(self, step: ShapePlan, tensors: list, needed: frozenset,
+                           joint: JointGraph) -> Plan:
         """``_make_plan`` for a graph traced with dynamic sizes, planned at the largest sizes."""
+        if step.plan is not None:  # (raised out of the call that compiled it again)
+            raise CaptureError("dynamo compiled the step again for new sizes (the code checks a "
+                               "property of a size, such as its parity)")
         index = {id(t): i for i, t in enumerate(tensors)}
+        traced = set()  # (tensor, dim) traced as a size (several can share a symbol)
         for node, value in zip(joint.primals, joint.primal_values):
             shape = node.meta["val"].shape
             for d, size in enumerate(shape):
                 sym = compat.size_symbol(size)
                 if sym is not None and id(value) in index:
                     step.sources.setdefault(sym, (index[id(value)], d))
+                    traced.add((index[id(value)], d))
         missing = set(joint.bindings) - set(step.sources)
-        if missing or not step.sources:
+        if missing:
             raise CaptureError(f"sizes {sorted(map(str, missing))} of the traced step are no "
-                               "dimension of its arguments" if missing else
-                               "dynamo traced no varying size")
+                               "dimension of its arguments")
+        static = needed - traced
+        if static:  # each new size would make dynamo compile (and this step plan) again
+            raise CaptureError(f"dynamo kept dimensions {sorted(static)} (tensor, dim) static")
         # the largest size of each symbol over this call and the shapes planned before
         largest = dict(joint.bindings)
         for other in self.plans.values():
@@ -486,6 +507,10 @@ class AutoCheckpoint:
             return step.compiled(*args, **kwargs)
         except torch.cuda.OutOfMemoryError as exc:
             raise torch.cuda.OutOfMemoryError(f"{exc}\n{self._out_of_memory_hint()}") from exc
+        except Exception as exc:
+            if unwrap_compile_error(exc, (CaptureError,)) is None:
+                raise
+            return self._plan_each_shape(step, exc, tensors, args, kwargs)
 
     def _fits_without_ac(self, step: ShapePlan, sizes: dict) -> bool:
         """Whether the step at ``sizes`` (at most the planned ones) fits the plan's target

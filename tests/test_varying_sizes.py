@@ -157,7 +157,7 @@ def test_when_the_dynamic_trace_fails_each_shape_is_planned_alone(monkeypatch):
     static (the dimensions it marked are unmarked), for the rest of the fit."""
     from lightning_ac.errors import CaptureError
 
-    def refuse(self, step, tensors, joint):
+    def refuse(self, step, tensors, needed, joint):
         raise CaptureError("refused for the test")
 
     monkeypatch.setattr(install_module.AutoCheckpoint, "_make_varying_plan", refuse)
@@ -170,3 +170,32 @@ def test_when_the_dynamic_trace_fails_each_shape_is_planned_alone(monkeypatch):
         ac(x[:n], y[:n]).backward()
     assert ac._static_only and not any(s.dynamic for s in ac.plans.values())
     assert len(ac.plans) == 3 and not any(j.dynamic for j in profiles)
+
+
+class _BranchesOnLength(torch.nn.Module):
+    """Python control flow on the sequence length: dynamo must keep it static."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.lin(x)
+        if x.shape[1] % 2 == 0:
+            h = h * 2
+        return h.relu().sum()
+
+
+def test_a_length_the_code_branches_on_is_planned_per_shape():
+    """The code branches on a property of the length (its parity): dynamo would compile the step
+    again for a length on the other side, under the same plan. The step is then planned per
+    shape instead of being traced (and profiled) again under one plan."""
+    torch.manual_seed(0)
+    model = _BranchesOnLength()
+    ac = auto_checkpoint(model, None, budget=10**12, always_rewrite=True)
+    for n in (6, 4, 5, 8):
+        ac.module(torch.randn(2, n, 8)).backward()
+    # 4 ran under a plan for varying lengths; 5 (odd) made dynamo compile again, which drops
+    # that plan: 5 and every later length are planned alone
+    assert ac._static_only and [s.shapes[0][1] for s in ac.plans.values()] == [6, 5, 8]
+    assert not any(s.dynamic for s in ac.plans.values())
