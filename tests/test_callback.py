@@ -366,3 +366,30 @@ def test_twenty_fits_in_one_process_each_plan_their_own_model(tmp_path):
         assert cb.state == "active", f"fit {i}: {cb.state}"
     users_own(x)
     assert len(compiled) == 1  # the user's compiled function was not recompiled
+
+
+def test_dynamic_padding_under_the_callback_plans_once_for_all_lengths(tmp_path):
+    """Batches padded to different lengths, as a collator with dynamic padding makes them: the
+    second length traces the step with the sizes dynamic, later lengths plan nothing new, and
+    training is as without AC; no warning."""
+    from torch.utils.data import DataLoader
+
+    def fit(cb, root):
+        torch.manual_seed(0)
+        m = LitWorkload("tiny-bert")
+        batches = [tuple(t[:, :n].contiguous() for t in m.w.inputs) for n in (32, 16, 24, 8, 32)]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _trainer(root, cb).fit(m, DataLoader(batches, batch_size=None))
+        return m, [w for w in caught if "MuTwoAC" in str(w.message)]
+
+    budget = int(0.85 * _baseline_peak(tmp_path, "tiny-bert"))
+    cb = MuTwoAC(budget=budget)
+    m, said = fit(cb, tmp_path / "ac")
+    ref, _ = fit(None, tmp_path / "ref")
+    assert not said
+    assert len(cb.ac.plans) == 2 and any(s.dynamic for s in cb.ac.plans.values())
+    for a, b in zip(m.losses, ref.losses, strict=True):
+        assert abs(a - b) <= 1e-6 * abs(b) + 1e-7
+    metrics = pd.read_csv(next((tmp_path / "ac").rglob("metrics.csv")))
+    assert metrics["mutwo/planned_shapes"].dropna().tolist() == [2]
