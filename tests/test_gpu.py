@@ -367,3 +367,52 @@ def test_a_step_split_by_a_graph_break_keeps_its_budget_from_the_capture_call_on
     peaks = [p for _, p in runs]
     assert peaks[0] <= budget and all(p <= budget for p in peaks[2:]), (peaks, budget)
     assert [loss for loss, _ in runs] == pytest.approx([loss for loss, _ in ref_runs], rel=1e-5)
+
+
+def test_varying_lengths_keep_the_budget_on_every_step_after_planning():
+    """BERT-base at batch 16 over lengths drawn from 128 to 512 (dynamic padding), budget 60% of
+    the no-AC peak: one plan for varying sizes serves every length; every step that does not
+    plan peaks within the budget (the closed loop on, as the callback runs it), and the losses
+    are no-AC's (the same weights, batches and dropout seeds). Nothing else allocated."""
+    import random
+
+    from lightning_ac import auto_checkpoint
+
+    torch.manual_seed(0)
+    w = make_workload("bert-cls", 16, device="cuda", seq_len=512)
+    rng = random.Random(0)
+    lengths = [512] + [rng.choice([128, 224, 320, 384, 448, 512]) for _ in range(11)]
+
+    def train(step, opt, ac=None):
+        out = []
+        for n in lengths:
+            inputs = tuple(t[:, :n].contiguous() if t.dim() > 1 else t for t in w.inputs)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            opt.zero_grad(set_to_none=True)
+            torch.manual_seed(n)
+            loss = step(*inputs)
+            loss.backward()
+            opt.step()
+            peak = peak_memory_B("cuda")
+            planned = bool(ac is not None and ac.planned_last_call)
+            if ac is not None and not planned:
+                ac.observe_peak(peak)
+            out.append((loss.item(), peak, planned))
+        return out
+
+    state = {k: v.clone() for k, v in w.model.state_dict().items()}
+    opt = torch.optim.AdamW(w.model.parameters(), lr=1e-5)
+    no_ac = train(w.loss, opt)
+    w.model.load_state_dict(state)
+    del opt, state
+    torch.cuda.empty_cache()
+    budget = int(0.6 * max(p for _, p, _ in no_ac))
+    opt = torch.optim.AdamW(w.model.parameters(), lr=1e-5)
+    ac = auto_checkpoint(w.loss, opt, module=w.model, budget=budget, previous_grads="freed")
+    with_ac = train(ac, opt, ac)
+    assert sum(s.dynamic for s in ac.plans.values()) == 1
+    over = [(n, p) for n, (_, p, planned) in zip(lengths, with_ac) if not planned and p > budget]
+    assert not over, (over, budget)
+    assert [loss for loss, _, _ in with_ac] == pytest.approx([loss for loss, _, _ in no_ac],
+                                                             rel=1e-4)
