@@ -462,7 +462,8 @@ class AutoCheckpoint:
         if missing:
             raise CaptureError(f"sizes {sorted(map(str, missing))} of the traced step are no "
                                "dimension of its arguments")
-        static = needed - traced
+        read = {index[id(v)] for v in joint.primal_values if id(v) in index}
+        static = {(i, d) for i, d in needed if i in read} - traced  # (of arguments it reads)
         if static:  # each new size would make dynamo compile (and this step plan) again
             raise CaptureError(f"dynamo kept dimensions {sorted(static)} (tensor, dim) static")
         # the largest size of each symbol over this call and the shapes planned before
