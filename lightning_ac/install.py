@@ -475,7 +475,9 @@ class AutoCheckpoint:
                     largest[sym] = max(largest[sym], other.tensor_shapes[i][d],
                                        seen.get((i, d), 0))
         step.sizes = largest
-        return self._make_plan(step, joint, sizes=largest)
+        result = self._make_plan(step, joint, sizes=largest)
+        step.fits = {_sizes_key(largest): result.stop_reason == "already fits"}
+        return result
 
     def _run_varying(self, step: ShapePlan, args, kwargs):
         """A call of a plan for varying sizes: run it, after planning again for larger sizes
@@ -483,23 +485,7 @@ class AutoCheckpoint:
         tensors = input_tensors(args, kwargs)
         sizes = step.sizes_of(tensors)
         if any(v > step.sizes[s] for s, v in sizes.items()):
-            t0 = time.perf_counter()
-            largest = {s: max(v, sizes[s]) for s, v in step.sizes.items()}
-            planned_on = step.profile.joint.graph
-            profile = profile_at(step.profile, largest)
-            new = self._plan_profile(step, profile)
-            log.info("sizes %s are larger than planned for (%s): planned again",
-                     sizes, step.sizes)
-            same = _same_choices(step.plan, new)
-            step.profile, step.plan, step.sizes = profile, new, largest
-            step.fits.clear()  # (against the new plan's target)
-            if not same:  # (the same choices at the larger sizes: the compiled step stands)
-                step.compiled = self._compile_with(step, new, planned_on)
-            self.planned_last_call = True
-            _mark_varying(tensors, step.varying)
-            out = step.compiled(*args, **kwargs)
-            step.planning_call_s = time.perf_counter() - t0
-            return out
+            self._plan_larger(step, sizes)
         if not self.always_rewrite and self._fits_without_ac(step, sizes):
             self._ran_original = True
             return self.fn(*args, **kwargs)
@@ -513,11 +499,28 @@ class AutoCheckpoint:
                 raise
             return self._plan_each_shape(step, exc, tensors, args, kwargs)
 
+    def _plan_larger(self, step: ShapePlan, sizes: dict) -> None:
+        """Plan ``step`` again for sizes larger than it was planned for, from its profile scaled
+        to them; the step is compiled again (at its next run) only if the choices change."""
+        t0 = time.perf_counter()
+        largest = {s: max(v, sizes[s]) for s, v in step.sizes.items()}
+        planned_on = step.profile.joint.graph
+        profile = profile_at(step.profile, largest)
+        new = self._plan_profile(step, profile)
+        log.info("sizes %s are larger than planned for (%s): planned again", sizes, step.sizes)
+        if not _same_choices(step.plan, new):
+            step.compiled = self._compile_with(step, new, planned_on)
+        step.profile, step.plan, step.sizes = profile, new, largest
+        # (against the new plan's target; at the planned sizes the plan says it)
+        step.fits = {_sizes_key(largest): new.stop_reason == "already fits"}
+        self.planned_last_call = True
+        step.planning_call_s = time.perf_counter() - t0
+
     def _fits_without_ac(self, step: ShapePlan, sizes: dict) -> bool:
         """Whether the step at ``sizes`` (at most the planned ones) fits the plan's target
         without AC, as a shape planned alone would (it then runs the original forward, which
         recomputes nothing): the profile scaled to them, once per set of sizes."""
-        key = tuple(sorted((str(sym), v) for sym, v in sizes.items()))
+        key = _sizes_key(sizes)
         for known, fits in step.fits.items():  # memory grows with each size: bound by a known
             below = all(v <= w for (_, v), (_, w) in zip(key, known))
             above = all(v >= w for (_, v), (_, w) in zip(key, known))
@@ -863,6 +866,11 @@ class AutoCheckpoint:
                      "that is large, memory is fragmented; set "
                      "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before CUDA starts.")
         return hint + " Otherwise lower the budget (MuTwoAC(budget=...)) or the batch size."
+
+
+def _sizes_key(sizes: dict) -> tuple:
+    """Sizes (symbol → int) as a key, in one order of the symbols."""
+    return tuple(sorted((str(sym), v) for sym, v in sizes.items()))
 
 
 def _same_choices(a: Plan, b: Plan) -> bool:

@@ -1035,13 +1035,10 @@ def profile_at(profile: Profile, bindings: dict) -> Profile:
     def ratio(val) -> float:
         """Elements of ``val``'s largest tensor with dynamic sizes at the new sizes over the
         old (1 where it has none)."""
-        dynamic = [compat.concrete(t, old).numel() for t in _tensors(val)
-                   if any(isinstance(x, torch.SymInt) for x in t.shape)]
-        tensors = [t for t in _tensors(val) if any(isinstance(x, torch.SymInt) for x in t.shape)]
-        if not dynamic or max(dynamic) == 0:
-            return 1.0
-        k = max(range(len(dynamic)), key=dynamic.__getitem__)
-        return compat.concrete(tensors[k], new).numel() / dynamic[k]
+        sized = [(compat.concrete(t, old).numel(), t) for t in _tensors(val)
+                 if any(isinstance(x, torch.SymInt) for x in t.shape)]
+        before, largest = max(sized, key=lambda nt: nt[0], default=(0, None))
+        return compat.concrete(largest, new).numel() / before if before else 1.0
 
     swapped: dict[_Storage, _Storage] = {}
     for p in m.profilers:
