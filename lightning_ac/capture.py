@@ -93,15 +93,27 @@ class JointGraph:
 
     @property
     def bindings(self) -> dict:
-        """Symbol → size the graph's dynamic sizes stand for in its profile (the call it was
-        captured on, or the sizes its profile was scaled to: :func:`~lightning_ac.profiler.
-        profile_at`); empty for a static graph. Kept on the graph module, so that a node's
-        :func:`node_value` finds it."""
+        """Symbol → size the graph's dynamic sizes stand for: the call it was captured on, or,
+        inside :meth:`bound`, a profile's sizes; empty for a static graph. Kept on the graph
+        module, so that a node's :func:`node_value` finds it."""
         return self.gm.meta.setdefault(_BINDINGS, {})
 
     @bindings.setter
     def bindings(self, value: dict) -> None:
         self.gm.meta[_BINDINGS] = dict(value)
+
+    @contextlib.contextmanager
+    def bound(self, sizes: dict) -> Iterator[None]:
+        """Read node values at ``sizes`` inside the block (a profile scaled to other sizes than
+        the capture's: :attr:`~lightning_ac.profiler.Profile.sizes`); nothing changes where
+        ``sizes`` is empty."""
+        before = dict(self.bindings)
+        if sizes:
+            self.bindings = sizes
+        try:
+            yield
+        finally:
+            self.bindings = before
 
     @property
     def dynamic(self) -> bool:
@@ -211,11 +223,8 @@ def _build_joint(joint_gm: fx.GraphModule, example_inputs: list, roles: list[Pri
 
 def _bindings(primals: list[fx.Node], tensors: list[torch.Tensor]) -> dict:
     """The value of each dynamic size of a graph in this call: read off the real inputs,
-    dimension by dimension (every size symbol dynamo makes stands for some input's dimension).
-
-    Raises:
-        CaptureError: a size symbol no input dimension gives.
-    """
+    dimension by dimension (every size symbol dynamo makes stands for some input's dimension;
+    one that does not is unbound, and reading a value that needs it raises ``KeyError``)."""
     out = {}
     for node, t in zip(primals, tensors):
         val = node.meta.get("val")

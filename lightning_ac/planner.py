@@ -122,10 +122,11 @@ def swappable(profile: Profile) -> list[fx.Node]:
     """
     acts = profile.activations
     ranked = []
-    for n, nbytes, ratio, ok in zip(acts["node"], acts["bytes"],
-                                    acts["recompute_ratio_B_per_ms"], acts["recomputable"]):
-        if can_swap_value(n, nbytes):
-            ranked.append((ratio if ok else 0.0, n))
+    with profile.joint.bound(profile.sizes):  # (values at the sizes the bytes are at)
+        for n, nbytes, ratio, ok in zip(acts["node"], acts["bytes"],
+                                        acts["recompute_ratio_B_per_ms"], acts["recomputable"]):
+            if can_swap_value(n, nbytes):
+                ranked.append((ratio if ok else 0.0, n))
     return [n for _, n in sorted(ranked, key=lambda rn: rn[0])]
 
 

@@ -413,16 +413,14 @@ def measure_host_device_bandwidth(device: torch.device, nbytes: int = 256 << 20
 class _Measured:
     """A profile's measurements (per node and per storage) and how they were put together."""
 
-    profilers: list
-    """The joint graphs' measured figures (:func:`_figures`), in order."""
+    profilers: list[_Figures]
+    """The joint graphs' measured figures, in order."""
     optimizer: OptimizerGraph | None
-    op: _Scaled | None
+    op: _Figures | None
     bandwidth: dict | None
     previous_grads: str
     bindings: dict
     """The sizes they were measured at (symbol → int)."""
-    options: dict = field(default_factory=dict)
-    """``_assemble``'s keyword arguments (a step of several graphs)."""
 
 
 @dataclass
@@ -450,6 +448,9 @@ class Profile:
     ``start``/``stop`` between which it is live (the simulator replays these with a plan)."""
     measured: _Measured | None = field(default=None, repr=False)
     """What the tables were assembled from, for :func:`profile_at`."""
+    sizes: dict = field(default_factory=dict)
+    """Symbol → size of the joint graph's dynamic sizes that the tables are at (empty for a
+    static graph): read node values under ``joint.bound(sizes)``."""
 
     @property
     def persistent_B(self) -> int:
@@ -541,8 +542,9 @@ def profile_iteration(joint: JointGraph, optimizer: OptimizerGraph | None = None
     bandwidth = measure_host_device_bandwidth(device)
     profile = _assemble([joint], [jp], optimizer, op, bandwidth, previous_grads)
     if joint.dynamic:  # kept to scale the profile to other sizes (profile_at)
+        profile.sizes = dict(joint.bindings)
         profile.measured = _Measured([_figures(jp)], optimizer, _figures(op), bandwidth,
-                                     previous_grads, dict(joint.bindings))
+                                     previous_grads, profile.sizes)
     log.debug("profiled %d nodes on %s in %.2f s (host swap: %s)", len(profile.nodes), device,
               time.perf_counter() - t_start, swap)
     profile.summary.update(device=str(device), device_name=_device_name(device),
@@ -995,8 +997,9 @@ def _activation_table(storages, phase, rank, runtime, nodes, bandwidth, mutable)
 
 
 @dataclass(eq=False)
-class _Scaled:
-    """A :class:`GraphProfiler`'s figures scaled to other sizes (what ``_assemble`` reads)."""
+class _Figures:
+    """What ``_assemble`` reads of a :class:`GraphProfiler`: as measured, or scaled to other
+    sizes by :func:`profile_at`."""
 
     storages: list
     storage_of: dict
@@ -1004,23 +1007,22 @@ class _Scaled:
     peak_delta: dict
 
 
-def _figures(p: GraphProfiler | None) -> _Scaled | None:
+def _figures(p: GraphProfiler | None) -> _Figures | None:
     """What ``_assemble`` reads of a profiler, and nothing else: a profiler keeps the arguments
     of its last run (the interpreter's argument iterator), which for the optimizer are shadow
     copies of the parameters and optimizer state (1.8 GB on BERT-base, held between steps when
     a profile kept its profilers: measured on the H200)."""
     if p is None:
         return None
-    return _Scaled(list(p.storages), dict(p.storage_of), dict(p.runtime_ms), dict(p.peak_delta))
+    return _Figures(list(p.storages), dict(p.storage_of), dict(p.runtime_ms), dict(p.peak_delta))
 
 
 def profile_at(profile: Profile, bindings: dict) -> Profile:
     """``profile`` (of a joint graph traced with dynamic sizes) at other sizes, without running
     anything: each storage's bytes follow its traced size (exact for one dense tensor; scaled by
     the same ratio otherwise), each node's time and scratch memory the ratio of its largest
-    tensor's elements, and the tables are assembled again. The joint graph's
-    :attr:`~lightning_ac.capture.JointGraph.bindings` become ``bindings``: the planner and the
-    rewriter then read its values at those sizes.
+    tensor's elements, and the tables are assembled again. The result's :attr:`Profile.sizes`
+    are ``bindings`` (with the measured ones for symbols it does not give).
 
     Raises:
         ValueError: ``profile`` was not measured on a graph with dynamic sizes.
@@ -1047,21 +1049,21 @@ def profile_at(profile: Profile, bindings: dict) -> Profile:
             if r != 1.0:
                 swapped[st] = replace(st, nbytes=allocated_bytes(int(st.nbytes * r), cuda))
 
-    def scaled(p) -> _Scaled:
+    def scaled(p: _Figures) -> _Figures:
         node_ratio = {n: max((ratio(v.meta.get("val")) for v in (n, *n.all_input_nodes)),
                              default=1.0) for n in p.runtime_ms}
-        return _Scaled([swapped.get(st, st) for st in p.storages],
+        return _Figures([swapped.get(st, st) for st in p.storages],
                        {n: [swapped.get(st, st) for st in sts] for n, sts in p.storage_of.items()},
                        {n: t * node_ratio[n] for n, t in p.runtime_ms.items()},
                        {n: int(d * node_ratio.get(n, 1.0)) for n, d in p.peak_delta.items()})
 
     profilers = [scaled(p) for p in m.profilers]
     op = scaled(m.op) if m.op is not None else None
-    joint.bindings = new
     out = _assemble(profile.graphs or [joint], profilers, m.optimizer, op, m.bandwidth,
-                    m.previous_grads, **m.options)
+                    m.previous_grads)
     out.summary = {**profile.summary, **out.summary, "sizes": {str(k): v for k, v in new.items()}}
     out.measured = m  # (the measured figures, not the scaled ones: scale from them again)
+    out.sizes = new
     return out
 
 
