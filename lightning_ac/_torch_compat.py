@@ -19,9 +19,10 @@ __all__ = [
     "as_fake",
     "concrete",
     "forward_sym_nodes",
+    "graph_signature",
+    "dims_marked_dynamic",
     "mark_dims_dynamic",
     "size_symbol",
-    "unmark_dims_dynamic",
     "batch_norm_backend",
     "cudnn_batch_norm_reserve_bytes",
     "current_cuda_stream_id",
@@ -125,12 +126,34 @@ def mark_dims_dynamic(t: torch.Tensor, dims: Sequence[int]) -> None:
         torch._dynamo.maybe_mark_dynamic(t, d)
 
 
-def unmark_dims_dynamic(t: torch.Tensor, dims: Sequence[int]) -> None:
-    """Undo :func:`mark_dims_dynamic` (for a call that is then compiled with static shapes:
-    dynamo honours the marks even there)."""
-    marked = getattr(t, "_dynamo_weak_dynamic_indices", None)
-    if marked is not None:
-        marked.difference_update(dims)
+_DIM_MARKS = ("_dynamo_weak_dynamic_indices", "_has_dynamo_dim_marking")
+"""The attributes :func:`torch._dynamo.maybe_mark_dynamic` sets on a tensor."""
+
+
+@contextlib.contextmanager
+def dims_marked_dynamic(marks: Sequence[tuple[torch.Tensor, int]]) -> Iterator[None]:
+    """:func:`mark_dims_dynamic` for ``(tensor, dim)`` pairs for the duration of a call, then the
+    tensors' marks as they were.
+
+    Marks matter only when dynamo compiles: a graph compiled with a dimension marked runs a call
+    without the mark, but a graph compiled without marks recompiles for a tensor that has one.
+    Left on the caller's tensors, they would make dynamo compile again another plan of ours (a
+    static one, for the same tensors) or the user's own compiled functions."""
+    before = {id(t): (t, {a: getattr(t, a) for a in _DIM_MARKS if hasattr(t, a)})
+              for t, _ in marks}
+    saved = {i: {a: set(v) if isinstance(v, set) else v for a, v in attrs.items()}
+             for i, (_, attrs) in before.items()}
+    for t, d in marks:
+        mark_dims_dynamic(t, [d])
+    try:
+        yield
+    finally:
+        for i, (t, _) in before.items():
+            for a in _DIM_MARKS:
+                if a in saved[i]:
+                    setattr(t, a, saved[i][a])
+                elif hasattr(t, a):
+                    delattr(t, a)
 
 
 def size_symbol(size) -> object | None:
@@ -152,6 +175,8 @@ def concrete(value, bindings: dict):
     """
     if isinstance(value, torch.SymInt):
         expr = value.node.expr
+        if getattr(expr, "is_Symbol", False) and expr in bindings:  # (most sizes: fast)
+            return int(bindings[expr])
         if not isinstance(expr, int):
             expr = expr.xreplace(bindings)  # (a plain int where the expression was one symbol)
         if not isinstance(expr, int) and not expr.is_number:
@@ -166,6 +191,46 @@ def concrete(value, bindings: dict):
     if isinstance(value, (tuple, list)):
         return type(value)(concrete(v, bindings) for v in value)
     return value
+
+
+_SAME_BY_NAME = {"", "torch", "operator", "_operator", "builtins", "math"}
+"""Modules whose functions a graph calls that are the same function wherever they have the same
+name."""
+
+
+def graph_signature(gm: fx.GraphModule) -> str:
+    """A key that two graphs dynamo hands a backend share only when they compile to the same
+    step: each node's op, target and arguments (nodes by position: names depend on the path
+    dynamo took to a parameter, ``self._modules`` or ``self.__dict__``), each input's kind,
+    dtype, device, sizes and strides (as dynamo traced them, in ``meta["example_value"]``), and
+    each attribute read, by identity. Size symbols are named by order of appearance, since each
+    trace numbers its own."""
+    import re
+
+    index = {node: i for i, node in enumerate(gm.graph.nodes)}
+    parts = []
+    for node in gm.graph.nodes:
+        args = fx.node.map_arg((node.args, node.kwargs), lambda n: f"%{index[n]}")
+        target = node.target
+        if node.op == "placeholder":
+            v = node.meta.get("example_value")
+            target = (f"{type(v).__name__} {v.dtype} {v.device} {tuple(v.shape)} {v.stride()} "
+                      f"{v.requires_grad}" if isinstance(v, torch.Tensor)
+                      else f"{type(v).__name__} {v}")
+        elif node.op == "get_attr":
+            obj = gm
+            for name in str(node.target).split("."):
+                obj = getattr(obj, name)
+            target = f"attribute {id(obj)}"
+        elif callable(target):
+            module = getattr(target, "__module__", None) or ""
+            # (a function of the user's, by identity: two of one name can differ, closures)
+            target = f"{module}.{getattr(target, '__qualname__', target)}" if \
+                module.split(".")[0] in _SAME_BY_NAME else f"function {id(target)}"
+        parts.append(f"{node.op} {target} {args}")
+    names: dict[str, str] = {}
+    return re.sub(r"\b[su]\d+\b", lambda m: names.setdefault(m.group(), f"sym{len(names)}"),
+                  "\n".join(parts))
 
 
 def use_boxed_calling_convention(gm: fx.GraphModule) -> fx.GraphModule:

@@ -223,13 +223,14 @@ def _build_joint(joint_gm: fx.GraphModule, example_inputs: list, roles: list[Pri
 
 def _bindings(primals: list[fx.Node], tensors: list[torch.Tensor]) -> dict:
     """The value of each dynamic size of a graph in this call: read off the real inputs,
-    dimension by dimension (every size symbol dynamo makes stands for some input's dimension;
-    one that does not is unbound, and reading a value that needs it raises ``KeyError``)."""
+    dimension by dimension (every size symbol dynamo makes stands for some input's dimension or
+    stride, such as the stride of a batch of one; one that does not is unbound, and reading a
+    value that needs it raises ``KeyError``)."""
     out = {}
     for node, t in zip(primals, tensors):
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor):
-            for size, real in zip(val.shape, t.shape):
+            for size, real in (*zip(val.stride(), t.stride()), *zip(val.shape, t.shape)):
                 sym = compat.size_symbol(size)
                 if sym is not None:
                     out[sym] = int(real)
@@ -282,6 +283,13 @@ def compile_joint(fn: Callable, module: nn.Module | None,
         needs = needs_ref()
         if needs is None:
             raise CaptureError("the planned step was removed; nothing to compile it for")
+        key = _compile_key(gm)
+        if key in needs.compiled:
+            # Dynamo traced the step again (a guard on Python state the first call changed,
+            # such as the `config.problem_type` HF's classifiers set) into the same graph: the
+            # step compiled and planned for it serves, without a second capture and profile.
+            log.debug("dynamo traced the step again into the same graph: reusing its plan")
+            return needs.compiled[key]
         module = needs.module
         del needs
 
@@ -291,7 +299,11 @@ def compile_joint(fn: Callable, module: nn.Module | None,
                 raise CaptureError("the planned step was removed; nothing to partition it for")
             return needs.partition(joint)
 
-        return aot_compile(gm, example_inputs, module, partition_now)
+        compiled = aot_compile(gm, example_inputs, module, partition_now)
+        needs = needs_ref()
+        if needs is not None:
+            needs.compiled[key] = compiled
+        return compiled
 
     compiled = torch.compile(own_entry(fn), backend=backend, fullgraph=True,
                              dynamic=None if dynamic else False)
@@ -394,6 +406,18 @@ class _BackendNeeds:
 
     module: nn.Module | None
     partition: Callable[[JointGraph], tuple[fx.GraphModule, fx.GraphModule]]
+    compiled: dict[str, Callable] = field(default_factory=dict)
+    """Each graph compiled so far (:func:`_compile_key`) → AOTAutograd's compiled step."""
+
+
+def _compile_key(gm: fx.GraphModule) -> str:
+    """What the step AOTAutograd compiles from dynamo's graph ``gm`` depends on: the graph and
+    its inputs (:func:`~lightning_ac._torch_compat.graph_signature`), and the autocast and
+    grad-mode state it is traced under."""
+    state = [torch.is_grad_enabled()]
+    for device in ("cpu", "cuda"):
+        state += [torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)]
+    return f"{state}\n{compat.graph_signature(gm)}"
 
 
 def _calling(fn: Callable) -> Callable:

@@ -414,23 +414,22 @@ class AutoCheckpoint:
         step = ShapePlan(shapes_pattern(args, kwargs, varying),
                          foreign_B=self._foreign_bytes(args, kwargs),
                          tensor_shapes=[tuple(t.shape) for t in tensors], varying=varying)
-        _mark_varying(tensors, varying)
         step.compiled = compile_with_plan(
             self.fn, self.module,
             functools.partial(self._make_varying_plan, step, tensors, needed), dynamic=True)
         t0 = time.perf_counter()
         try:
-            out = step.compiled(*args, **kwargs)
+            with _marked(tensors, varying):
+                out = step.compiled(*args, **kwargs)
         except Exception as exc:
             _raise_if_memory_error(exc)
-            return self._plan_each_shape(step, exc, tensors, args, kwargs)
+            return self._plan_each_shape(step, exc, args, kwargs)
         step.planning_call_s = time.perf_counter() - t0
         self._keep(step)
         self._announce(step)
         return out
 
-    def _plan_each_shape(self, step: ShapePlan, exc: BaseException, tensors: list, args,
-                         kwargs):
+    def _plan_each_shape(self, step: ShapePlan, exc: BaseException, args, kwargs):
         """The step could not be planned (or run) as one graph for varying sizes: drop that plan,
         plan this call's shapes alone, and every later new shape too."""
         self._static_only = True
@@ -439,8 +438,6 @@ class AutoCheckpoint:
         why = unwrap_compile_error(exc, (CaptureError,)) or exc
         log.info("could not plan one graph for varying sizes (%s: %s); planning each shape",
                  type(why).__name__, " ".join(str(why).split())[:300])
-        for i, d in step.varying:  # (dynamo honours the marks even in a static compile)
-            compat.unmark_dims_dynamic(tensors[i], [d])
         return self._plan_and_run(input_shapes(args, kwargs), args, kwargs)
 
     def _make_varying_plan(self, step: ShapePlan, tensors: list, needed: frozenset,
@@ -451,14 +448,16 @@ class AutoCheckpoint:
                                "property of a size, such as its parity)")
         index = {id(t): i for i, t in enumerate(tensors)}
         traced = set()  # (tensor, dim) traced as a size (several can share a symbol)
+        strides = set()  # (a stride dynamo traced apart from the sizes: a batch of one's)
         for node, value in zip(joint.primals, joint.primal_values):
-            shape = node.meta["val"].shape
-            for d, size in enumerate(shape):
+            val = node.meta["val"]
+            strides.update(filter(None, map(compat.size_symbol, val.stride())))
+            for d, size in enumerate(val.shape):
                 sym = compat.size_symbol(size)
                 if sym is not None and id(value) in index:
                     step.sources.setdefault(sym, (index[id(value)], d))
                     traced.add((index[id(value)], d))
-        missing = set(joint.bindings) - set(step.sources)
+        missing = set(joint.bindings) - set(step.sources) - strides
         if missing:
             raise CaptureError(f"sizes {sorted(map(str, missing))} of the traced step are no "
                                "dimension of its arguments")
@@ -467,7 +466,7 @@ class AutoCheckpoint:
         if static:  # each new size would make dynamo compile (and this step plan) again
             raise CaptureError(f"dynamo kept dimensions {sorted(static)} (tensor, dim) static")
         # the largest size of each symbol over this call and the shapes planned before
-        largest = dict(joint.bindings)
+        largest = {sym: v for sym, v in joint.bindings.items() if sym in step.sources}
         for other in self.plans.values():
             seen = {other.sources[sym]: v for sym, v in other.sizes.items()}  # (varying sizes)
             for sym, (i, d) in step.sources.items():
@@ -489,15 +488,16 @@ class AutoCheckpoint:
         if not self.always_rewrite and self._fits_without_ac(step, sizes):
             self._ran_original = True
             return self.fn(*args, **kwargs)
-        _mark_varying(tensors, step.varying)
         try:
-            return step.compiled(*args, **kwargs)
+            # (marked for a compile: the first call after a re-plan compiles the step again)
+            with _marked(tensors, step.varying):
+                return step.compiled(*args, **kwargs)
         except torch.cuda.OutOfMemoryError as exc:
             raise torch.cuda.OutOfMemoryError(f"{exc}\n{self._out_of_memory_hint()}") from exc
         except Exception as exc:
             if unwrap_compile_error(exc, (CaptureError,)) is None:
                 raise
-            return self._plan_each_shape(step, exc, tensors, args, kwargs)
+            return self._plan_each_shape(step, exc, args, kwargs)
 
     def _plan_larger(self, step: ShapePlan, sizes: dict) -> None:
         """Plan ``step`` again for sizes larger than it was planned for, from its profile scaled
@@ -725,7 +725,7 @@ class AutoCheckpoint:
         # again would cast twice
         with compat.real_tensor_mode(), torch.autocast(device.type, enabled=False):
             profile = self._profile(joint, device)
-        if sizes and sizes != joint.bindings:
+        if sizes and {**joint.bindings, **sizes} != joint.bindings:
             profile = profile_at(profile, sizes)
         # The profile stays readable; the tensors it was captured on (parameters, and the first
         # batch, which would otherwise stay allocated) are not needed any more.
@@ -874,10 +874,10 @@ def _same_choices(a: Plan, b: Plan) -> bool:
             and a.release_before == b.release_before and a.prefetch_before == b.prefetch_before)
 
 
-def _mark_varying(tensors: list[torch.Tensor], dims: frozenset) -> None:
-    """Mark the varying dimensions (``(tensor index, dim)``) of a call's tensors for dynamo."""
-    for i, d in dims:
-        compat.mark_dims_dynamic(tensors[i], [d])
+def _marked(tensors: list[torch.Tensor], dims: frozenset):
+    """The varying dimensions (``(tensor index, dim)``) of a call's tensors marked for dynamo
+    during the call; the caller's tensors are left as they were."""
+    return compat.dims_marked_dynamic([(tensors[i], d) for i, d in sorted(dims)])
 
 
 def _raise_if_memory_error(exc: BaseException) -> None:

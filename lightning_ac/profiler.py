@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import statistics
 import time
 import weakref
@@ -1034,24 +1035,31 @@ def profile_at(profile: Profile, bindings: dict) -> Profile:
     new = {**old, **bindings}
     cuda = (profile.summary.get("device") or "").startswith("cuda")
 
-    def ratio(val) -> float:
-        """Elements of ``val``'s largest tensor with dynamic sizes at the new sizes over the
-        old (1 where it has none)."""
-        sized = [(compat.concrete(t, old).numel(), t) for t in _tensors(val)
-                 if any(isinstance(x, torch.SymInt) for x in t.shape)]
-        before, largest = max(sized, key=lambda nt: nt[0], default=(0, None))
-        return compat.concrete(largest, new).numel() / before if before else 1.0
+    def numel(t: torch.Tensor, bindings: dict) -> int:
+        return math.prod(compat.concrete(x, bindings) for x in t.shape)
+
+    ratios: dict[fx.Node, float] = {}  # (a node's is read once per reader: BERT-base, 16k)
+
+    def ratio(node: fx.Node) -> float:
+        """Elements of the largest tensor with dynamic sizes of ``node``'s value at the new
+        sizes over the old (1 where it has none)."""
+        if node not in ratios:
+            sized = [(numel(t, old), t) for t in _tensors(node.meta.get("val"))
+                     if any(isinstance(x, torch.SymInt) for x in t.shape)]
+            before, largest = max(sized, key=lambda nt: nt[0], default=(0, None))
+            ratios[node] = numel(largest, new) / before if before else 1.0
+        return ratios[node]
 
     swapped: dict[_Storage, _Storage] = {}
     for p in m.profilers:
         for st in p.storages:
-            r = ratio(_representative(st).meta.get("val"))
+            r = ratio(_representative(st))
             if r != 1.0:
                 swapped[st] = replace(st, nbytes=allocated_bytes(int(st.nbytes * r), cuda))
 
     def scaled(p: _Figures) -> _Figures:
-        node_ratio = {n: max((ratio(v.meta.get("val")) for v in (n, *n.all_input_nodes)),
-                             default=1.0) for n in p.runtime_ms}
+        node_ratio = {n: max((ratio(v) for v in (n, *n.all_input_nodes)), default=1.0)
+                      for n in p.runtime_ms}
         return _Figures([swapped.get(st, st) for st in p.storages],
                        {n: [swapped.get(st, st) for st in sts] for n, sts in p.storage_of.items()},
                        {n: t * node_ratio[n] for n, t in p.runtime_ms.items()},

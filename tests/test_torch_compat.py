@@ -134,12 +134,38 @@ def test_as_fake_keeps_the_real_sizes_under_dynamic_shapes():
     assert tuple(fake.shape) == (3, 4) and all(isinstance(s, int) for s in fake.shape)
 
 
-def test_unmarked_dimensions_are_traced_static_again():
+def test_dims_marked_dynamic_for_a_call_only_leaving_the_tensors_as_they_were():
     x = torch.randn(2, 5, 8)
-    compat.mark_dims_dynamic(x, [1])
-    compat.unmark_dims_dynamic(x, [1])
-    joint = capture_joint(lambda x: (x * w_static).sum(), [x])
-    assert not joint.dynamic
+    with compat.dims_marked_dynamic([(x, 1)]):
+        assert capture_joint(lambda x: (x * w_static).sum(), [x]).dynamic
+    assert not hasattr(x, "_dynamo_weak_dynamic_indices")
+    assert not hasattr(x, "_has_dynamo_dim_marking")
+    assert not capture_joint(lambda x: (x * w_static).sum(), [x]).dynamic
+    # a mark of the user's own stays
+    y = torch.randn(2, 5, 8)
+    torch._dynamo.maybe_mark_dynamic(y, 0)
+    with compat.dims_marked_dynamic([(y, 1)]):
+        assert y._dynamo_weak_dynamic_indices == {0, 1}
+    assert y._dynamo_weak_dynamic_indices == {0} and y._has_dynamo_dim_marking
 
 
 w_static = torch.randn(8, requires_grad=True)
+
+
+def test_graph_signature_is_the_same_for_the_same_graph_and_differs_with_the_inputs():
+    from torch import nn
+
+    signatures = []
+
+    def backend(gm, _inputs):
+        signatures.append(compat.graph_signature(gm))
+        return gm.forward
+
+    lin = nn.Linear(4, 4)
+    step = torch.compile(lambda x: lin(x).relu(), backend=backend, dynamic=False)
+    step(torch.randn(2, 4))
+    step(torch.randn(3, 4))  # another batch size: another graph input
+    torch.compile(lambda x: lin(x).relu(), backend=backend, dynamic=False)(torch.randn(2, 4))
+    torch.compile(lambda x: lin(x).tanh(), backend=backend, dynamic=False)(torch.randn(2, 4))
+    assert signatures[0] == signatures[2]
+    assert len({signatures[0], signatures[1], signatures[3]}) == 3

@@ -199,3 +199,68 @@ def test_a_length_the_code_branches_on_is_planned_per_shape():
     # that plan: 5 and every later length are planned alone
     assert ac._static_only and [s.shapes[0][1] for s in ac.plans.values()] == [6, 5, 8]
     assert not any(s.dynamic for s in ac.plans.values())
+
+
+def test_a_step_traced_again_into_the_same_graph_keeps_its_plan(monkeypatch):
+    """A forward that changes Python state on its first call (HF's classifiers set
+    ``config.problem_type``) makes dynamo trace the step again at the second call; the graph is
+    the same, so its compiled plan serves: no second capture, profile or plan."""
+    from torch import nn
+
+    profiles = _counting_profiles(monkeypatch)
+
+    class SetsOnFirstCall(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(),
+                                     nn.Linear(64, 1))
+            self.problem_type = None
+
+        def forward(self, x):
+            if self.problem_type is None:
+                self.problem_type = "regression"
+            return self.net(x).square().mean()
+
+    torch.manual_seed(0)
+    model = SetsOnFirstCall()
+    ref = copy.deepcopy(model)
+    ac = auto_checkpoint(model, None, budget=_midway, always_rewrite=True, on_infeasible="warn")
+    x = torch.randn(32, 16)
+    for _ in range(3):
+        ac(x).backward()
+        ref(x).backward()
+    assert len(profiles) == 1 and len(ac.plans) == 1 and ac.state is State.ACTIVE
+    for p, r in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, r.grad)
+
+
+def test_varying_sizes_leave_no_dynamo_marks_on_the_callers_tensors(monkeypatch):
+    """The dimensions traced as varying are marked for dynamo only during the call: left on the
+    caller's tensors (a batch reused, a labels tensor passed again), they would make dynamo
+    compile the first shape's plan again, and the user's own compiled functions."""
+    profiles = _counting_profiles(monkeypatch)
+    torch.manual_seed(0)
+    w = make_workload("tiny-bert-cls", 4, seq_len=32)
+    ac = auto_checkpoint(bert_loss_of(w.model), None, module=w.model, budget=_midway,
+                         always_rewrite=True, on_infeasible="warn")
+    ids, mask, labels = w.inputs  # labels (4,): the same tensor at every call
+    for length in (32, 16, 32, 24):
+        ac(ids[:, :length].contiguous(), mask[:, :length].contiguous(), labels).backward()
+        assert not hasattr(labels, "_dynamo_weak_dynamic_indices"), length
+    assert len(profiles) == 2  # 32 alone, then once traced dynamic: 32 did not compile again
+
+
+def test_a_batch_of_one_over_varying_lengths_shares_one_capture(monkeypatch):
+    """With one sample per batch dynamo traces the batch dimension's stride as a symbol of its
+    own (any stride is valid for a dimension of size 1); it is bound from the call, not taken
+    for a size the plan must follow, so varying lengths still share one dynamic graph."""
+    profiles = _counting_profiles(monkeypatch)
+    torch.manual_seed(0)
+    w = make_workload("tiny-bert-cls", 1, seq_len=48)
+    ac = auto_checkpoint(bert_loss_of(w.model), None, module=w.model, budget=_midway,
+                         always_rewrite=True, on_infeasible="warn")
+    for length in (32, 16, 48, 24):
+        ids, mask, labels = (t[:, :length].contiguous() if t.dim() > 1 else t for t in w.inputs)
+        ac(ids, mask, labels).backward()
+    assert len(profiles) == 2 and ac.last.dynamic and not ac._static_only
+    assert set(ac.last.sizes.values()) == {48}
