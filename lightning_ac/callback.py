@@ -366,9 +366,12 @@ class MuTwoAC(StepMonitor):
 
 def _log(trainer: Trainer, pl_module: LightningModule, metrics: dict[str, float]) -> None:
     """Log the epoch's figures once. Over several ranks each is the maximum over the ranks: the
-    peak that has to fit on every device, the slowest rank's step, which sets the pace."""
+    peak that has to fit on every device, the slowest rank's step, which sets the pace. (Synced
+    wherever a process group exists, as Lightning asks: DDP on one device has one, too.)"""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     pl_module.log_dict(metrics, on_step=False, on_epoch=True,
-                       sync_dist=trainer is not None and trainer.world_size > 1, reduce_fx="max")
+                       sync_dist=distributed or (trainer is not None and trainer.world_size > 1),
+                       reduce_fx="max")
 
 
 def _previous_grads(trainer: Trainer) -> str:

@@ -39,19 +39,23 @@ class CountedWithABreak(Counted):
 
 
 def fit_two_ranks(make, strategy, max_steps: int, describe=lambda cb: {}) -> None:
-    """Parse ``--budget`` (0: no AC), ``--out`` and ``--graph-break``, fit the model and loader
-    ``make(args)`` returns on two CPU ranks under ``strategy``, and write each rank's
+    """Parse ``--budget`` (0: no AC), ``--out``, ``--graph-break``, ``--devices`` (2) and
+    ``--no-strategy`` (Lightning's default strategy instead of ``strategy``), fit the model and
+    loader ``make(args)`` returns on that many CPU ranks, and write each rank's
     ``rank_<r>.json`` (its saved bytes, losses, MuTwoAC's state and ``describe(callback)``) and
     ``params_<r>.pt`` (its parameters, or its shards)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=int, default=0, help="0: no AC")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--graph-break", action="store_true")
+    ap.add_argument("--devices", type=int, default=2)
+    ap.add_argument("--no-strategy", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
     model, loader = make(args)
     cb = MuTwoAC(budget=args.budget, verbose=False) if args.budget else None
-    t = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=max_steps,
+    t = L.Trainer(accelerator="cpu", devices=args.devices,
+                  strategy="auto" if args.no_strategy else strategy, max_steps=max_steps,
                   callbacks=[cb] if cb else [], logger=L.loggers.CSVLogger(args.out),
                   enable_progress_bar=False, enable_model_summary=False,
                   enable_checkpointing=False, deterministic=True, log_every_n_steps=1)
@@ -73,6 +77,9 @@ def main() -> None:
     def describe(cb):
         graphs = cb.ac.last.graphs
         return {"recomputed": len(cb.plan.recomputed),
+                "predicted_peak_B": cb.plan.predicted_peak_B,
+                "profiled_peak_B": cb.profile.peak_bytes,
+                "strategy": type(cb.ac.module.trainer.strategy).__name__,
                 "graphs": len(graphs.captured) if graphs else 1,
                 # (a plan travels between ranks as positions in one graph)
                 "plan": None if graphs else encode_plan(cb.plan, cb.profile.joint.graph)}

@@ -14,13 +14,13 @@ FSDP_WORKER = Path(__file__).with_name("fsdp_worker.py")
 BUCKETS_WORKER = Path(__file__).with_name("ddp_buckets_worker.py")
 
 
-def _fit(out: Path, budget: int = 0, worker: Path = WORKER, *flags: str
+def _fit(out: Path, budget: int = 0, worker: Path = WORKER, *flags: str, ranks: int = 2
          ) -> tuple[list[dict], str]:
     out.mkdir(parents=True)
     run = subprocess.run([sys.executable, str(worker), "--budget", str(budget), "--out", str(out),
                           *flags], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
-    return [json.loads((out / f"rank_{r}.json").read_text()) for r in (0, 1)], run.stderr
+    return [json.loads((out / f"rank_{r}.json").read_text()) for r in range(ranks)], run.stderr
 
 
 def _assert_same_parameters(run: Path, ref: Path) -> None:
@@ -46,6 +46,26 @@ def test_ddp_with_mutwoac_trains_as_ddp_without_it_on_one_shared_plan(tmp_path):
     # the metrics are logged once, as the maximum over ranks, without Lightning's sync warning
     metrics = next((tmp_path / "ac").rglob("metrics.csv")).read_text()
     assert "mutwo/predicted_peak_B" in metrics and "mutwo/replans" in metrics
+    assert "sync_dist" not in said and "does not plan" not in said
+
+
+def test_ddp_on_one_device_plans_and_trains_as_without_a_strategy(tmp_path):
+    """``strategy="ddp"`` with ``devices=1`` (a script written for several GPUs, run on one): the
+    same one graph is planned as without a strategy, from the same profiled peak within 1%
+    (DDP adds nothing the step keeps), and it trains exactly as DDP without AC."""
+    flags = ("--devices", "1")
+    (plain,), _ = _fit(tmp_path / "plain", 1_900_000, WORKER, *flags, "--no-strategy", ranks=1)
+    (ddp,), said = _fit(tmp_path / "ddp", 1_900_000, WORKER, *flags, ranks=1)
+    (ref,), _ = _fit(tmp_path / "ref", 0, WORKER, *flags, ranks=1)
+    assert plain["strategy"] != ddp["strategy"] == "DDPStrategy"
+    for r in (plain, ddp):
+        assert r["state"] == "active" and r["graphs"] == 1 and r["recomputed"] > 0
+        assert r["predicted_peak_B"] <= 1_900_000
+    assert abs(ddp["profiled_peak_B"] - plain["profiled_peak_B"]) <= 0.01 * plain["profiled_peak_B"]
+    assert ddp["saved_B"] < ref["saved_B"] and ddp["losses"] == ref["losses"]
+    params = torch.load(tmp_path / "ddp" / "params_0.pt")
+    for p, q in zip(params, torch.load(tmp_path / "ref" / "params_0.pt")):
+        assert (p - q).norm() <= 1e-6 * q.norm() + 1e-12
     assert "sync_dist" not in said and "does not plan" not in said
 
 
