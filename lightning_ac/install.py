@@ -893,6 +893,19 @@ def _raise_if_memory_error(exc: BaseException) -> None:
 def infeasible_message(profile: Profile, result: Plan, foreign_B: int = 0) -> str:
     """Why ``result`` (stopped ``"infeasible"``) does not meet its budget, and what to do."""
     parts = peak_breakdown(profile, result.recomputed, result.swapped)
+    smallest = (f"the smallest peak the planner reaches is {format_bytes(result.predicted_peak_B)} ("
+                + ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in parts.items())
+                + f") with {len(result.recomputed)} activations recomputed and "
+                f"{len(result.swapped)} kept in host memory")
+    if result.target_B is not None and result.target_B <= 0:
+        # nothing is left for the step: say what took it, not "planned to -1.81 GiB"
+        held = f"tensors allocated before the step began take {format_bytes(foreign_B)}" \
+            if foreign_B else "memory the profile does not see takes"
+        return (f"MuTwoAC cannot meet the budget of {format_bytes(result.budget_B)}: {held} "
+                f"(with workspaces and allocator rounding, "
+                f"{format_bytes(result.budget_B - result.target_B)}), which leaves the step "
+                f"nothing; {smallest}. Free what an earlier model or your code still holds "
+                "(del, gc.collect(), torch.cuda.empty_cache()), or raise the budget.")
     aim = ""
     if result.target_B is not None and result.target_B != result.budget_B:
         # the comparison the planner made: say it, or "budget 3.35 MiB, smallest 3.35 MiB" reads
@@ -902,12 +915,9 @@ def infeasible_message(profile: Profile, result: Plan, foreign_B: int = 0) -> st
         aim = (f", planned to {format_bytes(result.target_B)} to leave room for memory the "
                f"profile does not see ({format_bytes(result.budget_B - result.target_B)}"
                f"{others})")
-    return (f"MuTwoAC cannot meet the budget of {format_bytes(result.budget_B)}{aim}: the "
-            f"smallest peak the planner reaches is {format_bytes(result.predicted_peak_B)} ("
-            + ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in parts.items())
-            + f") with {len(result.recomputed)} activations recomputed and "
-            f"{len(result.swapped)} kept in host memory. Raise the budget, "
-            "lower the batch size, or use an optimizer with less state.")
+    return (f"MuTwoAC cannot meet the budget of {format_bytes(result.budget_B)}{aim}: "
+            f"{smallest}. Raise the budget, lower the batch size, or use an optimizer with less "
+            "state.")
 
 
 def auto_checkpoint(target: nn.Module | Callable, optimizer: torch.optim.Optimizer | None = None,

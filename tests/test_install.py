@@ -417,3 +417,21 @@ def test_shapes_inside_a_batch_passed_as_one_dict_or_list_key_their_own_plans():
     for n in (16, 12, 16):
         m({"x": torch.randn(n, 8)}).backward()
     assert len(ac.plans) == 2
+
+
+def test_a_budget_that_tensors_held_before_the_step_already_fill_says_so():
+    """Where memory allocated before the step (an earlier model in a notebook) takes the whole
+    budget, the message says that, not a negative target."""
+    from dataclasses import replace
+
+    from lightning_ac.capture import capture_joint
+    from lightning_ac.install import infeasible_message
+    from lightning_ac.profiler import profile_joint
+
+    w = make_workload("cnn", 8)
+    prof = profile_joint(capture_joint(w.loss, w.inputs, w.model), None)
+    result = replace(plan(prof, 1000), budget_B=10_000, target_B=-5_000)
+    said = infeasible_message(prof, result, foreign_B=12_000)
+    assert "tensors allocated before the step began take 11.72 KiB (with workspaces and " \
+           "allocator rounding, 14.65 KiB), which leaves the step nothing" in said
+    assert "planned to" not in said and "the smallest peak the planner reaches" in said
