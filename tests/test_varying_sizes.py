@@ -264,3 +264,36 @@ def test_a_batch_of_one_over_varying_lengths_shares_one_capture(monkeypatch):
         ac(ids, mask, labels).backward()
     assert len(profiles) == 2 and ac.last.dynamic and not ac._static_only
     assert set(ac.last.sizes.values()) == {48}
+
+
+def test_a_plan_whose_choices_still_fit_larger_sizes_is_kept_without_compiling_again():
+    """A re-plan for larger sizes keeps the compiled choices where they still meet the new
+    target (compiling again is a dynamo and AOTAutograd trace), with their figures at the new
+    sizes; where they do not, it gives way to the new plan."""
+    from dataclasses import replace
+
+    from lightning_ac import _torch_compat as compat
+    from lightning_ac.capture import capture_joint
+    from lightning_ac.install import _still_fits
+    from lightning_ac.planner import plan
+    from lightning_ac.profiler import profile_joint
+    from lightning_ac.simulator import simulate
+
+    torch.manual_seed(0)
+    w = make_workload("tiny-bert", 4, seq_len=48)
+    inputs = [t[:, :32].contiguous() for t in w.inputs]
+    with compat.dims_marked_dynamic([(t, 1) for t in inputs]):
+        joint = capture_joint(bert_loss_of(w.model), inputs, w.model)
+    with compat.real_tensor_mode():
+        short = profile_joint(joint, None, runs=1, warmup=False)
+    (sym,) = joint.bindings
+    old = plan(short, _midway(short), swap=False)
+    assert old.recomputed and old.stop_reason == "fits"
+    longer = profile_at(short, {sym: 40})
+    at_40 = simulate(longer, old.recomputed).peak_B
+    assert at_40 > old.predicted_peak_B  # the same choices need more memory at 40
+    roomy = replace(plan(longer, None), target_B=at_40, budget_B=at_40 * 2)
+    kept = _still_fits(old, roomy, longer)
+    assert kept is not None and kept.recomputed == old.recomputed
+    assert kept.predicted_peak_B == at_40 and kept.target_B == at_40 and kept.stop_reason == "fits"
+    assert _still_fits(old, replace(roomy, target_B=at_40 - 1), longer) is None
