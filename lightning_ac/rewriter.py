@@ -180,11 +180,13 @@ def retarget(plan: Plan, planned_on: fx.Graph, graph: fx.Graph) -> Plan:
     pair of nodes is checked (kind, target, and arguments, nodes among them mapped), and a difference
     raises rather than let a plan land on the wrong values (a silent name mapping between two
     traces is what made an earlier attempt at this project fall back to hand-picked blocks).
+    Size inputs that nothing reads are left out: dynamo gives a stride a symbol of its own or not
+    by the values it meets (a batch of one sliced from a longer one has a stride that is no size).
 
     Raises:
         CaptureError: the traces differ; the message names the first node that does.
     """
-    old, new = list(planned_on.nodes), list(graph.nodes)
+    old, new = ([n for n in g.nodes if not _unread_size(n)] for g in (planned_on, graph))
     if len(old) != len(new):
         raise CaptureError(f"the step traced again has {len(new)} nodes where the planned one "
                            f"had {len(old)}: it cannot take that plan")
@@ -194,13 +196,33 @@ def retarget(plan: Plan, planned_on: fx.Graph, graph: fx.Graph) -> Plan:
             args = fx.node.map_arg((a.args, a.kwargs), to_new.__getitem__)
         except KeyError:  # reads a node that comes later: not the same graph
             args = None
-        same = a.op == b.op and a.target == b.target and args == (b.args, b.kwargs)
+        # (placeholders by position: their names count the inputs left out above; the output
+        # without the Nones that stand for those inputs' gradients)
+        if a.op == b.op == "output" and args is not None:
+            args, b_args = _without_none(args), _without_none((b.args, b.kwargs))
+        else:
+            b_args = (b.args, b.kwargs)
+        same = a.op == b.op and (a.op == "placeholder" or a.target == b.target) \
+            and args == b_args
         if not same:
             raise CaptureError(f"the step traced again differs from the planned one at node {i}: "
                                f"{a.format_node()} against {b.format_node()}")
         to_new[a] = b
 
     return dataclasses.replace(plan, **_map_nodes(vars(plan), to_new.get))
+
+
+def _without_none(args_kwargs: tuple) -> tuple:
+    """An output node's (args, kwargs) with the Nones of its list of results left out."""
+    (results, *rest), kwargs = args_kwargs
+    if isinstance(results, (list, tuple)):
+        results = type(results)(r for r in results if r is not None)
+    return (results, *rest), kwargs
+
+
+def _unread_size(node: fx.Node) -> bool:
+    return node.op == "placeholder" and not node.users and \
+        isinstance(node.meta.get("val"), torch.SymInt)
 
 
 def restrict(plan: Plan, graph: fx.Graph) -> Plan:

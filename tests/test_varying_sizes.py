@@ -252,18 +252,29 @@ def test_varying_sizes_leave_no_dynamo_marks_on_the_callers_tensors(monkeypatch)
 
 def test_a_batch_of_one_over_varying_lengths_shares_one_capture(monkeypatch):
     """With one sample per batch dynamo traces the batch dimension's stride as a symbol of its
-    own (any stride is valid for a dimension of size 1); it is bound from the call, not taken
-    for a size the plan must follow, so varying lengths still share one dynamic graph."""
+    own or not, by the values it meets (a batch sliced from a longer one has a stride that is no
+    size); such a symbol is bound from the call, not taken for a size the plan must follow, and
+    a re-plan's new trace takes the plan whether it has one or not. So varying lengths share one
+    dynamic graph, compiled again for a longer length (forced here) without a new profile, and
+    train as eager."""
     profiles = _counting_profiles(monkeypatch)
+    monkeypatch.setattr(install_module, "_same_choices", lambda a, b: False)
+    monkeypatch.setattr(install_module, "_still_fits", lambda *a: None)
     torch.manual_seed(0)
     w = make_workload("tiny-bert-cls", 1, seq_len=48)
+    ref = copy.deepcopy(w.model)
     ac = auto_checkpoint(bert_loss_of(w.model), None, module=w.model, budget=_midway,
                          always_rewrite=True, on_infeasible="warn")
     for length in (32, 16, 48, 24):
         ids, mask, labels = (t[:, :length].contiguous() if t.dim() > 1 else t for t in w.inputs)
-        ac(ids, mask, labels).backward()
+        for step in (ac, bert_loss_of(ref)):
+            torch.manual_seed(length)
+            step(ids, mask, labels).backward()
+        for p, r in zip(w.model.parameters(), ref.parameters()):
+            assert (p.grad - r.grad).norm() <= 1e-6 * r.grad.norm() + 1e-7, length
+        w.model.zero_grad(), ref.zero_grad()
     assert len(profiles) == 2 and ac.last.dynamic and not ac._static_only
-    assert set(ac.last.sizes.values()) == {48}
+    assert set(ac.last.sizes.values()) == {48} and ac.state is State.ACTIVE
 
 
 def test_a_plan_whose_choices_still_fit_larger_sizes_is_kept_without_compiling_again():
