@@ -9,6 +9,7 @@ relies on, so a torch upgrade that breaks one fails there first, with a clear na
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -18,9 +19,9 @@ __all__ = [
     "aot_backend",
     "as_fake",
     "concrete",
+    "dims_marked_dynamic",
     "forward_sym_nodes",
     "graph_signature",
-    "dims_marked_dynamic",
     "mark_dims_dynamic",
     "size_symbol",
     "batch_norm_backend",
@@ -139,19 +140,17 @@ def dims_marked_dynamic(marks: Sequence[tuple[torch.Tensor, int]]) -> Iterator[N
     without the mark, but a graph compiled without marks recompiles for a tensor that has one.
     Left on the caller's tensors, they would make dynamo compile again another plan of ours (a
     static one, for the same tensors) or the user's own compiled functions."""
-    before = {id(t): (t, {a: getattr(t, a) for a in _DIM_MARKS if hasattr(t, a)})
-              for t, _ in marks}
-    saved = {i: {a: set(v) if isinstance(v, set) else v for a, v in attrs.items()}
-             for i, (_, attrs) in before.items()}
+    saved = {id(t): (t, {a: copy.copy(getattr(t, a)) for a in _DIM_MARKS if hasattr(t, a)})
+             for t, _ in marks}  # (copies: marking adds to the set in place)
     for t, d in marks:
         mark_dims_dynamic(t, [d])
     try:
         yield
     finally:
-        for i, (t, _) in before.items():
+        for t, attrs in saved.values():
             for a in _DIM_MARKS:
-                if a in saved[i]:
-                    setattr(t, a, saved[i][a])
+                if a in attrs:
+                    setattr(t, a, attrs[a])
                 elif hasattr(t, a):
                     delattr(t, a)
 

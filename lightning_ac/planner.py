@@ -356,7 +356,7 @@ def _greedy(profile: Profile, budget_B: int, target: int, baseline: Simulation,
         best_k = min(prefixes, key=lambda m: prefixes[m].peak_B)
         dropped, sim = dropped[:best_k], prefixes[best_k]
     dropped_set = set(dropped)
-    nodes_by_rank = profile.nodes["node"].to_list()
+    release_before, prefetch_before = swap_points(profile, sim)
     return Plan(
         budget_B=budget_B, baseline_peak_B=baseline.peak_B, predicted_peak_B=sim.peak_B,
         predicted_extra_ms=sim.extra_ms, stop_reason=reason, recomputed=dropped,
@@ -364,12 +364,19 @@ def _greedy(profile: Profile, budget_B: int, target: int, baseline: Simulation,
         recomputed_nodes=sim.recomputed_nodes,
         recomputed_B=int(sum(size[n] for n in dropped)),
         swapped=swapped, swapped_B=int(sum(size[n] for n in swapped)),
-        release_before={n: nodes_by_rank[r] for n, r in sim.swaps.out_done_rank.items()}
-        if sim.swaps else {},
-        prefetch_before={n: nodes_by_rank[r] for n, r in sim.swaps.prefetch_rank.items()}
-        if sim.swaps else {},
-        steps=steps,
+        release_before=release_before, prefetch_before=prefetch_before, steps=steps,
     )
+
+
+def swap_points(profile: Profile, sim: Simulation) -> tuple[dict, dict]:
+    """Where the simulated swaps move, as nodes: swapped activation → the forward node before
+    which its device memory is given back, and → the backward node before which its copy back
+    is issued (:attr:`Plan.release_before`, :attr:`Plan.prefetch_before`)."""
+    if sim.swaps is None:
+        return {}, {}
+    nodes = profile.nodes["node"].to_list()
+    return ({n: nodes[r] for n, r in sim.swaps.out_done_rank.items()},
+            {n: nodes[r] for n, r in sim.swaps.prefetch_rank.items()})
 
 
 def rerun_by_op(plan_: Plan, profile: Profile) -> pd.DataFrame:
