@@ -54,6 +54,13 @@ def aot_backend(
     return aot_autograd(fw_compiler=fw_compiler, bw_compiler=bw_compiler, partition_fn=partition_fn)
 
 
+def saved_tensors_hooks_in_effect() -> tuple[Callable, Callable] | None:
+    """The ``(pack, unpack)`` pair of the innermost ``torch.autograd.graph.saved_tensors_hooks``
+    in effect, or None: for values kept for backward outside autograd's own saving (as
+    ``torch.utils.checkpoint`` reads them)."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False)
+
+
 @contextlib.contextmanager
 def real_tensor_mode() -> Iterator[None]:
     """Leave the FakeTensor mode that AOTAutograd runs partitioners under, so real tensors run."""

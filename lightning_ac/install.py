@@ -49,7 +49,7 @@ from lightning_ac.errors import (
     describe_capture_failure,
     unwrap_compile_error,
 )
-from lightning_ac.planner import Plan, default_reserve_B, plan, swap_points
+from lightning_ac.planner import CUDA_RESERVE_B, Plan, default_reserve_B, plan, swap_points
 from lightning_ac.profiler import (
     PREVIOUS_GRADS,
     NodeOutOfMemoryError,
@@ -59,7 +59,13 @@ from lightning_ac.profiler import (
     profile_joint,
 )
 from lightning_ac.report import format_bytes
-from lightning_ac.rewriter import compile_with_plan, decode_plan, encode_plan, retarget
+from lightning_ac.rewriter import (
+    PlannedStep,
+    compile_with_plan,
+    decode_plan,
+    encode_plan,
+    retarget,
+)
 from lightning_ac.simulator import peak_breakdown, simulate
 from lightning_ac.step_graphs import StepGraphs
 
@@ -215,6 +221,9 @@ class ShapePlan:
     every call up to them (memory grows with each size)."""
     fits: dict = field(default_factory=dict)
     """Smaller sizes seen → whether the step fits the plan's target without AC there."""
+    planned: tuple[PlannedStep, Callable] | None = None
+    """The partition the compiled step runs, and that step: a new plan replaces the partition
+    without compiling again (:class:`~lightning_ac.rewriter.PlannedStep`)."""
 
     @property
     def dynamic(self) -> bool:
@@ -356,7 +365,8 @@ class AutoCheckpoint:
             step.not_one_graph = split
             return self._capture_graphs(step, args, kwargs)
         step.compiled = compile_with_plan(self.fn, self.module,
-                                          functools.partial(self._make_plan, step))
+                                          functools.partial(self._make_plan, step),
+                                          on_compiled=functools.partial(self._compiled, step))
         t0 = time.perf_counter()
         try:
             out = step.compiled(*args, **kwargs)
@@ -416,7 +426,8 @@ class AutoCheckpoint:
                          tensor_shapes=[tuple(t.shape) for t in tensors], varying=varying)
         step.compiled = compile_with_plan(
             self.fn, self.module,
-            functools.partial(self._make_varying_plan, step, tensors, needed), dynamic=True)
+            functools.partial(self._make_varying_plan, step, tensors, needed), dynamic=True,
+            on_compiled=functools.partial(self._compiled, step))
         t0 = time.perf_counter()
         try:
             with _marked(tensors, varying):
@@ -501,7 +512,7 @@ class AutoCheckpoint:
 
     def _plan_larger(self, step: ShapePlan, sizes: dict) -> None:
         """Plan ``step`` again for sizes larger than it was planned for, from its profile scaled
-        to them; the step is compiled again (at its next run) only if the choices change."""
+        to them; the step is partitioned again only if the choices change."""
         t0 = time.perf_counter()
         largest = {s: max(v, sizes[s]) for s, v in step.sizes.items()}
         planned_on = step.profile.joint.graph
@@ -510,9 +521,9 @@ class AutoCheckpoint:
         fits = new.stop_reason == "already fits"
         log.info("sizes %s are larger than planned for (%s): planned again", sizes, step.sizes)
         if not _same_choices(step.plan, new):
-            # Compiling again costs a dynamo and AOTAutograd trace (13.6 s for BERT-base on an
-            # H200, reports/shapes): where the compiled choices still meet the new target, keep
-            # them, with their figures at the new sizes.
+            # A new partition costs about a second for BERT-base (and the step's first run with
+            # it): where the compiled choices still meet the new target, keep them, with their
+            # figures at the new sizes.
             kept = _still_fits(step.plan, new, profile)
             if kept is not None:
                 new = kept
@@ -540,11 +551,25 @@ class AutoCheckpoint:
         return step.fits[key]
 
     def _compile_with(self, step: ShapePlan, new: Plan, planned_on: fx.Graph) -> Callable:
-        """The step compiled again with ``new``, a plan made on the graph ``planned_on`` (the
-        new trace must be the same graph: :func:`~lightning_ac.rewriter.retarget`)."""
+        """The step run by ``new``, a plan made on the graph ``planned_on``: the compiled step
+        with its partition replaced, or, where there is none to replace, the step compiled
+        again (the new trace must be the same graph: :func:`~lightning_ac.rewriter.retarget`)."""
+        if step.planned is not None:
+            planned, compiled = step.planned
+            try:
+                planned.use(new if planned_on is planned.joint.graph
+                            else retarget(new, planned_on, planned.joint.graph))
+                return compiled
+            except CaptureError as exc:
+                log.debug("could not partition the compiled step again (%s); compiling it", exc)
         return compile_with_plan(self.fn, self.module,
                                  lambda joint: retarget(new, planned_on, joint.graph),
-                                 dynamic=step.dynamic)
+                                 dynamic=step.dynamic,
+                                 on_compiled=functools.partial(self._compiled, step))
+
+    @staticmethod
+    def _compiled(step: ShapePlan, planned: PlannedStep) -> None:
+        step.planned = planned, step.compiled
 
     def _keep(self, step: ShapePlan) -> None:
         self.planned_last_call = True
@@ -562,7 +587,7 @@ class AutoCheckpoint:
             make_plan=functools.partial(self._plan_profile, step),
             host_swap=self._profile_swapped(),
             measure_options={**({"runs": 1, "warmup": False} if self.plans else {}),
-                             **self.profile_options},
+                             "swap_above_B": self._swap_above_B(), **self.profile_options},
             previous_grads=self.previous_grads)
         t0 = time.perf_counter()
         try:
@@ -779,7 +804,8 @@ class AutoCheckpoint:
                                     previous_grads=self.previous_grads,
                                     **{**quick, **self.profile_options})
         if self.host_swap != "auto" or self._profile_swapped():
-            return profile(swap=self._profile_swapped())
+            swap = self._profile_swapped()
+            return profile(swap=swap, swap_above_B=self._swap_above_B() if swap else None)
         try:
             return profile(swap=False)
         except torch.cuda.OutOfMemoryError:
@@ -803,6 +829,16 @@ class AutoCheckpoint:
                 f"to host memory:{where} needs more than is free next to the parameters and "
                 "optimizer state" + (f" (device limit {format_bytes(limit)})" if limit else "")
                 + ". Lower the batch size.\n" + str(exc).splitlines()[0]) from None
+
+    def _swap_above_B(self) -> int | None:
+        """How much device memory a profile with activations in host memory may fill before it
+        moves them there: the budget, less what the planner keeps free below it, where the
+        budget is known in bytes before the profile (None: move every activation)."""
+        if callable(self.budget) or self.budget is None:
+            return None
+        device = self._device()
+        reserve = CUDA_RESERVE_B if device is not None and device.type == "cuda" else 0
+        return max(0, self.budget_for() - reserve)
 
     def _profile_swapped(self) -> bool:
         """Whether to profile with activations in host memory: as ``host_swap`` says, or with

@@ -102,7 +102,8 @@ class GraphProfiler(fx.Interpreter):
 
     def __init__(self, gm: fx.GraphModule, *, runs: int = 3,
                  registry: dict[int, tuple[_Storage, list]] | None = None,
-                 swap: bool = False, min_swap_B: int = 64 << 10, cold_l2: bool = False):
+                 swap: bool = False, min_swap_B: int = 64 << 10, cold_l2: bool = False,
+                 swap_above_B: int | None = None):
         super().__init__(gm, garbage_collect_values=True)
         self.runs = max(1, runs)
         self.cold_l2 = cold_l2
@@ -113,6 +114,14 @@ class GraphProfiler(fx.Interpreter):
         """Move each activation to host memory after its last forward use, and back before its
         next use (μ-TWO's way of profiling a step whose activations do not fit)."""
         self.min_swap_B = min_swap_B
+        self.swap_above_B = swap_above_B
+        """With ``swap``: move activations to the host only while the device's allocated bytes
+        plus the largest allocation a node has made in this run exceed this (the oldest first:
+        backward reads them last); None: each one as soon as the forward is done with it.
+        Pinning host memory and copying cost seconds per GiB, so a step that needs only part of
+        its activations moved to stay under the budget moves only that part."""
+        self._pending: dict[_Storage, None] = {}  # (an ordered set: the oldest first)
+        self._largest_B = 0
         self.swapped_B = 0
         """Bytes moved to the host and back during the last run."""
         self._position = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -130,6 +139,7 @@ class GraphProfiler(fx.Interpreter):
         """Run on flat arguments (one per placeholder) and return the flat list of outputs."""
         self._measuring = measure
         self.swapped_B = 0
+        self._pending, self._largest_B = {}, 0
         kept = None
         if self.swap and not measure:  # swapping needs storages: track this run's apart
             kept = self.storages, self.storage_of, self._registry
@@ -139,26 +149,39 @@ class GraphProfiler(fx.Interpreter):
         finally:
             self._measuring = False
             self._on_host.clear()
+            self._pending = {}
             if kept is not None:
                 self.storages, self.storage_of, self._registry = kept
 
     def run_node(self, n: fx.Node):
         if self.swap:
             self._swap_in(n)
+        cuda = self.swap_above_B is not None and _on_cuda(n, self.env)
+        if cuda:
+            before = _allocated_B()
+            if not self._measuring:  # (a measured run reads the node's own peak: peak_delta)
+                torch.cuda.reset_peak_memory_stats()
         try:
             out = self._run_and_measure(n)
         except torch.cuda.OutOfMemoryError as exc:
             raise NodeOutOfMemoryError(n, exc) from exc
         if self.swap and n.op == "call_function":
+            if self.swap_above_B is not None:
+                if cuda:
+                    made = self.peak_delta[n] if self._measuring else _peak_allocated_B() - before
+                else:
+                    made = sum(st.nbytes for st in self.storage_of.get(n, ()) if st.creator is n)
+                self._largest_B = max(self._largest_B, made)
             self.env[n] = out  # so that a swap-out right now also sees n's own output
-            self._swap_out_after(n)
+            self._swap_out_after(n, cuda)
             out = self.env.pop(n)
         return out
 
     # -- host swap ---------------------------------------------------------------------------
 
-    def _swap_out_after(self, n: fx.Node) -> None:
-        """Move to the host every storage read by ``n`` whose forward users have all run."""
+    def _swap_out_after(self, n: fx.Node, cuda: bool) -> None:
+        """Move to the host every storage read by ``n`` whose forward users have all run (with
+        :attr:`swap_above_B`: as many of them as keep the device under it)."""
         here = self._position[n]
         for inp in n.all_input_nodes:
             for st in self.storage_of.get(inp, ()):
@@ -168,7 +191,28 @@ class GraphProfiler(fx.Interpreter):
                 later = [u for a in st.aliases for u in a.users if self._position[u] > here]
                 # something still reads it, and it is not the forward
                 if later and all(u.op == "output" or compat.is_backward_node(u) for u in later):
-                    self._to_host(st)
+                    if self.swap_above_B is None:
+                        self._to_host(st)
+                    else:
+                        self._pending[st] = None
+        if self.swap_above_B is not None and self._pending:
+            self._spill(cuda)
+
+    def _spill(self, cuda: bool) -> None:
+        """Move pending activations to the host, the oldest first, until the device has room
+        for the largest allocation a node has made (:attr:`swap_above_B`)."""
+        limit = self.swap_above_B - self._largest_B
+        while self._pending and (_allocated_B() if cuda else self._live_B()) > limit:
+            st = next(iter(self._pending))
+            del self._pending[st]
+            if st not in self._on_host:
+                self._to_host(st)
+
+    def _live_B(self) -> int:
+        """Bytes of the storages this run holds on the device (off CUDA, where there is no
+        allocator to ask)."""
+        return sum(st.nbytes for st, refs in self._registry.values()
+                   if st not in self._on_host and any(r() is not None for r in refs))
 
     def _env_items(self, node: fx.Node) -> list:
         """``(index, value)`` for each element of ``node``'s value in ``env`` (index None for a
@@ -264,12 +308,12 @@ class GraphProfiler(fx.Interpreter):
         Before each timed run the GPU spins for longer than the host takes to launch the op, so
         the events around the op time its kernels and not the launch latency of an idle GPU.
         """
-        before = torch.cuda.memory_allocated()
+        before = _allocated_B()
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         out = super().run_node(n)
         launch_ms = (time.perf_counter() - t0) * 1e3
-        self.peak_delta[n] = torch.cuda.max_memory_allocated() - before
+        self.peak_delta[n] = _peak_allocated_B() - before
         spin = int(max(0.05, 2.0 * launch_ms) * _spin_cycles_per_ms())
         events = []
         for _ in range(self.runs):
@@ -369,6 +413,17 @@ def live_bytes(start, stop, nbytes, n_nodes: int) -> tuple[np.ndarray, np.ndarra
     np.add.at(during, start, nbytes)
     np.add.at(during, stop + 1, -nbytes)
     return np.cumsum(after)[:n_nodes], np.cumsum(during)[:n_nodes]
+
+
+def _allocated_B() -> int:
+    """The current CUDA device's allocated bytes. (``torch.cuda.memory_allocated`` flattens and
+    sorts every allocator statistic first: 0.3 ms, paid twice per node of a profile.)"""
+    return torch.cuda.memory_stats_as_nested_dict()["allocated_bytes"]["all"]["current"]
+
+
+def _peak_allocated_B() -> int:
+    """The current CUDA device's peak of allocated bytes since the last reset."""
+    return torch.cuda.memory_stats_as_nested_dict()["allocated_bytes"]["all"]["peak"]
 
 
 def _tensors(value) -> Iterator[torch.Tensor]:
@@ -496,8 +551,8 @@ def _preserved_rng(device: torch.device) -> Iterator[None]:
 
 def profile_iteration(joint: JointGraph, optimizer: OptimizerGraph | None = None, *,
                       runs: int = 3, warmup: bool = True, swap: bool = False,
-                      min_swap_B: int = 64 << 10, cold_l2: bool = False,
-                      previous_grads: str = "freed") -> Profile:
+                      min_swap_B: int = 64 << 10, swap_above_B: int | None = None,
+                      cold_l2: bool = False, previous_grads: str = "freed") -> Profile:
     """Run and measure the captured iteration; nothing of the model or optimizer changes.
 
     Args:
@@ -511,6 +566,8 @@ def profile_iteration(joint: JointGraph, optimizer: OptimizerGraph | None = None
             do not fit on the device can still be profiled. The profile is the same either way:
             memory is accounted per storage, as if nothing had moved; node times leave the
             copies out.
+        swap_above_B: with ``swap``, move only as many activations as keep the device's
+            allocated bytes under this (:attr:`GraphProfiler.swap_above_B`); None: all of them.
         cold_l2: on CUDA, evict the L2 cache before each timed run (see
             :attr:`GraphProfiler.cold_l2`). Off by default: each node's repeated runs then find
             inputs of up to the L2's size (50 MB on an H100) in cache, which a recomputation in
@@ -531,7 +588,7 @@ def profile_iteration(joint: JointGraph, optimizer: OptimizerGraph | None = None
     registry: dict = {}
     with torch.no_grad(), _preserved_rng(device):
         jp, outs = _run_joint(joint, registry=registry, runs=runs, warmup=warmup, swap=swap,
-                              min_swap_B=min_swap_B, cold_l2=cold_l2)
+                              min_swap_B=min_swap_B, swap_above_B=swap_above_B, cold_l2=cold_l2)
         grads_by_primal = {joint.grad_of[node]: val for node, val in zip(joint.outputs(), outs)
                            if node in joint.grad_of}
         op = None
@@ -558,7 +615,8 @@ def profile_iteration(joint: JointGraph, optimizer: OptimizerGraph | None = None
 
 
 def _run_joint(joint: JointGraph, *, registry: dict, runs: int, warmup: bool, swap: bool,
-               min_swap_B: int, cold_l2: bool) -> tuple[GraphProfiler, list]:
+               min_swap_B: int, cold_l2: bool,
+               swap_above_B: int | None = None) -> tuple[GraphProfiler, list]:
     """Run ``joint`` on its real primals and tangents of ones, measuring every node (call under
     ``torch.no_grad()``). Returns the profiler and the joint graph's outputs."""
     device = joint.primal_values[0].device
@@ -569,7 +627,7 @@ def _run_joint(joint: JointGraph, *, registry: dict, runs: int, warmup: bool, sw
     primals = [v.clone() if r.kind == "buffer" else v
                for v, r in zip(joint.primal_values, joint.primal_roles)]
     jp = GraphProfiler(joint.gm, runs=runs, registry=registry, swap=swap,
-                       min_swap_B=min_swap_B, cold_l2=cold_l2)
+                       min_swap_B=min_swap_B, swap_above_B=swap_above_B, cold_l2=cold_l2)
     args = [*joint.call_args(primals), *tangents]
     if warmup:
         jp.run(*args, measure=False)
@@ -593,7 +651,7 @@ def _run_optimizer(optimizer: OptimizerGraph, grads: list, *, registry: dict, ru
 
 def measure_joint(joint: JointGraph, *, registry: dict, runs: int = 3, warmup: bool = True,
                   swap: bool = False, min_swap_B: int = 64 << 10,
-                  cold_l2: bool = False) -> GraphProfiler:
+                  swap_above_B: int | None = None, cold_l2: bool = False) -> GraphProfiler:
     """Measure one graph of a step that dynamo split, as :func:`profile_iteration` measures a
     whole one (same arguments); :func:`profile_graphs` assembles the graphs' measurements.
     Pass the step's graphs one ``registry``, so that a tensor two graphs read (a parameter,
@@ -602,7 +660,7 @@ def measure_joint(joint: JointGraph, *, registry: dict, runs: int = 3, warmup: b
     with torch.no_grad(), _preserved_rng(device), compat.real_tensor_mode(), \
             torch.autocast(device.type, enabled=False):
         jp, outs = _run_joint(joint, registry=registry, runs=runs, warmup=warmup, swap=swap,
-                              min_swap_B=min_swap_B, cold_l2=cold_l2)
+                              min_swap_B=min_swap_B, swap_above_B=swap_above_B, cold_l2=cold_l2)
         del outs
     return jp
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import operator
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -25,7 +27,7 @@ from lightning_ac.errors import CaptureError
 from lightning_ac.graph_passes import use_replays
 from lightning_ac.planner import Plan
 
-__all__ = ["compile_with_plan", "decode_plan", "empty_saved_tensors", "encode_plan",
+__all__ = ["PlannedStep", "compile_with_plan", "decode_plan", "empty_saved_tensors", "encode_plan",
            "getitems_after_their_op", "graph_fingerprint", "insert_swaps", "partition",
            "restrict", "retarget", "saved_values"]
 
@@ -310,15 +312,167 @@ def decode_plan(data: dict, graph: fx.Graph) -> Plan:
     return Plan(**{**fields, **_map_nodes(fields, at.__getitem__)})
 
 
+class PlannedStep:
+    """The forward and backward AOTAutograd runs for one compiled step, partitioned by a plan
+    that :meth:`use` replaces without compiling the step again.
+
+    AOTAutograd fixes at compile time how many values the forward hands to backward. A new plan
+    (for longer sequences, or after a measured excess) saves other values, and compiling again
+    means a dynamo and AOTAutograd trace: 13 to 19 s for BERT-base with dynamic sizes on the
+    H200 (``reports/shapes``), where the partition alone takes about a second. So AOTAutograd is
+    shown graphs (:meth:`shells`) whose forward saves a single value, a handle; the values the
+    plan saves wait in a table under that handle, with the backward that reads them. A
+    backward therefore always runs the partition its forward ran, also across a switch; the
+    handle's entry goes when the backward takes it, or when autograd drops the handle (a
+    forward whose backward never runs).
+    """
+
+    def __init__(self, joint: JointGraph, plan: Plan):
+        self.joint = joint
+        self.plan: Plan | None = None
+        self._fwd: fx.GraphModule | None = None
+        self._bwd: fx.GraphModule | None = None
+        self.use(plan)
+
+    def use(self, plan: Plan) -> None:
+        """Run ``plan`` (made on :attr:`joint`'s graph) from the next forward on."""
+        self._fwd, self._bwd = partition(self.joint, plan)
+        self.plan = plan
+        # The forward returns its saved tensors, then its saved sizes; backward reads the
+        # sizes first (AOTAutograd's convention, which extract_fwd_bwd follows).
+        saved = self._fwd.graph.output_node().args[0][self.joint.num_fwd_outputs:]
+        self._saved_tensors = sum(not isinstance(x.meta.get("val"), _SIZES) for x in saved)
+
+    def forward(self, args: list) -> list:
+        """AOTAutograd's forward (boxed): the user's outputs, then the handle."""
+        outs = self._fwd(args)
+        k, t = self.joint.num_fwd_outputs, self.joint.num_fwd_outputs + self._saved_tensors
+        return [*outs[:k], _put_saved([*outs[t:], *outs[k:t]], self._bwd)]
+
+    def backward(self, args: list) -> list:
+        """AOTAutograd's backward (boxed): the handle, then the tangents."""
+        saved, bwd = _take_saved(args[0])
+        saved.extend(args[1:])
+        args.clear()
+        return bwd(saved)  # (which empties ``saved`` as it goes)
+
+    forward._boxed_call = backward._boxed_call = True
+
+    def shells(self) -> tuple[fx.GraphModule, fx.GraphModule]:
+        """What AOTAutograd is given as the partition: graphs with the current forward's
+        inputs and outputs and backward's tangents and gradients, and one saved value (the
+        handle), that stand for :meth:`forward` and :meth:`backward` (each module's
+        ``meta["mutwo_runtime"]``) and never run themselves."""
+        fwd, bwd, k = self._fwd, self._bwd, self.joint.num_fwd_outputs
+        outs = list(fwd.graph.output_node().args[0])
+        like = next(p.meta["val"] for p in fwd.graph.find_nodes(op="placeholder")
+                    if isinstance(p.meta.get("val"), torch.Tensor))
+        handle_val = compat.as_fake(torch.zeros(1, dtype=torch.int64), like)
+
+        f = fx.Graph()
+        env = {p: _copy_placeholder(f, p) for p in fwd.graph.find_nodes(op="placeholder")}
+        handle = f.call_function(_never_run, ())
+        handle.meta["val"] = handle_val
+        f.output([*(_stand_in(f, o, env) for o in outs[:k]), handle])
+
+        saved = outs[k:]
+        inputs = list(bwd.graph.find_nodes(op="placeholder"))
+        if len(inputs) < len(saved):  # (AOTAutograd's order: the saved values, then tangents)
+            raise CaptureError("the backward reads fewer inputs than the forward saves")
+        b = fx.Graph()
+        held = b.placeholder("mutwo_saved")
+        held.meta["val"] = handle_val
+        env = {p: _copy_placeholder(b, p) for p in inputs[len(saved):]}
+        b.output([_stand_in(b, g, env) for g in bwd.graph.output_node().args[0]])
+
+        shells = fx.GraphModule({}, f), fx.GraphModule({}, b)
+        # (in ``meta``: AOTAutograd deep-copies the backward module, which keeps only that)
+        shells[0].meta["mutwo_runtime"] = _Runtime(self.forward)
+        shells[1].meta["mutwo_runtime"] = _Runtime(self.backward)
+        return shells
+
+
+class _Runtime:
+    """What a stand-in graph runs as (``.fn``). AOTAutograd deep-copies the backward module
+    before compiling it; a copy must still reach the same step, not a copy of it."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+_SIZES = (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)
+_SAVED: dict[int, tuple[list, Callable | None, fx.GraphModule]] = {}
+_HANDLES = itertools.count()
+
+
+def _put_saved(values: list, bwd: fx.GraphModule) -> torch.Tensor:
+    """Keep ``values`` for ``bwd`` under a new handle. The tensors among them go through the
+    ``saved_tensors_hooks`` in effect, as autograd's saved tensors would (offloading hooks, and
+    counts of the saved bytes, see them)."""
+    key = next(_HANDLES)
+    hooks = compat.saved_tensors_hooks_in_effect()
+    unpack = None
+    if hooks is not None:
+        pack, unpack = hooks
+        values = [(pack(v),) if isinstance(v, torch.Tensor) else v for v in values]
+    _SAVED[key] = list(values), unpack, bwd
+    handle = torch.tensor([key], dtype=torch.int64)
+    weakref.finalize(handle, _SAVED.pop, key, None)  # a backward that never runs
+    return handle
+
+
+def _take_saved(handle: torch.Tensor) -> tuple[list, fx.GraphModule]:
+    entry = _SAVED.pop(int(handle.item()), None)  # (a CPU tensor: no device sync)
+    if entry is None:
+        raise RuntimeError("MuTwoAC: backward ran twice through the same forward (retain_graph="
+                           "True), which the rewritten step does not support")
+    values, unpack, bwd = entry
+    if unpack is not None:  # (packed tensors are 1-tuples: a packed value may be anything)
+        for i, v in enumerate(values):
+            if isinstance(v, tuple):
+                values[i] = unpack(v[0])
+    return values, bwd
+
+
+def _never_run(*args):
+    raise RuntimeError("a stand-in graph for AOTAutograd ran; its mutwo_runtime should have")
+
+
+def _copy_placeholder(graph: fx.Graph, p: fx.Node) -> fx.Node:
+    q = graph.placeholder(p.name)
+    q.meta = dict(p.meta)
+    return q
+
+
+def _stand_in(graph: fx.Graph, x, env: dict):
+    """``x`` (an output of another graph) in ``graph``: its placeholder there, or a node with
+    its value's metadata and no computation; None and constants as they are."""
+    if not isinstance(x, fx.Node):
+        return x
+    if x not in env:
+        env[x] = graph.call_function(_never_run, ())
+        env[x].meta = dict(x.meta)
+    return env[x]
+
+
 def compile_with_plan(fn: Callable, module: nn.Module | None,
-                      make_plan: Callable[[JointGraph], Plan], *, dynamic: bool = False
-                      ) -> Callable:
+                      make_plan: Callable[[JointGraph], Plan], *, dynamic: bool = False,
+                      on_compiled: Callable[[PlannedStep], None] | None = None) -> Callable:
     """Compile ``fn``; its first call captures the joint graph, plans it, and partitions it.
 
     ``make_plan(joint)`` runs inside compilation with the real primals at hand (use
     :func:`lightning_ac._torch_compat.real_tensor_mode` to run them); errors it raises come out of
     the first call (under dynamo's wrapper; :func:`lightning_ac.errors.unwrap_compile_error`).
-    ``dynamic`` as for :func:`~lightning_ac.capture.compile_joint`.
+    ``dynamic`` as for :func:`~lightning_ac.capture.compile_joint`. ``on_compiled`` receives the
+    :class:`PlannedStep` of each graph compiled, through which a new plan replaces the old.
     """
-    return compile_joint(fn, module, lambda joint: partition(joint, make_plan(joint)),
-                         dynamic=dynamic)
+    def compile_step(joint: JointGraph):
+        step = PlannedStep(joint, make_plan(joint))
+        if on_compiled is not None:
+            on_compiled(step)
+        return step.shells()
+
+    return compile_joint(fn, module, compile_step, dynamic=dynamic)

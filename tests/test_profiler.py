@@ -220,6 +220,38 @@ def test_host_swap_profiles_the_same_step(name):
     assert list(a.name) == list(b.name) and list(a.recomputable) == list(b.recomputable)
 
 
+def test_host_swap_above_a_limit_moves_only_what_keeps_the_device_under_it():
+    """With ``swap_above_B``, activations go to the host only while the device holds more than
+    the limit: none under a limit above the step's peak, all of them under a limit of zero, part
+    of them between; the profile is the same every time."""
+    from lightning_ac import _torch_compat as compat
+    from lightning_ac.capture import capture_joint
+    from lightning_ac.profiler import profile_joint
+
+    w = make_workload("tiny-bert", 8, seq_len=32)
+    opt = torch.optim.Adam(w.model.parameters(), lr=0.01)
+    joint = capture_joint(w.loss, w.inputs, w.model)
+    param_B = sum(p.numel() * p.element_size() for p in w.model.parameters())
+
+    def run(**kw):
+        with compat.real_tensor_mode():
+            return profile_joint(joint, opt, runs=1, swap=True, min_swap_B=1, **kw)
+
+    full = run()
+    act_B = full.activations.bytes.sum()
+    none = run(swap_above_B=10 * (param_B + act_B))
+    zero = run(swap_above_B=0)
+    part = run(swap_above_B=param_B + act_B // 2)
+    assert none.summary["swapped_B"] == 0
+    assert zero.summary["swapped_B"] == full.summary["swapped_B"] > 0
+    assert 0 < part.summary["swapped_B"] < full.summary["swapped_B"]
+    cols = ["bytes", "start", "stop", "category"]
+    for p in (none, zero, part):
+        assert p.peak_bytes == full.peak_bytes
+        assert p.storages[cols].reset_index(drop=True).equals(
+            full.storages[cols].reset_index(drop=True))
+
+
 def test_previous_gradients_are_live_where_the_loop_frees_them():
     """Lightning zeroes gradients between training_step and backward: last step's gradients are
     live through forward ("until_backward"); with accumulation, through the whole step."""

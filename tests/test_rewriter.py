@@ -442,3 +442,57 @@ def test_a_value_the_forward_also_returns_is_no_swap_candidate():
         candidates = planner.swappable(prof)
     relu = next(n for n in prof.activations["node"] if n.name.startswith("relu"))
     assert candidates and relu not in candidates
+
+
+def test_a_new_plan_replaces_the_partition_without_compiling_again():
+    """PlannedStep.use: the compiled step runs the new plan from its next forward (less saved,
+    the same gradients), with no second trace; a backward runs the partition its own forward
+    ran, across a switch; a forward whose backward never runs leaves nothing kept."""
+    import gc
+
+    from lightning_ac import rewriter
+
+    w = make_workload("tiny-bert", 16, seq_len=32)
+    ref = make_workload("tiny-bert", 16, seq_len=32)
+    made, steps = [], []
+
+    def make_plan(joint):
+        with compat.real_tensor_mode():
+            prof = profile_iteration(joint)
+        made.append(prof)
+        return plan(prof, prof.peak_bytes * 2)  # fits: nothing recomputed
+
+    step = compile_with_plan(w.loss, w.model, make_plan, on_compiled=steps.append)
+    exclude = list(w.model.parameters()) + list(w.model.buffers()) + list(w.inputs)
+    loss, saved_all = saved_tensor_bytes(step, w.inputs, exclude=exclude)
+    loss.backward()
+    (planned,) = steps
+    prof = made[0]
+    lowest = plan(prof, 1)
+    assert lowest.recomputed
+
+    def run_and_compare(after_forward=None):
+        for m in (w.model, ref.model):
+            m.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # dropout draws the same masks in both runs
+        loss, saved = saved_tensor_bytes(step, w.inputs, exclude=exclude)
+        if after_forward is not None:
+            after_forward()
+        loss.backward()
+        torch.manual_seed(1)
+        ref.loss(*ref.inputs).backward()
+        assert_grads_match(w.model, ref.model)
+        return saved
+
+    planned.use(lowest)
+    assert run_and_compare() < saved_all
+    assert len(made) == 1 and len(steps) == 1  # no second capture, profile or partition
+    # switched between a forward and its backward: the backward still reads what it saved
+    full = plan(prof, prof.peak_bytes * 2)
+    assert run_and_compare(after_forward=lambda: planned.use(full)) < saved_all
+    before = len(rewriter._SAVED)
+    loss = step(*w.inputs)
+    assert len(rewriter._SAVED) == before + 1
+    del loss
+    gc.collect()
+    assert len(rewriter._SAVED) == before

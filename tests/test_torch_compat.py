@@ -55,6 +55,20 @@ def test_boxed_calling_convention_consumes_its_argument_list():
     assert args == []  # boxed graphs clear the list so that each input can be freed at last use
 
 
+def test_saved_tensors_hooks_in_effect_are_the_innermost_pair():
+    def pack(t):
+        return t
+
+    def unpack(t):
+        return t
+
+    assert compat.saved_tensors_hooks_in_effect() is None
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            assert compat.saved_tensors_hooks_in_effect() == (pack, unpack)
+    assert compat.saved_tensors_hooks_in_effect() is None
+
+
 def test_real_tensor_mode_is_a_context_manager():
     with compat.real_tensor_mode():
         assert torch.ones(2).sum().item() == 2.0

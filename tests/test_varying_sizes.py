@@ -254,10 +254,16 @@ def test_a_batch_of_one_over_varying_lengths_shares_one_capture(monkeypatch):
     """With one sample per batch dynamo traces the batch dimension's stride as a symbol of its
     own or not, by the values it meets (a batch sliced from a longer one has a stride that is no
     size); such a symbol is bound from the call, not taken for a size the plan must follow, and
-    a re-plan's new trace takes the plan whether it has one or not. So varying lengths share one
-    dynamic graph, compiled again for a longer length (forced here) without a new profile, and
-    train as eager."""
+    a re-plan takes the plan whether it has one or not. So varying lengths share one dynamic
+    graph, partitioned again for a longer length (forced here) without a new profile or trace,
+    and train as eager."""
+    from lightning_ac import capture as capture_module
+
     profiles = _counting_profiles(monkeypatch)
+    traced = []
+    orig_aot = capture_module.aot_compile
+    monkeypatch.setattr(capture_module, "aot_compile",
+                        lambda *a, **k: traced.append(1) or orig_aot(*a, **k))
     monkeypatch.setattr(install_module, "_same_choices", lambda a, b: False)
     monkeypatch.setattr(install_module, "_still_fits", lambda *a: None)
     torch.manual_seed(0)
@@ -275,6 +281,8 @@ def test_a_batch_of_one_over_varying_lengths_shares_one_capture(monkeypatch):
         w.model.zero_grad(), ref.zero_grad()
     assert len(profiles) == 2 and ac.last.dynamic and not ac._static_only
     assert set(ac.last.sizes.values()) == {48} and ac.state is State.ACTIVE
+    # two AOTAutograd traces (32 alone; dynamic at 16): the re-plan at 48 traced nothing
+    assert len(traced) == 2 and ac.last.planned is not None
 
 
 def test_a_plan_whose_choices_still_fit_larger_sizes_is_kept_without_compiling_again():
