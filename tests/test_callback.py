@@ -248,8 +248,8 @@ def test_out_of_memory_in_a_planned_step_says_what_was_planned(tmp_path, monkeyp
 
     real = install.compile_with_plan
 
-    def failing_after_planning(fn, module, make_plan):
-        compiled = real(fn, module, make_plan)
+    def failing_after_planning(fn, module, make_plan, **kwargs):
+        compiled = real(fn, module, make_plan, **kwargs)
         calls = []
 
         def run(*args, **kwargs):
