@@ -54,6 +54,17 @@ def aot_backend(
     return aot_autograd(fw_compiler=fw_compiler, bw_compiler=bw_compiler, partition_fn=partition_fn)
 
 
+def active_ddp_module() -> torch.nn.Module | None:
+    """The ``DistributedDataParallel`` module whose forward is running, where dynamo's DDP
+    optimizer is on (it then cuts what it compiles there at DDP's gradient buckets), else
+    None."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not torch._dynamo.config.optimize_ddp:
+        return None
+    return DistributedDataParallel._get_active_ddp_module()
+
+
 def saved_tensors_hooks_in_effect() -> tuple[Callable, Callable] | None:
     """The ``(pack, unpack)`` pair of the innermost ``torch.autograd.graph.saved_tensors_hooks``
     in effect, or None: for values kept for backward outside autograd's own saving (as

@@ -30,9 +30,11 @@ def unwrap_compile_error(exc: BaseException, types: tuple[type, ...]) -> BaseExc
 def describe_capture_failure(fn: Callable, exc: BaseException) -> CaptureError:
     """A :class:`CaptureError` that says which function could not be captured, where and why."""
     where = _user_frame(exc)
+    # (dynamo's BackendCompilerFailed says only "backend='...' raised:" on its first line)
+    why = getattr(exc, "inner_exception", None) or exc
     return CaptureError(
         f"could not capture {getattr(fn, '__qualname__', fn)!r} as one graph"
-        f"{' at ' + where if where else ''}: {type(exc).__name__}: {_first_lines(exc)}"
+        f"{' at ' + where if where else ''}: {type(why).__name__}: {_first_lines(why)}"
     )
 
 

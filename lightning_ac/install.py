@@ -374,6 +374,12 @@ class AutoCheckpoint:
             _raise_if_memory_error(exc)
             # not one graph: capture the graphs dynamo splits it into, and plan them together
             step.not_one_graph = str(describe_capture_failure(self.fn, exc)).splitlines()[0]
+            ddp = compat.active_ddp_module()
+            if ddp is not None:
+                step.not_one_graph = (
+                    "dynamo's DDP optimizer cuts the step at DDP's "
+                    f"{format_bytes(getattr(ddp, 'bucket_bytes_cap', 0))} gradient buckets, so "
+                    "that each bucket's all-reduce can start under the rest of backward")
             return self._capture_graphs(step, args, kwargs)
         step.planning_call_s = time.perf_counter() - t0
         self._keep(step)

@@ -55,6 +55,28 @@ def test_boxed_calling_convention_consumes_its_argument_list():
     assert args == []  # boxed graphs clear the list so that each input can be freed at last use
 
 
+def test_active_ddp_module_is_the_ddp_whose_forward_runs(tmp_path):
+    import torch.distributed as dist
+    from torch import nn
+
+    seen = []
+
+    class Probe(nn.Linear):
+        def forward(self, x):
+            seen.append(compat.active_ddp_module())
+            return super().forward(x)
+
+    assert compat.active_ddp_module() is None
+    dist.init_process_group("gloo", rank=0, world_size=1,
+                            init_method=f"file://{tmp_path / 'store'}")
+    try:
+        ddp = nn.parallel.DistributedDataParallel(Probe(4, 4))
+        ddp(torch.randn(2, 4))
+    finally:
+        dist.destroy_process_group()
+    assert seen == [ddp] and compat.active_ddp_module() is None
+
+
 def test_saved_tensors_hooks_in_effect_are_the_innermost_pair():
     def pack(t):
         return t
