@@ -343,6 +343,12 @@ class PlannedStep:
         saved = self._fwd.graph.output_node().args[0][self.joint.num_fwd_outputs:]
         self._saved_tensors = sum(not isinstance(x.meta.get("val"), _SIZES) for x in saved)
 
+    @property
+    def forward_graph(self) -> fx.GraphModule:
+        """The partitioned forward the next call runs (its outputs: the user's, then the
+        values it saves for backward)."""
+        return self._fwd
+
     def forward(self, args: list) -> list:
         """AOTAutograd's forward (boxed): the user's outputs, then the handle."""
         outs = self._fwd(args)

@@ -16,9 +16,8 @@ code between them. :class:`StepGraphs` keeps them as one ordered list and plans 
    which the graphs' backwards run is recorded, not assumed.
 2. **The next call** assembles the measurements into one :class:`~lightning_ac.profiler.Profile`
    (all forwards in order, the backwards in the recorded order, eager memory, the optimizer
-   step), plans it under the budget, and compiles each graph again with its part of the plan;
-   :func:`~lightning_ac.rewriter.retarget` checks node by node that the new trace is the graph
-   that was profiled.
+   step), plans it under the budget, and replaces each graph's provisional partition with its
+   part of the plan (:class:`~lightning_ac.rewriter.PlannedStep`: no second trace).
 
 A graph that cannot be captured (AOTAutograd fails on it) runs as dynamo traced it, and the plan
 summary says so; it is planned as eager code.
@@ -27,8 +26,10 @@ summary says so; it is planned as eager code.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,7 +51,7 @@ from lightning_ac.profiler import (
     profile_graphs,
 )
 from lightning_ac.report import format_bytes
-from lightning_ac.rewriter import partition, restrict, retarget
+from lightning_ac.rewriter import PlannedStep, partition, restrict, retarget
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +74,13 @@ class CapturedGraph:
     measured: GraphProfiler | None = None
     compiled: Callable | None = None
     """AOTAutograd's compiled function that runs it now."""
+    planned: PlannedStep | None = None
+    """The partition :attr:`compiled` runs, which a new plan replaces in place."""
     plan: Plan | None = None
     """This graph's part of the step's plan, on :attr:`joint`."""
     stale: bool = False
-    """The plan changed since :attr:`compiled` was made: compile again at the next run."""
+    """The plan changed since :attr:`compiled` was made, and it has no partition to replace:
+    compile again at the next run."""
     error: str = ""
     """Why it could not be captured (it then runs as dynamo traced it)."""
     saved_B: int = 0
@@ -285,7 +289,9 @@ class StepGraphs:
                                        swap=self.host_swap, **self.measure_options)
             joint.primal_values = [v if r.kind == "parameter" else None
                                    for v, r in zip(joint.primal_values, joint.primal_roles)]
-            return _partition(g, joint, _provisional_plan(joint, g.measured, self.host_swap))
+            g.planned = PlannedStep(joint, _provisional_plan(joint, g.measured, self.host_swap))
+            g.saved_B = _saved_bytes(g.planned)
+            return g.planned.shells()
 
         if not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             g.error = "no input requires a gradient"
@@ -293,11 +299,12 @@ class StepGraphs:
         try:
             g.compiled = aot_compile(g.slot.gm, args, self.module, first_partition,
                                      lasting=self._lasting,
-                                     on_backward=lambda i=g.index: self._backward_ran(i))
+                                     on_backward=functools.partial(_backward_ran,
+                                                                   weakref.ref(self), g.index))
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as exc:  # this graph stays as dynamo traced it
-            g.joint, g.measured, g.compiled = None, None, None
+            g.joint, g.measured, g.compiled, g.planned = None, None, None, None
             g.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:120]}"
             log.info("graph %d of the step could not be captured: %s", g.index + 1, g.error)
         if g.compiled is not None and g.joint is None:
@@ -342,11 +349,17 @@ class StepGraphs:
         self.planning_s = time.perf_counter() - t0
 
     def use(self, plan: Plan) -> None:
-        """Run ``plan`` (made on :attr:`profile`) from the next call on."""
+        """Run ``plan`` (made on :attr:`profile`) from the next call on: each graph's partition
+        is replaced (:class:`~lightning_ac.rewriter.PlannedStep`; without one, the graph is
+        compiled again at its next run)."""
         self.plan = plan
         for g in self.captured:
             g.plan = restrict(plan, g.joint.graph)
-            g.stale = True
+            if g.planned is not None:
+                g.planned.use(g.plan)
+                g.saved_B = _saved_bytes(g.planned)
+            else:
+                g.stale = True
 
     def _eager_memory(self) -> list[EagerMemory]:
         """What eager code saved for backward, per region, less what graphs hold (their inputs
@@ -410,12 +423,30 @@ def forwards_uncompiled(module: nn.Module):
             m.forward = f
 
 
+def _backward_ran(step: weakref.ref, index: int) -> None:
+    """What a graph's compiled backward calls. It holds the step weakly: AOTAutograd's compiled
+    function (now the runtime of every step, see :class:`~lightning_ac.rewriter.PlannedStep`)
+    survives the first garbage collection after the step is dropped, and through a strong
+    reference the model did too (``test_a_split_step_lets_its_model_go``)."""
+    s = step()
+    if s is not None:
+        s._backward_ran(index)
+
+
 def _partition(g: CapturedGraph, joint: JointGraph, plan: Plan):
     fwd, bwd = partition(joint, plan)
-    (out,) = fwd.graph.find_nodes(op="output")
-    g.saved_B = sum(_value_bytes(n) for n in out.args[0][joint.num_fwd_outputs:]
-                    if isinstance(n, fx.Node))
+    g.saved_B = _forward_saves_B(fwd, joint.num_fwd_outputs)
     return fwd, bwd
+
+
+def _saved_bytes(planned: PlannedStep) -> int:
+    return _forward_saves_B(planned.forward_graph, planned.joint.num_fwd_outputs)
+
+
+def _forward_saves_B(fwd: fx.GraphModule, num_fwd_outputs: int) -> int:
+    """Bytes a partitioned forward hands to backward (by the traced sizes)."""
+    (out,) = fwd.graph.find_nodes(op="output")
+    return sum(_value_bytes(n) for n in out.args[0][num_fwd_outputs:] if isinstance(n, fx.Node))
 
 
 def _value_bytes(n: fx.Node) -> int:

@@ -198,6 +198,32 @@ def test_a_step_whose_graphs_change_is_captured_again_a_bounded_number_of_times(
     assert losses == pytest.approx(_train(ref, ref, x, ref_opt, 10), rel=1e-6)
 
 
+def test_a_split_step_is_planned_without_tracing_its_graphs_again(monkeypatch):
+    """Each graph is traced by AOTAutograd once, in the capture call; the plan, and a re-plan
+    after a measured excess, replace the partitions in place (rewriter.PlannedStep)."""
+    from lightning_ac import step_graphs
+
+    traced = []
+    real = step_graphs.aot_compile
+    monkeypatch.setattr(step_graphs, "aot_compile",
+                        lambda *a, **k: traced.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    model = Broken("print")
+    ref = copy.deepcopy(model)
+    x = torch.randn(4, 32, 64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    ac = auto_checkpoint(model, opt, budget=_midway)
+    losses = _train(model, model, x, opt, 3)
+    first = sum(g.saved_B for g in ac.last.graphs.captured)
+    assert ac.state is State.ACTIVE and ac.plan.recomputed and len(traced) == 2
+    # a measured excess that puts the target below the plan's peak: re-planned
+    assert ac.observe_peak(2 * ac.plan.budget_B - ac.plan.predicted_peak_B + 100_000)
+    losses += _train(model, model, x, opt, 2)
+    assert len(traced) == 2 and sum(g.saved_B for g in ac.last.graphs.captured) < first
+    assert losses == pytest.approx(_train(ref, ref, x, ref_opt, 5), rel=1e-6)
+
+
 def test_a_split_step_lets_its_model_go():
     """Dynamo keeps the graphs it compiled on the user's code (the shared backend's slots), but
     they hold dynamo's graph only: a model trained through a split step is freed with it."""
