@@ -53,6 +53,16 @@ def _midway(profile):
     return int(profile.peak_bytes - 0.5 * profile.summary["activation_B"])
 
 
+def _broken_and_eager(brk: str):
+    """A ``Broken`` model, an eager copy, a batch, and an SGD optimizer for each."""
+    torch.manual_seed(0)
+    model = Broken(brk)
+    ref = copy.deepcopy(model)
+    x = torch.randn(4, 32, 64)
+    return (model, ref, x, torch.optim.SGD(model.parameters(), lr=0.05),
+            torch.optim.SGD(ref.parameters(), lr=0.05))
+
+
 def _train(model, step, x, opt, steps):
     losses = []
     for _ in range(steps):
@@ -186,12 +196,7 @@ def test_a_step_whose_graphs_change_is_captured_again_a_bounded_number_of_times(
     """The graph after the break specialises on a float that changes every step: each planned
     call meets a graph it did not capture, runs it unplanned, and captures the step again at
     the next call, at most MAX_RECAPTURES times; training is eager's throughout."""
-    torch.manual_seed(0)
-    model = Broken("float")
-    ref = copy.deepcopy(model)
-    x = torch.randn(4, 32, 64)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    model, ref, x, opt, ref_opt = _broken_and_eager("float")
     ac = auto_checkpoint(model, opt, budget=_midway)
     losses = _train(model, model, x, opt, 10)
     assert ac.last.graphs.recaptures == MAX_RECAPTURES
@@ -207,12 +212,7 @@ def test_a_split_step_is_planned_without_tracing_its_graphs_again(monkeypatch):
     real = step_graphs.aot_compile
     monkeypatch.setattr(step_graphs, "aot_compile",
                         lambda *a, **k: traced.append(1) or real(*a, **k))
-    torch.manual_seed(0)
-    model = Broken("print")
-    ref = copy.deepcopy(model)
-    x = torch.randn(4, 32, 64)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    model, ref, x, opt, ref_opt = _broken_and_eager("print")
     ac = auto_checkpoint(model, opt, budget=_midway)
     losses = _train(model, model, x, opt, 3)
     first = sum(g.saved_B for g in ac.last.graphs.captured)
