@@ -32,7 +32,8 @@ both switches) rather than through the ``torch.cuda.stream`` context manager (15
 
 A buffer is taken by :func:`swap_out` and given back by :func:`swap_wait`, once the compute
 stream has waited for the copy back: every later use of it is queued behind that. From the
-second step on no pinned memory is allocated and no event created. (Asking PyTorch's caching
+second step on no pinned memory is allocated and no event created; a slot whose activation's
+size varies (a plan for varying sequence lengths) views one buffer of the largest size seen. (Asking PyTorch's caching
 host allocator for a new pinned tensor on every step instead, traced steps on the H200 found no
 free block and called ``cudaHostAlloc``: 90 to 300 ms of host time in one call.) Two forwards
 before their backwards take two buffers. The slots of a rewritten graph are dropped with it
@@ -114,12 +115,26 @@ def _drop(ids: list[int]) -> None:
 
 
 def _host_buffer(state: _Slot, x: torch.Tensor) -> torch.Tensor:
-    """A free buffer of ``x``'s shape, strides and dtype, or a new one (pinned for CUDA)."""
-    for i, buf in enumerate(state.free):
-        if buf.shape == x.shape and buf.stride() == x.stride() and buf.dtype == x.dtype:
-            return state.free.pop(i)
-    state.free.clear()  # another shape (a recompiled graph would have new slots): not reused
-    return torch.empty_like(x, device="cpu", pin_memory=x.is_cuda)
+    """A host tensor with ``x``'s shape, strides and dtype: a view of a free buffer large enough,
+    or of a new one (pinned for CUDA). Sizes that vary from step to step (a plan for varying
+    sequence lengths) thus reuse one buffer, of the largest size, instead of asking the caching
+    host allocator for pinned memory at each new size (``cudaHostAlloc`` when it has no block:
+    90 to 300 ms a call on the H200)."""
+    meta = torch.empty_like(x, device="meta")  # (the strides ``empty_like`` gives on the host)
+    need = x.element_size() * (1 + sum((n - 1) * st for n, st in zip(meta.shape, meta.stride()))) \
+        if x.numel() else 0
+    fits = [i for i, buf in enumerate(state.free) if buf.numel() >= need]
+    if fits:
+        flat = state.free.pop(min(fits, key=lambda i: state.free[i].numel()))
+    else:
+        state.free.clear()  # all smaller than this size: the new buffer serves them too
+        flat = torch.empty(need, dtype=torch.uint8, pin_memory=x.is_cuda)
+    return flat[:need].view(x.dtype).as_strided(meta.shape, meta.stride())
+
+
+def _whole(host: torch.Tensor) -> torch.Tensor:
+    """The whole buffer a host tensor of :func:`_host_buffer` views, as flat bytes."""
+    return torch.empty(0, dtype=torch.uint8).set_(host.untyped_storage())
 
 
 def _side_stream(device: torch.device, direction: str) -> torch.cuda.Stream:
@@ -196,5 +211,5 @@ def swap_wait(x: torch.Tensor, slot: int) -> torch.Tensor:
     if state.back is not None:
         state.compute_stream().wait_event(state.back)
     if state.returning:
-        state.free.append(state.returning.pop())
+        state.free.append(_whole(state.returning.pop()))
     return x

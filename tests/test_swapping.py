@@ -26,9 +26,28 @@ def test_the_next_step_reuses_the_host_buffer_the_last_one_gave_back():
     host_b, back_b = _round_trip(b, slot)
     assert host_b.data_ptr() == host_a.data_ptr()  # one buffer, not one per step
     assert torch.equal(back_a, a) and torch.equal(back_b, b)
-    # another shape gets its own buffer
-    host_c, back_c = _round_trip(torch.randn(2, 3), slot)
-    assert host_c.shape == (2, 3) and host_c.data_ptr() != host_a.data_ptr()
+    # a smaller size (a shorter sequence) views the same buffer; a larger one gets a new
+    # buffer, which then serves the smaller sizes too
+    c = torch.randn(2, 3)
+    host_c, back_c = _round_trip(c, slot)
+    assert host_c.shape == (2, 3) and host_c.data_ptr() == host_a.data_ptr()
+    d = torch.randn(8, 3)
+    host_d, back_d = _round_trip(d, slot)
+    assert host_d.data_ptr() != host_a.data_ptr()
+    host_e, back_e = _round_trip(a, slot)
+    assert host_e.data_ptr() == host_d.data_ptr()
+    for x, back in ((c, back_c), (d, back_d), (a, back_e)):
+        assert torch.equal(back, x)
+
+
+def test_a_strided_activation_keeps_its_strides_through_a_reused_buffer():
+    group = swapping.SlotGroup(1)
+    (slot,) = group.ids
+    long = torch.randn(6, 5).t()  # strides (1, 5): not contiguous
+    _round_trip(long, slot)
+    short = torch.randn(4, 5).t()
+    host, back = _round_trip(short, slot)
+    assert host.stride() == short.stride() and torch.equal(back, short)
 
 
 def test_two_forwards_before_their_backwards_use_two_buffers():
@@ -52,7 +71,7 @@ def test_a_buffer_is_reusable_only_once_its_copy_back_was_waited_for():
     host_b = swapping.swap_out(torch.randn(5), slot)  # before swap_wait: a new buffer
     assert host_b.data_ptr() != host_a.data_ptr() and torch.equal(host_a, a)
     swapping.swap_wait(back, slot)
-    assert swapping._SLOTS[slot].free == [host_a]
+    assert [b.data_ptr() for b in swapping._SLOTS[slot].free] == [host_a.data_ptr()]
 
 
 def test_the_slots_and_their_buffers_go_with_their_group():
