@@ -33,11 +33,11 @@ both switches) rather than through the ``torch.cuda.stream`` context manager (15
 A buffer is taken by :func:`swap_out` and given back by :func:`swap_wait`, once the compute
 stream has waited for the copy back: every later use of it is queued behind that. From the
 second step on no pinned memory is allocated and no event created; a slot whose activation's
-size varies (a plan for varying sequence lengths) views one buffer of the largest size seen. (Asking PyTorch's caching
-host allocator for a new pinned tensor on every step instead, traced steps on the H200 found no
-free block and called ``cudaHostAlloc``: 90 to 300 ms of host time in one call.) Two forwards
-before their backwards take two buffers. The slots of a rewritten graph are dropped with it
-(:class:`SlotGroup`).
+size varies (a plan for varying sequence lengths) views one buffer of the largest size seen.
+(Asking PyTorch's caching host allocator for a new pinned tensor on every step instead, traced
+steps on the H200 found no free block and called ``cudaHostAlloc``: 90 to 300 ms of host time in
+one call.) Two forwards before their backwards take two buffers. The slots of a rewritten graph
+are dropped with it (:class:`SlotGroup`).
 
 On the CPU the calls copy synchronously, through the same buffers, so that the rewrite can be
 tested there.
