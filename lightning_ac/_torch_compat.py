@@ -65,6 +65,13 @@ def active_ddp_module() -> torch.nn.Module | None:
     return DistributedDataParallel._get_active_ddp_module()
 
 
+def backward_keeps_graph() -> bool:
+    """Inside a backward: whether it was asked to keep the graph (``retain_graph=True``, or
+    ``create_graph``), so that what it reads must stay for another backward (AOTAutograd's own
+    runtime asks the same). True outside a backward."""
+    return torch._C._autograd._get_current_graph_task_keep_graph()
+
+
 def saved_tensors_hooks_in_effect() -> tuple[Callable, Callable] | None:
     """The ``(pack, unpack)`` pair of the innermost ``torch.autograd.graph.saved_tensors_hooks``
     in effect, or None: for values kept for backward outside autograd's own saving (as

@@ -425,21 +425,25 @@ def _put_saved(values: list, bwd: fx.GraphModule) -> torch.Tensor:
         pack, unpack = hooks
         values = [(pack(v),) if isinstance(v, torch.Tensor) else v for v in values]
     _SAVED[key] = list(values), unpack, bwd
-    handle = torch.tensor([key], dtype=torch.int64)
+    handle = torch.tensor([key], dtype=torch.int64, device="cpu")  # (whatever the default)
     weakref.finalize(handle, _SAVED.pop, key, None)  # a backward that never runs
     return handle
 
 
 def _take_saved(handle: torch.Tensor) -> tuple[list, fx.GraphModule]:
-    entry = _SAVED.pop(int(handle.item()), None)  # (a CPU tensor: no device sync)
+    """The values kept under ``handle`` and the backward that reads them. Taken out of the table
+    (the backward then frees each at its last use), unless the backward keeps its graph
+    (``retain_graph=True``): a later backward reads them again, and they go with the handle."""
+    key = int(handle.item())  # (a CPU tensor: no device sync)
+    keep = compat.backward_keeps_graph()
+    entry = _SAVED.get(key) if keep else _SAVED.pop(key, None)
     if entry is None:
-        raise RuntimeError("MuTwoAC: backward ran twice through the same forward (retain_graph="
-                           "True), which the rewritten step does not support")
+        raise RuntimeError("MuTwoAC: the values this backward reads were freed by an earlier "
+                           "backward through the same forward; pass retain_graph=True to it")
     values, unpack, bwd = entry
+    values = list(values)
     if unpack is not None:  # (packed tensors are 1-tuples: a packed value may be anything)
-        for i, v in enumerate(values):
-            if isinstance(v, tuple):
-                values[i] = unpack(v[0])
+        values = [unpack(v[0]) if isinstance(v, tuple) else v for v in values]
     return values, bwd
 
 

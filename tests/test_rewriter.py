@@ -496,3 +496,30 @@ def test_a_new_plan_replaces_the_partition_without_compiling_again():
     del loss
     gc.collect()
     assert len(rewriter._SAVED) == before
+
+
+def test_a_backward_that_keeps_its_graph_leaves_the_saved_values_for_the_next():
+    """retain_graph=True (possible where AOTAutograd's donated buffers are off, which otherwise
+    refuse it for any compiled step): the next backward reads the same values, gets the same
+    gradients, and takes them."""
+    from lightning_ac import rewriter
+
+    w = make_workload("mlp", 16)
+
+    def make_plan(joint):
+        with compat.real_tensor_mode():
+            prof = profile_iteration(joint)
+        return plan(prof, 1)
+
+    with torch._functorch.config.patch(donated_buffer=False):
+        step = compile_with_plan(w.loss, w.model, make_plan)
+        before = len(rewriter._SAVED)
+        loss = step(*w.inputs)
+        loss.backward(retain_graph=True)
+        first = [p.grad.clone() for p in w.model.parameters()]
+        assert len(rewriter._SAVED) == before + 1
+        w.model.zero_grad(set_to_none=True)
+        loss.backward()
+    assert len(rewriter._SAVED) == before
+    for p, g in zip(w.model.parameters(), first):
+        assert torch.equal(p.grad, g)

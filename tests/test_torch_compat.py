@@ -77,6 +77,16 @@ def test_active_ddp_module_is_the_ddp_whose_forward_runs(tmp_path):
     assert seen == [ddp] and compat.active_ddp_module() is None
 
 
+def test_backward_keeps_graph_says_whether_retain_graph_was_asked():
+    seen = []
+    x = torch.randn(3, requires_grad=True)
+    y = x * 2
+    y.register_hook(lambda g: seen.append(compat.backward_keeps_graph()))
+    y.sum().backward(retain_graph=True)
+    y.sum().backward()
+    assert seen == [True, False]
+
+
 def test_saved_tensors_hooks_in_effect_are_the_innermost_pair():
     def pack(t):
         return t
