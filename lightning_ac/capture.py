@@ -180,8 +180,10 @@ def _build_joint(joint_gm: fx.GraphModule, example_inputs: list, roles: list[Pri
     compat.eliminate_common_subexpressions(joint_gm)
     placeholders = list(joint_gm.graph.find_nodes(op="placeholder"))
     tangents = [p for p in placeholders if compat.is_backward_node(p)]
+    # (a size dynamo traced as varying is a SymInt here, or a plain int where AOTAutograd
+    # traced the graph outside dynamo, on one call's values: a step of several graphs)
     sizes = [p for p in placeholders if not compat.is_backward_node(p)
-             and isinstance(p.meta.get("val"), torch.SymInt)]
+             and isinstance(p.meta.get("val"), (torch.SymInt, int))]
     primals = [p for p in placeholders if not compat.is_backward_node(p) and p not in sizes]
     tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
     if len(primals) != len(tensors):
@@ -389,8 +391,15 @@ def _graph_backend(gm: fx.GraphModule, example_inputs: list) -> GraphSlot:
 
 def compile_graphs(fn: Callable) -> Callable:
     """``torch.compile`` ``fn`` into as many graphs as dynamo needs; call the result inside
-    :func:`running` so that each graph goes to that step's ``run_graph``."""
-    return torch.compile(own_entry(fn), backend=_graph_backend, dynamic=False)
+    :func:`running` so that each graph goes to that step's ``run_graph``.
+
+    With automatic dynamic sizes: the frames after a graph break are the user's own, and dynamo
+    compiles a frame once per set of static sizes up to its recompile limit (8), after which it
+    runs the frame uncompiled and no graph of it reaches a step (a ninth sequence length turned
+    AC off). A size that changes is traced as varying from its second value on; each step still
+    captures its graphs at its own call's sizes (AOTAutograd traces them outside dynamo, the
+    sizes as plain ints)."""
+    return torch.compile(own_entry(fn), backend=_graph_backend, dynamic=None)
 
 
 @contextlib.contextmanager

@@ -333,6 +333,16 @@ class AutoCheckpoint:
             return self.fn(*args, **kwargs)
         shapes = input_shapes(args, kwargs)
         step = self.plans.get(shapes) or self._varying_plan_for(args, kwargs)
+        prev = self.last
+        if prev is not None and prev is not step and prev.graphs is not None \
+                and prev.graphs.profile is None and prev.graphs.graphs \
+                and self.plans.get(prev.shapes) is prev:
+            # Another shape follows a capture call (its backward has run): plan that one now,
+            # so that it runs planned when it comes again; under dynamic padding a shape's own
+            # next call may come only after other shapes have pushed it out of the cache.
+            self.planned_last_call = True
+            if not self._finalize(prev):
+                return self.fn(*args, **kwargs)
         if step is None:
             if self.plans and not self.plan_new_shapes:
                 self._warn_unplanned_shape(shapes)
@@ -624,20 +634,26 @@ class AutoCheckpoint:
     def _plan_graphs(self, step: ShapePlan, args, kwargs):
         """The call after a capture call: plan the step's graphs together, then run them."""
         t0 = time.perf_counter()
+        if not self._finalize(step):
+            return self.fn(*args, **kwargs)
+        out = self.fn(*args, **kwargs) if step.compiled is None else \
+            step.compiled(*args, **kwargs)
+        step.planning_call_s = time.perf_counter() - t0
+        self.planned_last_call = True
+        return out
+
+    def _finalize(self, step: ShapePlan) -> bool:
+        """Plan the graphs ``step``'s capture call measured; False (and AC off) if that fails."""
         try:
             step.graphs.finalize()
         except Exception as exc:
             _raise_if_memory_error(exc)
             self._give_up(step, "Its graphs could not be planned: "
                           f"{type(exc).__name__}: {str(exc).strip()[:300]}")
-            return self.fn(*args, **kwargs)
+            return False
         step.plan, step.profile = step.graphs.plan, step.graphs.profile
         self._announce(step)
-        out = self.fn(*args, **kwargs) if step.compiled is None else \
-            step.compiled(*args, **kwargs)
-        step.planning_call_s = time.perf_counter() - t0
-        self.planned_last_call = True
-        return out
+        return True
 
     def remove(self) -> None:
         """Put the original forward back and let the compiled graphs go. Idempotent."""

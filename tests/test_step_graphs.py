@@ -45,6 +45,10 @@ class Broken(nn.Module):
             h = h * 1.0
         elif self.brk == "lstm":
             h, _ = self.lstm(h)
+        elif self.brk == "alternate":  # a flag that flips on every call: two graphs, in turn
+            self.flag = not getattr(self, "flag", False)
+            print(end="")
+            h = h * 1.0 if self.flag else h + 0.0
         return self.second(h).pow(2).mean()
 
 
@@ -193,13 +197,25 @@ def test_a_measured_excess_replans_every_graph_lower():
 
 
 def test_a_step_whose_graphs_change_is_captured_again_a_bounded_number_of_times():
-    """The graph after the break specialises on a float that changes every step: each planned
-    call meets a graph it did not capture, runs it unplanned, and captures the step again at
-    the next call, at most MAX_RECAPTURES times; training is eager's throughout."""
-    model, ref, x, opt, ref_opt = _broken_and_eager("float")
+    """The graph after the break depends on a flag that flips on every call: each planned call
+    meets a graph it did not capture, runs it unplanned, and captures the step again at the
+    next call, at most MAX_RECAPTURES times; training is eager's throughout."""
+    model, ref, x, opt, ref_opt = _broken_and_eager("alternate")
     ac = auto_checkpoint(model, opt, budget=_midway)
     losses = _train(model, model, x, opt, 10)
     assert ac.last.graphs.recaptures == MAX_RECAPTURES
+    assert losses == pytest.approx(_train(ref, ref, x, ref_opt, 10), rel=1e-6)
+
+
+def test_a_value_dynamo_specialised_on_is_traced_as_varying_and_the_step_planned_again():
+    """The graph after the break specialises on a float that changes every step. Dynamo traces
+    it as varying from its second value on (automatic dynamic sizes, ``compile_graphs``): the
+    step is captured again once, then planned and run planned, as eager trains it."""
+    model, ref, x, opt, ref_opt = _broken_and_eager("float")
+    ac = auto_checkpoint(model, opt, budget=_midway)
+    losses = _train(model, model, x, opt, 10)
+    assert ac.last.graphs.recaptures == 1 and ac.state is State.ACTIVE and ac.plan.recomputed
+    assert not ac.planned_last_call
     assert losses == pytest.approx(_train(ref, ref, x, ref_opt, 10), rel=1e-6)
 
 
@@ -222,6 +238,31 @@ def test_a_split_step_is_planned_without_tracing_its_graphs_again(monkeypatch):
     losses += _train(model, model, x, opt, 2)
     assert len(traced) == 2 and sum(g.saved_B for g in ac.last.graphs.captured) < first
     assert losses == pytest.approx(_train(ref, ref, x, ref_opt, 5), rel=1e-6)
+
+
+def test_a_split_step_over_more_lengths_than_dynamos_recompile_limit_stays_planned():
+    """Dynamo compiles the user's frames after a break once per set of sizes, up to its
+    recompile limit (8): with static sizes a ninth length left no graph to plan, and AC turned
+    off for good. The step's graphs are compiled with automatic dynamic sizes instead; every
+    length is captured and planned (AOTAutograd traces each at that call's sizes), a captured
+    length is planned at the next call whatever its shape, and training equals eager's
+    throughout."""
+    model, ref, _, opt, ref_opt = _broken_and_eager("print")
+    ac = auto_checkpoint(model, opt, budget=_midway)
+    lengths = [32, 24, 40, 16, 48, 20, 28, 36, 44, 12, 44]
+    losses, ref_losses = [], []
+    for length in lengths:
+        x = torch.randn(4, length, 64)
+        losses += _train(model, model, x, opt, 1)
+        ref_losses += _train(ref, ref, x, ref_opt, 1)
+        assert ac.state is not State.OFF, length
+        if length == 12:
+            # the shape before (44) was planned at this call of another shape, so that it runs
+            # planned when it comes again (next call)
+            (at_44,) = [p for p in ac.plans.values() if p.shapes[0][1] == 44]
+            assert at_44.graphs.plan is not None and at_44.plan.recomputed
+    assert ac.state is State.ACTIVE and ac.plan.recomputed and ac.last is at_44
+    assert losses == pytest.approx(ref_losses, rel=1e-6)
 
 
 def test_a_split_step_lets_its_model_go():
