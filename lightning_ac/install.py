@@ -49,7 +49,7 @@ from lightning_ac.errors import (
     describe_capture_failure,
     unwrap_compile_error,
 )
-from lightning_ac.planner import CUDA_RESERVE_B, Plan, default_reserve_B, plan, swap_points
+from lightning_ac.planner import Plan, default_reserve_B, plan, swap_points
 from lightning_ac.profiler import (
     PREVIOUS_GRADS,
     NodeOutOfMemoryError,
@@ -858,9 +858,7 @@ class AutoCheckpoint:
         budget is known in bytes before the profile (None: move every activation)."""
         if callable(self.budget) or self.budget is None:
             return None
-        device = self._device()
-        reserve = CUDA_RESERVE_B if device is not None and device.type == "cuda" else 0
-        return max(0, self.budget_for() - reserve)
+        return max(0, self.budget_for() - default_reserve_B(self._device()))
 
     def _profile_swapped(self) -> bool:
         """Whether to profile with activations in host memory: as ``host_swap`` says, or with

@@ -231,10 +231,12 @@ def plan(profile: Profile, budget_B: int | None, headroom: float = HEADROOM,
     return best
 
 
-def default_reserve_B(profile: Profile) -> int:
+def default_reserve_B(profile: Profile | torch.device | None) -> int:
     """Bytes :func:`plan` keeps free below the budget by default: :data:`CUDA_RESERVE_B` for a
-    profile taken on CUDA, 0 elsewhere."""
-    return CUDA_RESERVE_B if str(profile.summary.get("device", "")).startswith("cuda") else 0
+    profile taken on CUDA (or for a CUDA device, before its profile), 0 elsewhere."""
+    device = profile if isinstance(profile, torch.device) or profile is None else \
+        profile.summary.get("device", "")
+    return CUDA_RESERVE_B if str(device).startswith("cuda") else 0
 
 
 def swap_cost_ms(p: Plan) -> float:

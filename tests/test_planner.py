@@ -191,3 +191,10 @@ def test_swap_schedule_queues_copies_and_reports_stalls(small_swaps):
     sim = simulate(slow_prof, (), acts)
     assert sim.extra_ms == pytest.approx(slow.stall_ms)
     assert sim.peak_B == slow_prof.peak_bytes
+
+
+def test_the_default_reserve_is_kept_on_cuda_only_for_a_profile_or_a_device():
+    from lightning_ac.planner import CUDA_RESERVE_B, default_reserve_B
+
+    assert default_reserve_B(torch.device("cuda", 1)) == CUDA_RESERVE_B
+    assert default_reserve_B(torch.device("cpu")) == 0 and default_reserve_B(None) == 0
