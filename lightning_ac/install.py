@@ -516,7 +516,7 @@ class AutoCheckpoint:
             self._ran_original = True
             return self.fn(*args, **kwargs)
         try:
-            # (marked for a compile: the first call after a re-plan compiles the step again)
+            # (marked for a compile: dynamo traces the step again when a guard fails)
             with _marked(tensors, step.varying):
                 return step.compiled(*args, **kwargs)
         except torch.cuda.OutOfMemoryError as exc:

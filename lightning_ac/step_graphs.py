@@ -51,7 +51,7 @@ from lightning_ac.profiler import (
     profile_graphs,
 )
 from lightning_ac.report import format_bytes
-from lightning_ac.rewriter import PlannedStep, partition, restrict, retarget
+from lightning_ac.rewriter import PlannedStep, restrict
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +78,6 @@ class CapturedGraph:
     """The partition :attr:`compiled` runs, which a new plan replaces in place."""
     plan: Plan | None = None
     """This graph's part of the step's plan, on :attr:`joint`."""
-    stale: bool = False
-    """The plan changed since :attr:`compiled` was made, and it has no partition to replace:
-    compile again at the next run."""
     error: str = ""
     """Why it could not be captured (it then runs as dynamo traced it)."""
     saved_B: int = 0
@@ -226,9 +223,6 @@ class StepGraphs:
             self._by_slot[slot, k] = g
             with self._paused_hooks():
                 self._capture(g, args)
-        elif g.stale and g.joint is not None:
-            with self._paused_hooks():
-                self._recompile(g, args)
         if g.compiled is None:
             return slot.gm(*args)
         if self._capturing:
@@ -310,13 +304,6 @@ class StepGraphs:
         if g.compiled is not None and g.joint is None:
             g.error = "nothing in it needs a gradient"  # AOTAutograd compiled it for inference
 
-    def _recompile(self, g: CapturedGraph, args: list) -> None:
-        planned_on, part = g.joint.graph, g.plan
-        g.compiled = aot_compile(g.slot.gm, args, self.module,
-                                 lambda joint: _partition(g, joint, retarget(part, planned_on,
-                                                                             joint.graph)))
-        g.stale = False
-
     def _backward_ran(self, index: int) -> None:
         if self.profile is None and index not in self.backward_order:
             self.backward_order.append(index)
@@ -350,16 +337,12 @@ class StepGraphs:
 
     def use(self, plan: Plan) -> None:
         """Run ``plan`` (made on :attr:`profile`) from the next call on: each graph's partition
-        is replaced (:class:`~lightning_ac.rewriter.PlannedStep`; without one, the graph is
-        compiled again at its next run)."""
+        is replaced in place (:class:`~lightning_ac.rewriter.PlannedStep`)."""
         self.plan = plan
         for g in self.captured:
             g.plan = restrict(plan, g.joint.graph)
-            if g.planned is not None:
-                g.planned.use(g.plan)
-                g.saved_B = _saved_bytes(g.planned)
-            else:
-                g.stale = True
+            g.planned.use(g.plan)
+            g.saved_B = _saved_bytes(g.planned)
 
     def _eager_memory(self) -> list[EagerMemory]:
         """What eager code saved for backward, per region, less what graphs hold (their inputs
@@ -431,12 +414,6 @@ def _backward_ran(step: weakref.ref, index: int) -> None:
     s = step()
     if s is not None:
         s._backward_ran(index)
-
-
-def _partition(g: CapturedGraph, joint: JointGraph, plan: Plan):
-    fwd, bwd = partition(joint, plan)
-    g.saved_B = _forward_saves_B(fwd, joint.num_fwd_outputs)
-    return fwd, bwd
 
 
 def _saved_bytes(planned: PlannedStep) -> int:
