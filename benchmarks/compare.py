@@ -11,7 +11,8 @@ one process, in this order:
    ``aot_eager`` (AOTAutograd's min-cut partitioner, no inductor fusion) at the same budgets;
 4. ``rockmate``, if the package imports and runs here (else its row says why);
 5. ``mutwoac`` at budgets matching the peaks the other options reached (and at the eager peak:
-   nothing recomputed).
+   nothing recomputed); ``mutwoac-inductor``: the same plans run on inductor's kernels
+   (``kernels="inductor"``).
 
 Peaks are the allocator's peak of active bytes (``lightning_ac.measure.peak_memory_B``) over the
 measured steps, less what was allocated before the option started; step times are medians by
@@ -53,7 +54,9 @@ from lightning_ac.report import pyplot
 
 GIB = 2**30
 COMPILE_BUDGETS = (0.1, 0.3, 0.5, 0.7)
-FAMILIES = ("eager", "checkpoint", "hf-gc", "compile", "aot_eager", "rockmate", "mutwoac")
+FAMILIES = ("eager", "checkpoint", "hf-gc", "compile", "aot_eager", "rockmate", "mutwoac",
+            "mutwoac-inductor")
+MUTWO = ("mutwoac", "mutwoac-inductor")
 COMPILED = ("compile", "aot_eager")
 
 
@@ -124,17 +127,19 @@ def _memory_budget(share: float):
     return lambda: functorch_config.patch(activation_memory_budget=share)
 
 
-def mutwoac_option(setting: str, budget_B: int | None) -> Option:
-    """MuTwoAC's pipeline (capture, profile with the optimizer, plan, rewrite) at ``budget_B``."""
+def mutwoac_option(setting: str, budget_B: int | None, family: str = "mutwoac") -> Option:
+    """MuTwoAC's pipeline (capture, profile with the optimizer, plan, rewrite) at ``budget_B``;
+    family ``mutwoac-inductor`` runs the planned step on inductor's kernels."""
     made: dict = {}
+    kernels = "inductor" if family == "mutwoac-inductor" else "eager"
 
     def build(w: Workload, optimizer):
         # below the floor, the lowest-peak plan runs (the callback raises there): the row says
         # so and is no point of MuTwoAC's curve
-        made["ac"] = planned_step(w, optimizer, budget_B or NO_LIMIT)
+        made["ac"] = planned_step(w, optimizer, budget_B or NO_LIMIT, kernels=kernels)
         return made["ac"]
 
-    return Option("mutwoac", setting, build, budget_B=budget_B, made=made)
+    return Option(family, setting, build, budget_B=budget_B, made=made)
 
 
 def rockmate_option(budget_B: int) -> Option:
@@ -228,6 +233,9 @@ def run_option(opt: Option, args, device: torch.device) -> dict:
     if p is not None:
         row.update(predicted_peak_GiB=round(p.predicted_peak_B / GIB, 3),
                    recomputed=len(p.recomputed), stop_reason=p.stop_reason)
+        planned = ac.last.planned[0] if ac.last.planned is not None else None
+        if planned is not None and planned.fused:
+            row["inductor_compile_s"] = round(planned.compile_s, 1)
         if p.stop_reason == "infeasible" and row["status"] == "ok":
             # the smallest plan ran, over the budget (the callback raises here): not a point of
             # MuTwoAC's curve at this budget
@@ -243,7 +251,7 @@ def matching_budgets(rows: list[dict], eager_peak: float, tolerance: float = 0.0
     budgets these are), below eager's, merged within ``tolerance``."""
     peaks = sorted({r["peak_GiB"] for r in rows
                     if r.get("status") == "ok" and r.get("peak_GiB")
-                    and r["option"] not in ("eager", "mutwoac", "rockmate")
+                    and r["option"] not in ("eager", *MUTWO, "rockmate")
                     and r["peak_GiB"] < eager_peak * (1 - tolerance)})
     chosen: list[float] = []
     for p in peaks:
@@ -277,7 +285,7 @@ def _budgeted_options(rows: list[dict], done: list[float], families: set[str],
     else:
         budgets = []  # on the CPU there is no peak to match
     # (with --merge the table keeps the earlier run's row)
-    first = not args.merge and not any(r["option"] == "mutwoac" for r in rows)
+    first = {f: not args.merge and not any(r["option"] == f for r in rows) for f in MUTWO}
     budgets = spread([b for b in budgets if not any(abs(b - d) <= 0.03 * d for d in done)],
                      args.max_mutwo - len(done))
     done.extend(budgets)
@@ -285,10 +293,11 @@ def _budgeted_options(rows: list[dict], done: list[float], families: set[str],
     if "rockmate" in families and not any(r["option"] == "rockmate" and r["status"] == "error"
                                           for r in rows):  # an error repeats at any budget
         out += [rockmate_option(int(b * GIB)) for b in budgets]
-    if "mutwoac" in families:
-        if first:
-            out.append(mutwoac_option("nothing recomputed", None))
-        out += [mutwoac_option(f"budget {b:.2f} GiB", int(b * GIB)) for b in budgets]
+    for family in MUTWO:
+        if family in families:
+            if first[family]:
+                out.append(mutwoac_option("nothing recomputed", None, family))
+            out += [mutwoac_option(f"budget {b:.2f} GiB", int(b * GIB), family) for b in budgets]
     return out
 
 
@@ -304,16 +313,18 @@ def pareto_plot(out: Path) -> Path:
                              squeeze=False)
     styles = {"eager": ("k", "*"), "checkpoint": ("tab:blue", "s"), "hf-gc": ("tab:cyan", "D"),
               "compile": ("tab:orange", "^"), "aot_eager": ("tab:purple", "v"),
-              "rockmate": ("tab:brown", "P"), "mutwoac": ("tab:red", "o")}
+              "rockmate": ("tab:brown", "P"), "mutwoac": ("tab:red", "o"),
+              "mutwoac-inductor": ("tab:green", "o")}
+    labels = {"mutwoac": "MuTwoAC", "mutwoac-inductor": "MuTwoAC, inductor kernels"}
     for ax, (model, precision) in zip(axes[0], panels):
         d = df[(df.model == model) & (df.precision == precision)]
         for family, g in d.groupby("option"):
             color, marker = styles.get(family, ("gray", "x"))
             g = g.sort_values("peak_GiB")
-            highlight = family == "mutwoac"
+            highlight = family in MUTWO
             ax.plot(g.peak_GiB, g.step_ms, marker=marker, color=color,
                     linestyle="-" if highlight else "none", linewidth=2.5 if highlight else 0,
-                    markersize=9 if highlight else 7, label="MuTwoAC" if highlight else family,
+                    markersize=9 if highlight else 7, label=labels.get(family, family),
                     zorder=3 if highlight else 2)
             for _, r in g.iterrows():
                 if r.setting and isinstance(r.setting, str) and not highlight:
@@ -325,7 +336,7 @@ def pareto_plot(out: Path) -> Path:
         ax.set_title(f"{model}, batch {batch}, {precision}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("lower left is better: MuTwoAC (red line) vs other checkpointing options")
+    fig.suptitle("lower left is better: MuTwoAC (lines) vs other checkpointing options")
     fig.tight_layout()
     path = out / "compare_pareto.png"
     fig.savefig(path, dpi=110)

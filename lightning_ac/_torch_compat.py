@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
+import operator
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "aot_backend",
@@ -30,10 +34,14 @@ __all__ = [
     "device_memory_trace",
     "eliminate_common_subexpressions",
     "extract_fwd_bwd",
+    "fuses_into_neighbours",
     "gpu_spin",
+    "inductor_compile",
+    "inductor_graph_passes",
     "is_backward_node",
     "real_tensor_mode",
     "reorder_backward",
+    "rng_prims",
     "use_boxed_calling_convention",
 ]
 
@@ -345,3 +353,104 @@ def device_memory_trace(device: torch.device | str) -> Iterator[list[tuple[float
         sign = {"alloc": 1, "free_completed": -1}.get(entry["action"])
         if sign is not None:
             events.append((float(entry.get("time_us", k)), sign * int(entry["size"])))
+
+
+def rng_prims():
+    """torch's RNG higher-order ops, which inductor runs as they are (``run_and_save_rng_state``:
+    the generator's state, then the op's result; ``run_with_rng_state``: the op run from a given
+    state, leaving the generator where it was)."""
+    from torch._prims import rng_prims
+
+    return rng_prims
+
+
+def inductor_compile(gm: fx.GraphModule, example_inputs: list, *,
+                     is_backward: bool) -> Callable:
+    """``gm`` (an aten graph of AOTAutograd's forward or backward form) compiled by inductor for
+    ``example_inputs``; the result takes its inputs as one list, which it empties (boxed).
+
+    The graph goes through inductor's decompositions, the passes ``torch.compile`` runs on a
+    joint graph before it partitions it (:func:`inductor_graph_passes`), then inductor's own
+    compilation with its memory-driven reordering off: the graphs come planned, each
+    recomputation, swap and release where the simulator counted it."""
+    from torch._inductor import config
+    from torch._inductor.compile_fx import compile_fx_inner
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    # Inductor lowers the graphs AOTAutograd traced with its decompositions; ours were traced
+    # without them, so trace once more through them (fake tensors: nothing runs).
+    decomposed = make_fx(fx.Interpreter(gm).run, decomposition_table=select_decomp_table(),
+                         tracing_mode="fake")(*example_inputs)
+    decomposed = inductor_graph_passes(decomposed)
+    with config.patch(reorder_for_peak_memory=False):
+        return compile_fx_inner(decomposed, example_inputs, is_backward=is_backward)
+
+
+_FUSED_COMPOSITES = ("native_layer_norm", "_softmax", "_safe_softmax", "_log_softmax",
+                     "native_dropout_backward", "gelu", "silu", "_native_batch_norm_legit",
+                     "native_batch_norm", "cudnn_batch_norm", "new_ones", "new_zeros")
+"""Ops inductor decomposes into reductions and pointwise ops that it fuses with their neighbours
+(absent from the partitioner's lists, which are of decomposed ops)."""
+
+
+def fuses_into_neighbours(node: fx.Node) -> bool:
+    """Whether inductor fuses ``node`` into the kernels around it, so that running it again in
+    backward costs about nothing: the ops torch's own partitioner recomputes freely (pointwise,
+    views, cheap reductions: ``partitioners.get_default_op_list``), and the composites above.
+    Random ops and matmuls/convolutions are not."""
+    from torch._functorch.partitioners import get_default_op_list
+
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return node.op == "call_function" and node.target is operator.getitem
+    ops = get_default_op_list()
+    if ops.is_random(node) or ops.is_compute_intensive(node):
+        return False
+    return ops.is_recomputable(node) or ops.is_view(node) or node.target.is_view \
+        or node.target.overloadpacket.__name__ in _FUSED_COMPOSITES
+
+
+def inductor_graph_passes(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` after the passes ``torch.compile`` runs on a joint graph (``joint_graph_passes``:
+    among others, matmuls padded to aligned sizes, where a vocabulary of 30522 makes cuBLAS pick
+    slow kernels; random ops made inductor's), run on a copy under the graph's fake mode.
+
+    Where they fail, or leave a real tensor among the graph's fake ones (they did on CUDA, run
+    without the fake mode), ``gm`` with only the random-op pass, which inductor's lowerings of
+    random ops require."""
+    from torch._inductor.fx_passes.joint_graph import joint_graph_passes
+    from torch._inductor.fx_passes.replace_random import replace_random_passes
+    from torch._inductor.virtualized import V
+
+    fake_mode = torch._guards.detect_fake_mode(
+        [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")])
+    with V.set_fake_mode(fake_mode):
+        candidate = copy.deepcopy(gm)
+        try:
+            joint_graph_passes(candidate)
+        except Exception as exc:  # (their errors have no common base)
+            log.debug("joint_graph_passes failed (%s); random-op pass only", exc)
+        else:
+            if not _real_tensors_in(candidate):
+                return candidate
+            log.debug("joint_graph_passes left real tensors in the graph; random-op pass only")
+        replace_random_passes(gm)
+    return gm
+
+
+def _real_tensors_in(gm: fx.GraphModule) -> bool:
+    """Whether ``gm``'s nodes take a real (not fake) tensor as an argument or as a constant."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    found = []
+
+    def look(a):
+        if isinstance(a, torch.Tensor) and not isinstance(a, FakeTensor):
+            found.append(a)
+        return a
+
+    for n in gm.graph.nodes:
+        fx.node.map_aggregate((n.args, n.kwargs), look)
+        if n.op == "get_attr":
+            look(getattr(gm, n.target, None))
+    return bool(found)

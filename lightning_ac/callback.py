@@ -169,6 +169,9 @@ class MuTwoAC(StepMonitor):
         dynamic_shapes: once batches differ only in some sizes (sequence length, the last short
             batch), trace the step with those sizes dynamic and plan it once for the largest
             seen: later sizes need no new capture or profile. ``False``: plan each shape alone.
+        kernels: ``"eager"``: the planned step runs op by op on eager kernels; ``"inductor"``:
+            its forward and backward are compiled by inductor (fused kernels) with the plan's
+            swaps, recomputation and order kept (steps traced with dynamic sizes stay op by op).
 
     Logged at the end of every training epoch (through the trainer's loggers):
 
@@ -203,12 +206,14 @@ class MuTwoAC(StepMonitor):
     def __init__(self, budget: int | str | None = None, *, margin: float = 0.05,
                  verbose: bool = True, warmup_steps: int = 1,
                  host_swap: bool | str = "auto", swap: bool = True, plan_new_shapes: bool = True,
-                 max_shapes: int = MAX_SHAPES, dynamic_shapes: bool = True) -> None:
+                 max_shapes: int = MAX_SHAPES, dynamic_shapes: bool = True,
+                 kernels: str = "eager") -> None:
         super().__init__(warmup_steps=warmup_steps)
         self.budget_B = parse_budget(budget)
         validate_options("MuTwoAC", swap=swap, host_swap=host_swap, margin=margin,
                          plan_new_shapes=plan_new_shapes, max_shapes=max_shapes,
-                         dynamic_shapes=dynamic_shapes)
+                         dynamic_shapes=dynamic_shapes, kernels=kernels)
+        self.kernels = kernels
         self.plan_new_shapes, self.max_shapes = plan_new_shapes, max_shapes
         self.dynamic_shapes = dynamic_shapes
         self.swap, self.host_swap, self.margin = swap, host_swap, margin
@@ -281,7 +286,8 @@ class MuTwoAC(StepMonitor):
                 budget=self.budget_B, swap=self.swap, host_swap=self.host_swap,
                 margin=self.margin, verbose=self.verbose,
                 previous_grads=_previous_grads(trainer), plan_new_shapes=self.plan_new_shapes,
-                max_shapes=self.max_shapes, dynamic_shapes=self.dynamic_shapes)
+                max_shapes=self.max_shapes, dynamic_shapes=self.dynamic_shapes,
+                kernels=self.kernels)
             self._planning_step = self._steps_seen + 1  # the step about to run
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 

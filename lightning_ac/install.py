@@ -43,13 +43,14 @@ from torch import nn
 
 from lightning_ac import _torch_compat as compat
 from lightning_ac.capture import JointGraph
+from lightning_ac.codegen import has_symbolic_sizes
 from lightning_ac.errors import (
     BudgetError,
     CaptureError,
     describe_capture_failure,
     unwrap_compile_error,
 )
-from lightning_ac.planner import Plan, default_reserve_B, plan, swap_points
+from lightning_ac.planner import Plan, default_reserve_B, fused_costs, plan, swap_points
 from lightning_ac.profiler import (
     PREVIOUS_GRADS,
     NodeOutOfMemoryError,
@@ -60,6 +61,7 @@ from lightning_ac.profiler import (
 )
 from lightning_ac.report import format_bytes
 from lightning_ac.rewriter import (
+    KERNELS,
     PlannedStep,
     compile_with_plan,
     decode_plan,
@@ -149,7 +151,8 @@ def device_memory_limit(device: torch.device, margin: float = 0.05) -> int | Non
 
 def validate_options(owner: str, *, swap: Any, host_swap: Any, margin: Any,
                      previous_grads: Any = "until_backward", plan_new_shapes: Any = True,
-                     max_shapes: Any = 1, dynamic_shapes: Any = True) -> None:
+                     max_shapes: Any = 1, dynamic_shapes: Any = True,
+                     kernels: Any = "eager") -> None:
     """Check the options :func:`auto_checkpoint` and ``MuTwoAC`` share; the message names
     ``owner(argument=value)`` and what is expected.
 
@@ -177,6 +180,9 @@ def validate_options(owner: str, *, swap: Any, host_swap: Any, margin: Any,
             f"{owner}(dynamic_shapes={dynamic_shapes!r}) must be True or False.")
     if not isinstance(max_shapes, int) or isinstance(max_shapes, bool) or max_shapes < 1:
         raise MisconfigurationException(f"{owner}(max_shapes={max_shapes!r}) must be a positive int.")
+    if not isinstance(kernels, str) or kernels not in KERNELS:
+        raise MisconfigurationException(
+            f"{owner}(kernels={kernels!r}) must be one of {', '.join(map(repr, KERNELS))}.")
 
 
 MAX_SHAPES = 8
@@ -254,8 +260,10 @@ class AutoCheckpoint:
                  *, budget: Budget, swap: bool, host_swap: bool | str, margin: float,
                  verbose: bool, previous_grads: str, always_rewrite: bool, on_infeasible: str,
                  plan_new_shapes: bool, max_shapes: int, profile_options: dict[str, Any],
-                 installed_on: nn.Module | None, dynamic_shapes: bool = True) -> None:
+                 installed_on: nn.Module | None, dynamic_shapes: bool = True,
+                 kernels: str = "eager") -> None:
         self.fn, self.module, self.optimizer = fn, module, optimizer
+        self.kernels = kernels
         self.budget = budget
         self.swap, self.host_swap, self.margin = swap, host_swap, margin
         self.verbose, self.previous_grads = verbose, previous_grads
@@ -376,7 +384,8 @@ class AutoCheckpoint:
             return self._capture_graphs(step, args, kwargs)
         step.compiled = compile_with_plan(self.fn, self.module,
                                           functools.partial(self._make_plan, step),
-                                          on_compiled=functools.partial(self._compiled, step))
+                                          on_compiled=functools.partial(self._compiled, step),
+                                          kernels=self.kernels)
         t0 = time.perf_counter()
         try:
             out = step.compiled(*args, **kwargs)
@@ -443,7 +452,7 @@ class AutoCheckpoint:
         step.compiled = compile_with_plan(
             self.fn, self.module,
             functools.partial(self._make_varying_plan, step, tensors, needed), dynamic=True,
-            on_compiled=functools.partial(self._compiled, step))
+            on_compiled=functools.partial(self._compiled, step), kernels=self.kernels)
         t0 = time.perf_counter()
         try:
             with _marked(tensors, varying):
@@ -581,7 +590,8 @@ class AutoCheckpoint:
         return compile_with_plan(self.fn, self.module,
                                  lambda joint: retarget(new, planned_on, joint.graph),
                                  dynamic=step.dynamic,
-                                 on_compiled=functools.partial(self._compiled, step))
+                                 on_compiled=functools.partial(self._compiled, step),
+                                 kernels=self.kernels)
 
     @staticmethod
     def _compiled(step: ShapePlan, planned: PlannedStep) -> None:
@@ -604,7 +614,7 @@ class AutoCheckpoint:
             host_swap=self._profile_swapped(),
             measure_options={**({"runs": 1, "warmup": False} if self.plans else {}),
                              "swap_above_B": self._swap_above_B(), **self.profile_options},
-            previous_grads=self.previous_grads)
+            previous_grads=self.previous_grads, kernels=self.kernels)
         t0 = time.perf_counter()
         try:
             out = step.graphs(*args, **kwargs)
@@ -686,9 +696,9 @@ class AutoCheckpoint:
                     f"{format_bytes(peak_B)}, {format_bytes(excess)} over the budget of "
                     f"{format_bytes(budget)}, after {MAX_REPLANS} re-plans; lower the budget.")
             return False
-        new = plan(step.profile, budget, swap=self.swap,
-                   reserve_B=default_reserve_B(step.profile) + step.foreign_B
-                   + step.excess_B + excess)
+        new = self._plan(step.profile, budget,
+                         reserve_B=default_reserve_B(step.profile) + step.foreign_B
+                         + step.excess_B + excess)
         if new.stop_reason == "infeasible":
             step.replans = MAX_REPLANS  # nothing lower to be had
             return self.observe_peak(peak_B)
@@ -796,13 +806,21 @@ class AutoCheckpoint:
         step.plan, step.profile = result, profile
         return result
 
+    def _plan(self, profile: Profile, budget: int | None, reserve_B: int) -> Plan:
+        """The planner on ``profile`` as the step will run: on inductor's kernels
+        (``kernels="inductor"``, a step of fixed sizes) by their costs, every recomputation
+        that costs nothing there taken first (:func:`~lightning_ac.planner.fused_costs`)."""
+        fused = self.kernels == "inductor" and not any(
+            has_symbolic_sizes(j.gm) for j in (profile.graphs or [profile.joint]))
+        return plan(fused_costs(profile) if fused else profile, budget, swap=self.swap,
+                    reserve_B=reserve_B, recompute_free=fused)
+
     def _plan_profile(self, step: ShapePlan, profile: Profile) -> Plan:
         """Plan ``profile`` (``step``'s) under the budget; an infeasible budget raises or warns,
         as ``on_infeasible`` says."""
         t0 = time.perf_counter()
         budget = self.budget_for(profile)
-        result = plan(profile, budget, swap=self.swap,
-                      reserve_B=default_reserve_B(profile) + step.foreign_B)
+        result = self._plan(profile, budget, reserve_B=default_reserve_B(profile) + step.foreign_B)
         result.planning_s = time.perf_counter() - t0
         log.debug("planned %d nodes in %.2f s: %s", len(profile.nodes), result.planning_s,
                   result.summary())
@@ -1007,6 +1025,7 @@ def auto_checkpoint(target: nn.Module | Callable, optimizer: torch.optim.Optimiz
                     previous_grads: str = "until_backward", always_rewrite: bool = False,
                     on_infeasible: str = "raise", plan_new_shapes: bool = True,
                     max_shapes: int = MAX_SHAPES, dynamic_shapes: bool = True,
+                    kernels: str = "eager",
                     profile_options: dict[str, Any] | None = None) -> AutoCheckpoint:
     """Plan ``target``'s training step under a memory budget on its first training call.
 
@@ -1048,6 +1067,10 @@ def auto_checkpoint(target: nn.Module | Callable, optimizer: torch.optim.Optimiz
             with no new capture or profile, and a larger one is planned again from the same
             profile scaled to it. False: each set of shapes is captured, profiled and planned
             on its own.
+        kernels: how the planned step runs: ``"eager"``, op by op on eager kernels (the kernels
+            the profile measured); ``"inductor"``, each partitioned forward and backward
+            compiled by inductor (fused kernels) at its first call, with the plan's swaps,
+            recomputation and order kept. A step traced with dynamic sizes runs op by op.
         profile_options: keyword arguments for :func:`~lightning_ac.profiler.profile_iteration`
             (``runs``, ``cold_l2``).
 
@@ -1062,7 +1085,7 @@ def auto_checkpoint(target: nn.Module | Callable, optimizer: torch.optim.Optimiz
         parse_budget(budget, owner="auto_checkpoint")
     validate_options("auto_checkpoint", swap=swap, host_swap=host_swap, margin=margin,
                      previous_grads=previous_grads, plan_new_shapes=plan_new_shapes,
-                     max_shapes=max_shapes, dynamic_shapes=dynamic_shapes)
+                     max_shapes=max_shapes, dynamic_shapes=dynamic_shapes, kernels=kernels)
     if on_infeasible not in ("raise", "warn"):
         raise MisconfigurationException(
             f"auto_checkpoint(on_infeasible={on_infeasible!r}) must be \"raise\" or \"warn\".")
@@ -1091,7 +1114,8 @@ def auto_checkpoint(target: nn.Module | Callable, optimizer: torch.optim.Optimiz
                         always_rewrite=always_rewrite, on_infeasible=on_infeasible,
                         plan_new_shapes=plan_new_shapes, max_shapes=max_shapes,
                         profile_options=dict(profile_options or {}),
-                        installed_on=installed_on, dynamic_shapes=dynamic_shapes)
+                        installed_on=installed_on, dynamic_shapes=dynamic_shapes,
+                        kernels=kernels)
     if installed_on is not None:
         installed_on.forward = ac
     return ac

@@ -31,6 +31,7 @@ activation may still be picked for recomputation; it is then dropped instead of 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -38,12 +39,13 @@ import pandas as pd
 import torch
 import torch.fx as fx
 
+from lightning_ac import _torch_compat as compat
 from lightning_ac.capture import node_value
 from lightning_ac.profiler import Profile, op_name, recompute_chain
 from lightning_ac.simulator import Simulation, profile_index, simulate, swap_ms, swap_schedule
 
-__all__ = ["Plan", "can_swap_value", "default_reserve_B", "plan", "rerun_by_op", "swap_cost_ms",
-           "swappable"]
+__all__ = ["Plan", "can_swap_value", "default_reserve_B", "fused_costs", "plan", "rerun_by_op",
+           "swap_cost_ms", "swappable"]
 
 _MIN_SHARE = 1e-3  # candidates below this share of the largest activation are left alone
 MIN_SWAP_B = 1 << 20  # smaller activations are not worth a copy's host work (tens of µs)
@@ -188,8 +190,23 @@ def _pick_swaps(profile: Profile, target: int, sim: Simulation) -> tuple[list[fx
     return swapped, sim
 
 
+def fused_costs(profile: Profile) -> Profile:
+    """``profile`` with the time of every forward and backward node that inductor fuses into
+    the kernels around it (pointwise ops, views, norms, softmax: :func:`~lightning_ac.
+    _torch_compat.fuses_into_neighbours`) set to zero: what recomputing it costs when the planned
+    step runs on inductor's kernels (``kernels="inductor"``), where it runs inside the kernel of
+    the value that reads it. Matmuls, convolutions, attention, random ops and the optimizer keep
+    their measured times; the step's timeline is shorter by what fuses, so the simulator finds
+    less compute to hide copies behind (as on fused kernels). The nodes and tables are
+    otherwise the same (a plan made on it applies to ``profile``)."""
+    nodes = profile.nodes.copy()
+    free = nodes["node"].map(compat.fuses_into_neighbours) & (nodes["phase"] != "optimizer")
+    nodes.loc[free, "runtime_ms"] = 0.0
+    return dataclasses.replace(profile, nodes=nodes)
+
+
 def plan(profile: Profile, budget_B: int | None, headroom: float = HEADROOM,
-         reserve_B: int | None = None, swap: bool = True) -> Plan:
+         reserve_B: int | None = None, swap: bool = True, recompute_free: bool = False) -> Plan:
     """Choose activations to recompute so that the simulated peak is at most ``budget_B``.
 
     The planner aims ``headroom`` (a share of the budget) plus ``reserve_B`` bytes below it, for
@@ -205,6 +222,11 @@ def plan(profile: Profile, budget_B: int | None, headroom: float = HEADROOM,
     off where recomputation is dear, not on a short step whose host is the bottleneck); if not,
     the one with the lower peak (swaps taken for the first peak can stand in the way of a lower
     budget: copies still under way at the end of forward hold their memory there).
+
+    With ``recompute_free`` (for a profile of :func:`fused_costs`) a step that needs a plan
+    also recomputes every activation whose recomputation costs no time, before anything else
+    and whatever the budget: on fused kernels that is what torch's own partitioner does, and it
+    is faster than saving them (their values are never written to memory).
     """
     t0 = time.perf_counter()
     if reserve_B is None:
@@ -218,9 +240,9 @@ def plan(profile: Profile, budget_B: int | None, headroom: float = HEADROOM,
                     stop_reason="already fits", kept=list(acts["node"]), target_B=target,
                     planning_s=time.perf_counter() - t0)
     swap = swap and profile_index(profile).can_swap
-    best = _greedy(profile, budget_B, target, baseline, swap)
+    best = _greedy(profile, budget_B, target, baseline, swap, recompute_free)
     if best.swapped:
-        alone = _greedy(profile, budget_B, target, baseline, False)
+        alone = _greedy(profile, budget_B, target, baseline, False, recompute_free)
         if best.stop_reason == alone.stop_reason == "fits":
             if alone.predicted_extra_ms <= swap_cost_ms(best):
                 best = alone
@@ -246,8 +268,9 @@ def swap_cost_ms(p: Plan) -> float:
 
 
 def _greedy(profile: Profile, budget_B: int, target: int, baseline: Simulation,
-            swap: bool) -> Plan:
-    """One run of the greedy (swaps first if ``swap``, then recomputation) toward ``target``."""
+            swap: bool, recompute_free: bool = False) -> Plan:
+    """One run of the greedy (swaps first if ``swap``, then recomputation) toward ``target``;
+    with ``recompute_free``, the candidates that cost no time first, all of them."""
     ix = profile_index(profile)
     acts = profile.activations
     swapped: list[fx.Node] = []
@@ -290,7 +313,8 @@ def _greedy(profile: Profile, budget_B: int, target: int, baseline: Simulation,
     # nothing that matters, and dropping them drags whole ops back into backward.
     floor = acts["bytes"].max() * _MIN_SHARE if len(acts) else 0
     # (if the swaps alone met the target, there is nothing to recompute)
-    candidates = zip(acts["node"], acts["recomputable"]) if sim.peak_B > target else ()
+    candidates = zip(acts["node"], acts["recomputable"]) \
+        if sim.peak_B > target or recompute_free else ()
     for n, ok in candidates:
         if ok and size[n] > floor:
             srcs, chain = recompute_chain(creator(n), available)
@@ -300,11 +324,18 @@ def _greedy(profile: Profile, budget_B: int, target: int, baseline: Simulation,
     dropped: list[fx.Node] = []
     steps = []
     freed_since_sim = 0
+    free_phase = recompute_free
     while chains:
+        free = [n for n in chains if cost[n] <= 0.0] if free_phase else []
+        if free_phase and not free:  # the free ones are dropped: where is the peak now
+            free_phase = False
+            sim, freed_since_sim = simulate(profile, dropped, swapped), 0
+            if sim.peak_B <= target:
+                break
         # Only an activation idle across the current peak (made before it, first needed by
         # backward after it) lowers that peak when dropped.
         at = sim.peak_rank
-        idle = [n for n in chains if last_fwd[n] < at < first_bwd[n]]
+        idle = free or [n for n in chains if last_fwd[n] < at < first_bwd[n]]
         if not idle:
             if freed_since_sim == 0:
                 break  # nothing left that can lower this peak
@@ -335,6 +366,10 @@ def _greedy(profile: Profile, budget_B: int, target: int, baseline: Simulation,
             if n in chains:
                 cost[n] = marginal_ms(chains[n])
         freed_since_sim += int(size[best])
+        if free_phase:
+            steps.append({"activation": best.name, "bytes": int(size[best]),
+                          "marginal_ms": 0.0, "peak_B": None})
+            continue
         # Dropping activations of X bytes lowers the peak by X at most: simulate only when the
         # budget is within reach, or when nothing is left to drop.
         if sim.peak_B - freed_since_sim <= target or not chains:

@@ -23,11 +23,12 @@ from torch import nn
 
 from lightning_ac import _torch_compat as compat
 from lightning_ac.capture import JointGraph, compile_joint, node_value
+from lightning_ac.codegen import InductorGraph, has_symbolic_sizes
 from lightning_ac.errors import CaptureError
 from lightning_ac.graph_passes import use_replays
 from lightning_ac.planner import Plan
 
-__all__ = ["PlannedStep", "compile_with_plan", "decode_plan", "empty_saved_tensors", "encode_plan",
+__all__ = ["KERNELS", "PlannedStep", "compile_with_plan", "decode_plan", "empty_saved_tensors", "encode_plan",
            "getitems_after_their_op", "graph_fingerprint", "insert_swaps", "partition",
            "restrict", "retarget", "saved_values"]
 
@@ -312,9 +313,18 @@ def decode_plan(data: dict, graph: fx.Graph) -> Plan:
     return Plan(**{**fields, **_map_nodes(fields, at.__getitem__)})
 
 
+KERNELS = ("eager", "inductor")
+"""How a partitioned step runs: ``"eager"``, op by op on eager kernels (as the profile measured
+them); ``"inductor"``, each graph compiled by inductor at its first call
+(:mod:`lightning_ac.codegen`)."""
+
+
 class PlannedStep:
     """The forward and backward AOTAutograd runs for one compiled step, partitioned by a plan
     that :meth:`use` replaces without compiling the step again.
+
+    ``kernels`` (one of :data:`KERNELS`) says how the partitioned graphs run; a graph traced with
+    dynamic sizes runs op by op whatever it says (inductor would compile it again for each).
 
     AOTAutograd fixes at compile time how many values the forward hands to backward. A new plan
     (for longer sequences, or after a measured excess) saves other values, and compiling again
@@ -327,8 +337,11 @@ class PlannedStep:
     forward whose backward never runs).
     """
 
-    def __init__(self, joint: JointGraph, plan: Plan):
+    def __init__(self, joint: JointGraph, plan: Plan, *, kernels: str = "eager"):
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels={kernels!r}: expected one of {KERNELS}")
         self.joint = joint
+        self.kernels = kernels
         self.plan: Plan | None = None
         self._fwd: fx.GraphModule | None = None
         self._bwd: fx.GraphModule | None = None
@@ -337,11 +350,26 @@ class PlannedStep:
     def use(self, plan: Plan) -> None:
         """Run ``plan`` (made on :attr:`joint`'s graph) from the next forward on."""
         self._fwd, self._bwd = partition(self.joint, plan)
+        self._run_fwd, self._run_bwd = self._fwd, self._bwd
+        if self.fused:
+            self._run_fwd = InductorGraph(self._fwd, is_backward=False)
+            self._run_bwd = InductorGraph(self._bwd, is_backward=True, forward=self._run_fwd)
         self.plan = plan
         # The forward returns its saved tensors, then its saved sizes; backward reads the
         # sizes first (AOTAutograd's convention, which extract_fwd_bwd follows).
         saved = self._fwd.graph.output_node().args[0][self.joint.num_fwd_outputs:]
         self._saved_tensors = sum(not isinstance(x.meta.get("val"), _SIZES) for x in saved)
+
+    @property
+    def fused(self) -> bool:
+        """Whether the graphs run on inductor's kernels."""
+        return self.kernels == "inductor" and not has_symbolic_sizes(self.joint.gm)
+
+    @property
+    def compile_s(self) -> float:
+        """Seconds inductor took so far to compile the current partition (0 op by op)."""
+        runs = (self._run_fwd, self._run_bwd)
+        return sum(r.compile_s or 0.0 for r in runs if isinstance(r, InductorGraph))
 
     @property
     def forward_graph(self) -> fx.GraphModule:
@@ -351,9 +379,9 @@ class PlannedStep:
 
     def forward(self, args: list) -> list:
         """AOTAutograd's forward (boxed): the user's outputs, then the handle."""
-        outs = self._fwd(args)
+        outs = self._run_fwd(args)
         k, t = self.joint.num_fwd_outputs, self.joint.num_fwd_outputs + self._saved_tensors
-        return [*outs[:k], _put_saved([*outs[t:], *outs[k:t]], self._bwd)]
+        return [*outs[:k], _put_saved([*outs[t:], *outs[k:t]], self._run_bwd)]
 
     def backward(self, args: list) -> list:
         """AOTAutograd's backward (boxed): the handle, then the tangents."""
@@ -410,11 +438,11 @@ class _Runtime:
 
 
 _SIZES = (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)
-_SAVED: dict[int, tuple[list, Callable | None, fx.GraphModule]] = {}
+_SAVED: dict[int, tuple[list, Callable | None, Callable]] = {}
 _HANDLES = itertools.count()
 
 
-def _put_saved(values: list, bwd: fx.GraphModule) -> torch.Tensor:
+def _put_saved(values: list, bwd: Callable) -> torch.Tensor:
     """Keep ``values`` for ``bwd`` under a new handle. The tensors among them go through the
     ``saved_tensors_hooks`` in effect, as autograd's saved tensors would (offloading hooks, and
     counts of the saved bytes, see them)."""
@@ -430,7 +458,7 @@ def _put_saved(values: list, bwd: fx.GraphModule) -> torch.Tensor:
     return handle
 
 
-def _take_saved(handle: torch.Tensor) -> tuple[list, fx.GraphModule]:
+def _take_saved(handle: torch.Tensor) -> tuple[list, Callable]:
     """The values kept under ``handle`` and the backward that reads them. Taken out of the table
     (the backward then frees each at its last use), unless the backward keeps its graph
     (``retain_graph=True``): a later backward reads them again, and they go with the handle."""
@@ -470,7 +498,8 @@ def _stand_in(graph: fx.Graph, x, env: dict):
 
 def compile_with_plan(fn: Callable, module: nn.Module | None,
                       make_plan: Callable[[JointGraph], Plan], *, dynamic: bool = False,
-                      on_compiled: Callable[[PlannedStep], None] | None = None) -> Callable:
+                      on_compiled: Callable[[PlannedStep], None] | None = None,
+                      kernels: str = "eager") -> Callable:
     """Compile ``fn``; its first call captures the joint graph, plans it, and partitions it.
 
     ``make_plan(joint)`` runs inside compilation with the real primals at hand (use
@@ -478,9 +507,10 @@ def compile_with_plan(fn: Callable, module: nn.Module | None,
     the first call (under dynamo's wrapper; :func:`lightning_ac.errors.unwrap_compile_error`).
     ``dynamic`` as for :func:`~lightning_ac.capture.compile_joint`. ``on_compiled`` receives the
     :class:`PlannedStep` of each graph compiled, through which a new plan replaces the old.
+    ``kernels``: how the partitioned graphs run (:data:`KERNELS`).
     """
     def compile_step(joint: JointGraph):
-        step = PlannedStep(joint, make_plan(joint))
+        step = PlannedStep(joint, make_plan(joint), kernels=kernels)
         if on_compiled is not None:
             on_compiled(step)
         return step.shells()

@@ -93,13 +93,15 @@ class StepGraphs:
 
     Call it as the step. ``make_plan(profile)`` plans the assembled profile (budget, reserve,
     what to do when infeasible: the caller's policy); ``measure_options`` go to
-    :func:`~lightning_ac.profiler.measure_joint` and the profile.
+    :func:`~lightning_ac.profiler.measure_joint` and the profile; ``kernels`` says how the
+    planned graphs run (:data:`~lightning_ac.rewriter.KERNELS`).
     """
 
     def __init__(self, fn: Callable, module: nn.Module, optimizer: torch.optim.Optimizer | None,
                  *, make_plan: Callable[[Profile], Plan], host_swap: bool,
-                 measure_options: dict, previous_grads: str) -> None:
+                 measure_options: dict, previous_grads: str, kernels: str = "eager") -> None:
         self.fn, self.module, self.optimizer = fn, module, optimizer
+        self.kernels = kernels
         self.make_plan = make_plan
         self.host_swap = host_swap
         self.measure_options = measure_options
@@ -283,6 +285,7 @@ class StepGraphs:
                                        swap=self.host_swap, **self.measure_options)
             joint.primal_values = [v if r.kind == "parameter" else None
                                    for v, r in zip(joint.primal_values, joint.primal_roles)]
+            # (op by op: the provisional partition runs for the capture call only)
             g.planned = PlannedStep(joint, _provisional_plan(joint, g.measured, self.host_swap))
             g.saved_B = _saved_bytes(g.planned)
             return g.planned.shells()
@@ -341,6 +344,7 @@ class StepGraphs:
         self.plan = plan
         for g in self.captured:
             g.plan = restrict(plan, g.joint.graph)
+            g.planned.kernels = self.kernels
             g.planned.use(g.plan)
             g.saved_B = _saved_bytes(g.planned)
 

@@ -198,3 +198,41 @@ def test_the_default_reserve_is_kept_on_cuda_only_for_a_profile_or_a_device():
 
     assert default_reserve_B(torch.device("cuda", 1)) == CUDA_RESERVE_B
     assert default_reserve_B(torch.device("cpu")) == 0 and default_reserve_B(None) == 0
+
+
+def test_fused_costs_zero_what_inductor_fuses_and_nothing_else():
+    from lightning_ac.planner import fused_costs
+
+    _, prof = _profile("tiny-bert")
+    fused = fused_costs(prof)
+    assert fused.nodes is not prof.nodes and fused.activations is prof.activations
+    by_op = fused.nodes.assign(was=prof.nodes["runtime_ms"],
+                               op=fused.nodes.op.str.split(".").str[1])  # aten.<op>.<overload>
+    forward = by_op[by_op.phase == "forward"]
+    zero = set(forward.op[forward.runtime_ms == 0])
+    assert {"native_layer_norm", "gelu", "view"} <= zero
+    kept = forward[forward.op.isin(["addmm", "bmm"])]
+    assert len(kept) and (kept.runtime_ms == kept.was).all()  # matmuls keep their times
+    optimizer = by_op[by_op.phase == "optimizer"]
+    assert len(optimizer) and (optimizer.runtime_ms == optimizer.was).all()
+
+
+def test_a_plan_for_fused_kernels_recomputes_everything_that_costs_nothing_first():
+    """With recompute_free, a step that needs a plan drops every activation whose rebuild
+    costs no time (on fused kernels: pointwise chains), even those the budget does not need,
+    at no predicted cost; the plan on eager costs drops fewer for the same budget."""
+    from lightning_ac.planner import fused_costs
+
+    _, prof = _profile("tiny-bert")
+    fused = fused_costs(prof)
+    budget = int(prof.peak_bytes * 0.97)
+    eager_plan = plan(prof, budget, swap=False)
+    p = plan(fused, budget, swap=False, recompute_free=True)
+    assert p.stop_reason == "fits" and p.predicted_peak_B <= budget
+    free = [s for s in p.steps if s["marginal_ms"] == 0.0]
+    assert len(free) >= 5 and p.predicted_extra_ms == pytest.approx(
+        sum(s["marginal_ms"] for s in p.steps), abs=1e-3)
+    assert len(p.recomputed) > len(eager_plan.recomputed)
+    assert p.predicted_peak_B < eager_plan.predicted_peak_B
+    # without a plan needed it stays as it was: the step that fits runs as it is
+    assert plan(fused, prof.peak_bytes * 2, recompute_free=True).stop_reason == "already fits"

@@ -21,8 +21,21 @@ def assert_grads_match(model, ref, atol=1e-7):
         assert (p.grad - q.grad).norm() <= 1e-6 * q.grad.norm() + atol, name
 
 
-def _planned(name, share):
-    """A workload compiled with a plan whose budget is `share` of the way from floor to peak."""
+def step_both(step, w, ref):
+    """One forward and backward of ``step`` on ``w``'s batch and of eager ``ref``, from the same
+    RNG state (dropout draws the same masks in both); their losses."""
+    rng = torch.get_rng_state()
+    loss = step(*w.inputs)
+    loss.backward()
+    torch.set_rng_state(rng)
+    ref_loss = ref.loss(*ref.inputs)
+    ref_loss.backward()
+    return loss, ref_loss
+
+
+def _planned(name, share, **kw):
+    """A workload compiled with a plan whose budget is `share` of the way from floor to peak
+    (``kw``: for compile_with_plan)."""
     w = make_workload(name, 16, seq_len=32)
     made = {}
 
@@ -34,7 +47,7 @@ def _planned(name, share):
         made["profile"] = prof
         return made["plan"]
 
-    return w, compile_with_plan(w.loss, w.model, make_plan), made
+    return w, compile_with_plan(w.loss, w.model, make_plan, **kw), made
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "tiny-bert"])
@@ -47,12 +60,7 @@ def test_loss_and_gradients_match_eager_over_several_steps(name):
     for i in range(3):
         for o in (opt, ref_opt):
             o.zero_grad(set_to_none=True)
-        rng = torch.get_rng_state()
-        loss = step(*w.inputs)
-        loss.backward()
-        torch.set_rng_state(rng)  # dropout draws the same masks in both runs
-        ref_loss = ref.loss(*ref.inputs)
-        ref_loss.backward()
+        loss, ref_loss = step_both(step, w, ref)
         assert torch.equal(loss.detach(), ref_loss.detach()) or \
             abs(loss.item() - ref_loss.item()) <= 1e-6 * abs(ref_loss.item()), i
         assert_grads_match(w.model, ref.model)
@@ -215,7 +223,7 @@ def test_a_rerun_op_hands_out_all_its_outputs_at_once():
 
 
 @contextlib.contextmanager
-def _swapping(w, bandwidth_GBps, budget_of, swap_host_ms=0.0, edit=None):
+def _swapping(w, bandwidth_GBps, budget_of, swap_host_ms=0.0, edit=None, kernels="eager"):
     """``w``'s step compiled with a plan that swaps: the profile's host link pretended to run at
     ``bandwidth_GBps``, the budget ``budget_of(profile)``, every activation a swap candidate and
     each swap charged ``swap_host_ms``; ``edit(plan)`` may change the plan before the rewrite.
@@ -242,7 +250,7 @@ def _swapping(w, bandwidth_GBps, budget_of, swap_host_ms=0.0, edit=None):
     with mock.patch.object(planner, "MIN_SWAP_B", 0), \
             mock.patch.object(planner, "SWAP_HOST_MS", swap_host_ms), \
             mock.patch.object(rewriter, "insert_swaps", spy):
-        yield compile_with_plan(w.loss, w.model, make_plan), made, graphs
+        yield compile_with_plan(w.loss, w.model, make_plan, kernels=kernels), made, graphs
 
 
 def _floor(prof):

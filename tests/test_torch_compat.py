@@ -1,5 +1,7 @@
 """Pin the private torch behaviour that lightning_ac._torch_compat relies on."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.fx as fx
@@ -215,3 +217,69 @@ def test_graph_signature_is_the_same_for_the_same_graph_and_differs_with_the_inp
     torch.compile(lambda x: lin(x).tanh(), backend=backend, dynamic=False)(torch.randn(2, 4))
     assert signatures[0] == signatures[2]
     assert len({signatures[0], signatures[1], signatures[3]}) == 3
+
+
+def test_rng_prims_save_the_state_they_drew_from_and_replay_it():
+    rng = compat.rng_prims()
+    x = torch.ones(1000)
+    state, (out, mask) = rng.run_and_save_rng_state(torch.ops.aten.native_dropout.default, x,
+                                                     0.5, True)
+    after = torch.get_rng_state()
+    again, mask2 = rng.run_with_rng_state(state, torch.ops.aten.native_dropout.default, x, 0.5,
+                                          True)
+    assert torch.equal(mask, mask2) and torch.equal(out, again)
+    assert torch.equal(torch.get_rng_state(), after)  # the replay leaves the generator alone
+
+
+def test_inductor_compile_compiles_an_aten_graph_boxed_with_a_mutating_custom_op():
+    """An aten graph whose custom op mutates an input (declared) and returns nothing: inductor
+    keeps the op, computes the rest, and the result takes its inputs as a list it empties."""
+    from lightning_ac import codegen  # noqa: F401  (defines the mutwo ops)
+
+    aten = torch.ops.aten
+    g = fx.Graph()
+    x, counter = g.placeholder("x"), g.placeholder("counter")
+    y = g.call_function(aten.relu.default, (g.call_function(aten.mul.Tensor, (x, 2.0)),))
+    g.call_function(torch.ops.mutwo.increment_counters.default, ([counter],))
+    g.output([y, counter])
+    gm = fx.GraphModule({}, g)
+    inputs = [torch.randn(8), torch.zeros((), dtype=torch.int64)]
+    run = compat.inductor_compile(gm, list(inputs), is_backward=False)
+    args = [inputs[0], inputs[1]]
+    y_out, c_out = run(args)
+    assert args == []
+    torch.testing.assert_close(y_out, inputs[0].mul(2).relu())
+    assert int(inputs[1]) == 1 and int(c_out) == 1  # incremented in place, once
+
+
+def _dropout_graph():
+    """A decomposed aten graph with a dropout, as inductor_compile hands it on."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(x, w):
+        return torch.ops.aten.native_dropout.default(x @ w, 0.5, True)[0].sum()
+
+    return make_fx(f, decomposition_table=select_decomp_table(), tracing_mode="fake")(
+        torch.randn(8, 16), torch.randn(16, 4))
+
+
+@pytest.mark.parametrize("passes_fail", [False, True])
+def test_inductor_graph_passes_make_random_ops_inductors_or_fall_back_to_that_alone(passes_fail):
+    from unittest import mock
+
+    from torch._inductor.fx_passes import joint_graph
+
+    gm = _dropout_graph()
+    assert not any("inductor_random" in str(n.target) for n in gm.graph.nodes)
+
+    def fail(graph, *a, **k):
+        raise RuntimeError("a pass failed")
+
+    with mock.patch.object(joint_graph, "joint_graph_passes", fail) if passes_fail \
+            else contextlib.nullcontext():
+        out = compat.inductor_graph_passes(gm)
+    assert (out is gm) == passes_fail  # on a copy, kept only if the passes went through
+    targets = [str(n.target) for n in out.graph.nodes]
+    assert any("inductor_random" in t or "inductor_seed" in t for t in targets), targets
+    assert not any(t.startswith("aten.native_dropout") for t in targets)
