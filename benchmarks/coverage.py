@@ -9,7 +9,9 @@ same batch and seed:
 
 * ``engaged``: the step was captured, planned and ran rewritten; ``reason``: why not;
 * ``recomputed``, ``predicted_peak_B``, ``budget_B``, ``baseline_peak_B``: the plan;
-* ``max_rel_loss_diff``: the losses with AC against without, step by step;
+* ``max_rel_loss_diff``: the losses with AC against without, step by step (and
+  ``first_rel_loss_diff``: the first step's, before any update: on inductor's kernels later
+  steps drift as AdamW turns each rounding difference in a near-zero gradient into a full step);
 * ``step_ms`` and ``step_ms_no_ac`` (medians of the steps after the planning one), ``planning_s``.
 
 Writes ``<out>/coverage.csv`` and ``<out>/coverage.md`` (the table) and prints the share engaged.
@@ -288,11 +290,24 @@ def _steps(step, w: Workload, opt, n: int, ac=None) -> _Run:
     return run
 
 
+def _planned_steps(ac) -> list:
+    """Every PlannedStep of ``ac``'s shapes: one per shape, or one per graph of a split step."""
+    out = []
+    for s in ac.plans.values():
+        if s.planned is not None:
+            out.append(s.planned[0])
+        if s.graphs is not None:
+            out += [g.planned for g in s.graphs.captured if g.planned is not None]
+    return out
+
+
 def run_model(name: str, family: str, make: Callable[[int], Workload], batch: int,
-              steps: int, device: str = "cpu", budget_share: float | None = None) -> dict:
+              steps: int, device: str = "cpu", budget_share: float | None = None,
+              kernels: str = "eager") -> dict:
     """Train ``make(batch)`` without and with AC; the row of the table. On the CPU the budget is
     halfway between the plan's floor and the un-checkpointed peak; with ``budget_share`` it is
-    that share of the measured un-checkpointed peak (CUDA)."""
+    that share of the measured un-checkpointed peak (CUDA). ``kernels`` as for
+    ``auto_checkpoint``."""
     row: dict = {"model": name, "family": family, "engaged": False, "reason": ""}
     try:
         torch.manual_seed(0)
@@ -310,7 +325,7 @@ def run_model(name: str, family: str, make: Callable[[int], Workload], batch: in
     opt = torch.optim.AdamW(w.model.parameters(), lr=1e-3)
     budget = _midway if budget_share is None else int(budget_share * max(ref.peaks[1:]))
     ac = auto_checkpoint(w.loss, opt, module=w.model, budget=budget, always_rewrite=True,
-                         previous_grads="freed")
+                         previous_grads="freed", kernels=kernels)
     torch.manual_seed(1)
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -342,8 +357,12 @@ def run_model(name: str, family: str, make: Callable[[int], Workload], batch: in
         replans=ac.replans,
         max_rel_loss_diff=max(abs(a - b) / max(abs(b), 1e-12)
                               for a, b in zip(run.losses, ref.losses)),
+        first_rel_loss_diff=abs(run.losses[0] - ref.losses[0]) / max(abs(ref.losses[0]), 1e-12),
         step_ms=run.step_ms(), step_ms_no_ac=ref.step_ms(),
         planning_s=round(sum(t for t, p in zip(run.ms, run.planning) if p) / 1e3, 2))
+    if kernels == "inductor":
+        planned = _planned_steps(ac)
+        row["on_inductor"] = f"{sum(p.on_inductor for p in planned)}/{len(planned)}"
     ac.remove()
     return row
 
@@ -357,9 +376,12 @@ def to_markdown(df: pd.DataFrame) -> str:
 
     from lightning_ac.report import format_bytes
 
+    fused = "on_inductor" in df.columns  # (a run with kernels="inductor")
+    extra = " on inductor | first-step loss diff |" if fused else ""
     lines = ["| model | family | engaged | graphs | recomputed | eager saved | peak / budget | "
-             "step vs no AC | loss diff | why not, or what split the step |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"step vs no AC | loss diff |{extra} why not, or what split the step |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+             + (" --- | --- |" if fused else "") + " --- |"]
     for r in df.itertuples():
         peak = cell(r, "measured_peak_B", lambda v, r=r: f"{v / r.budget_B:.2f}")
         over = cell(r, "step_ms", lambda v, r=r: f"{v / r.step_ms_no_ac:.2f}x")
@@ -370,7 +392,10 @@ def to_markdown(df: pd.DataFrame) -> str:
             f"{cell(r, 'graphs', lambda v: str(int(v)))} | "
             f"{cell(r, 'recomputed', lambda v: str(int(v)))} | "
             f"{cell(r, 'eager_saved_B', lambda v: format_bytes(int(v)) if v else '')} | "
-            f"{peak} | {over} | {cell(r, 'max_rel_loss_diff', lambda v: f'{v:.1e}')} | {why} |")
+            f"{peak} | {over} | {cell(r, 'max_rel_loss_diff', lambda v: f'{v:.1e}')} | "
+            + (f"{cell(r, 'on_inductor', str)} | "
+               f"{cell(r, 'first_rel_loss_diff', lambda v: f'{v:.1e}')} | " if fused else "")
+            + f"{why} |")
     return "\n".join(lines) + "\n"
 
 
@@ -394,8 +419,23 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                     help="torch.use_deterministic_algorithms(True), so that the losses with and "
                          "without AC can be compared exactly (set CUBLAS_WORKSPACE_CONFIG=:4096:8 "
                          "too)")
+    ap.add_argument("--kernels", default="eager", choices=["eager", "inductor"],
+                    help="how the planned step runs (auto_checkpoint's kernels); with inductor "
+                         "dropout draws with eager's kernels (inductor's fallback_random), so "
+                         "that the losses compare, and the table gets 'on_inductor' (graphs "
+                         "that ran inductor's code / graphs planned) and a file of its own")
     ap.add_argument("--out", type=Path, default=Path("reports/coverage"))
     args = ap.parse_args(argv)
+    if args.kernels == "inductor":
+        from torch._inductor import config
+
+        with config.patch(fallback_random=True):  # (for this run only: not a global setting)
+            return _run(args, ap)
+    return _run(args, ap)
+
+
+def _run(args, ap) -> pd.DataFrame:
+    """The run :func:`main` parsed: every chosen model, the table written as it grows."""
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
@@ -403,13 +443,15 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     chosen = [m for m in pool if args.only is None or m[0] in args.only]
     if args.only and len(chosen) != len(args.only):
         ap.error(f"unknown models in {args.only}; known: {', '.join(m[0] for m in pool)}")
-    stem = "coverage_gpu" if args.gpu else "coverage"
+    stem = ("coverage_gpu" if args.gpu else "coverage") + \
+        ("_inductor" if args.kernels == "inductor" else "")
     rows = []
     for name, family, make, batch in chosen:
         t0 = time.perf_counter()
         rows.append(run_model(name, family, make, batch, args.steps,
                               device="cuda" if args.gpu else "cpu",
-                              budget_share=args.budget_share if args.gpu else None))
+                              budget_share=args.budget_share if args.gpu else None,
+                              kernels=args.kernels))
         torch.compiler.reset()  # (each model's compiled code goes with it)
         if args.gpu:
             torch.cuda.empty_cache()
@@ -418,7 +460,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
               f"{time.perf_counter() - t0:6.1f} s  {rows[-1]['reason'][:100]}", flush=True)
         if rows[-1].get("traceback"):
             print(rows[-1]["traceback"], flush=True)
-        print({k: rows[-1].get(k) for k in ("graphs", "budget_B", "measured_peak_B",
+        print({k: rows[-1].get(k) for k in ("graphs", "on_inductor", "budget_B", "measured_peak_B",
                                             "steps_over_budget", "replans", "step_ms",
                                             "step_ms_no_ac", "max_rel_loss_diff")}, flush=True)
     df = pd.DataFrame(rows)

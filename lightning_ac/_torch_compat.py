@@ -383,6 +383,7 @@ def inductor_compile(gm: fx.GraphModule, example_inputs: list, *,
     decomposed = make_fx(fx.Interpreter(gm).run, decomposition_table=select_decomp_table(),
                          tracing_mode="fake")(*example_inputs)
     decomposed = inductor_graph_passes(decomposed)
+    _keep_output_strides(decomposed)
     with config.patch(reorder_for_peak_memory=False):
         return compile_fx_inner(decomposed, example_inputs, is_backward=is_backward)
 
@@ -454,3 +455,17 @@ def _real_tensors_in(gm: fx.GraphModule) -> bool:
         if n.op == "get_attr":
             look(getattr(gm, n.target, None))
     return bool(found)
+
+
+def _keep_output_strides(gm: fx.GraphModule) -> None:
+    """Make inductor return every output of ``gm`` with the strides it was traced with, as
+    ``torch.compile`` does for a module's own outputs (``user_visible_output_idxs``). Left free,
+    inductor lays saved activations out as it likes (channels-last around convolutions), and
+    the other graph, traced for the original strides, cannot read them (a ``view`` of a
+    channels-last tensor fails: ConvNeXt)."""
+    out = gm.graph.output_node()
+    values = out.args[0] if isinstance(out.args[0], (list, tuple)) else out.args
+    strides = [n.meta["val"].stride() if isinstance(n, fx.Node)
+               and isinstance(n.meta.get("val"), torch.Tensor) else None for n in values]
+    out.meta["user_visible_output_idxs"] = [i for i, st in enumerate(strides) if st is not None]
+    out.meta["original_output_strides"] = strides

@@ -18,7 +18,9 @@ move an op anywhere its inputs allow. So :func:`for_inductor` rewrites a copy of
   replay in backward ``run_with_rng_state``: inductor runs both as they are. A random op that
   nothing replays is left to inductor, which draws as ``torch.compile`` does (its own
   generator, fused into the neighbouring kernels: the draws are not eager's; with inductor's
-  ``fallback_random`` they are).
+  ``fallback_random`` they are);
+* views by size become reshapes (a re-trace through inductor's decompositions may lay a value
+  out otherwise than the first trace did).
 
 :class:`InductorGraph` compiles the result at its first call, with that call's inputs, under
 inductor settings that keep the plan's order (no memory-driven reordering: the plan already
@@ -135,6 +137,12 @@ def for_inductor(gm: fx.GraphModule) -> fx.GraphModule:
         rewrite = _REWRITES.get(n.target)
         if rewrite is not None:
             rewrite(g, n)
+        elif n.target in _VIEWS:
+            # traced again through inductor's decompositions, a value may come out with other
+            # strides than AOTAutograd traced (T5: a permuted batch matmul result), which a view
+            # cannot take; reshape views where it can and copies where it must (nothing in
+            # these graphs writes through a view)
+            n.target = torch.ops.aten.reshape.default
     g.eliminate_dead_code(is_impure_node=_is_impure)
     g.lint()
     new.recompile()
@@ -230,6 +238,8 @@ def _replay_random(g, n):
     state.replace_all_uses_with(new_state)
     g.erase_node(state)
 
+
+_VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
 
 _REWRITES: dict[Callable, Callable] = {
     swapping.swap_out: _swap_out,

@@ -366,6 +366,13 @@ class PlannedStep:
         return self.kernels == "inductor" and not has_symbolic_sizes(self.joint.gm)
 
     @property
+    def on_inductor(self) -> bool:
+        """Whether both graphs of the current partition have run as inductor's code (False
+        before the first backward, and where inductor could not compile them)."""
+        return all(isinstance(r, InductorGraph) and r.compiled
+                   for r in (self._run_fwd, self._run_bwd))
+
+    @property
     def compile_s(self) -> float:
         """Seconds inductor took so far to compile the current partition (0 op by op)."""
         runs = (self._run_fwd, self._run_bwd)

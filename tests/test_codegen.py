@@ -79,6 +79,8 @@ def test_swaps_batch_norm_and_dropout_replays_become_ops_inductor_keeps():
     assert made["plan"].swapped and made["plan"].recomputed
     assert _only_ops(fwd) and _only_ops(bwd)
     f, b = _targets(fwd), _targets(bwd)
+    assert torch.ops.aten.view.default not in f + b  # reshapes: a re-trace may lay values out anew
+    assert torch.ops.aten.view.default in _targets(graphs["fwd"])
     n = f.count(mutwo.swap_out.default)
     assert n == len(made["plan"].swapped) and b.count(mutwo.swap_in.default) == n
     assert b.count(mutwo.swap_wait.default) == n and mutwo.swap_release.default in f
@@ -165,6 +167,7 @@ def test_the_fused_step_runs_inductor_kernels_and_matches_eager():
     _steps(w, ref, step, n=2, rtol=FUSED_RTOL)
     (planned,) = steps
     assert made["plan"].recomputed and planned.fused and planned.compile_s > 0
+    assert planned.on_inductor
     fwd = planned._run_fwd
     assert isinstance(fwd, codegen.InductorGraph) and not isinstance(fwd._run, torch.fx.GraphModule)
     for (name, b), r in zip(w.model.named_buffers(), ref.model.buffers()):
@@ -215,6 +218,7 @@ def test_a_forward_inductor_cannot_compile_runs_op_by_op_with_its_backward_and_a
         _steps(w, make_workload("mlp", 16, seq_len=32), step, n=2)
     assert calls == [False]  # the backward was not tried: it runs op by op with its forward
     assert not steps[0]._run_fwd.compiled and not steps[0]._run_bwd.compiled
+    assert steps[0].fused and not steps[0].on_inductor
 
 
 def test_a_backward_inductor_cannot_compile_after_its_forward_did_raises():

@@ -283,3 +283,29 @@ def test_inductor_graph_passes_make_random_ops_inductors_or_fall_back_to_that_al
     targets = [str(n.target) for n in out.graph.nodes]
     assert any("inductor_random" in t or "inductor_seed" in t for t in targets), targets
     assert not any(t.startswith("aten.native_dropout") for t in targets)
+
+
+def test_inductor_compile_asks_inductor_for_every_output_at_its_traced_strides():
+    """A saved value must reach the other graph laid out as traced (a channels-last one made
+    ConvNeXt's backward fail, CPU coverage run): every tensor output is marked as torch.compile
+    marks a module's own outputs, with its traced strides."""
+    from unittest import mock
+
+    from torch._inductor import compile_fx
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(x):
+        return [torch.ops.aten.permute.default(x * 2, [1, 0]) + 1, x.sum()]
+
+    x = torch.randn(64, 32)
+    gm = make_fx(f, tracing_mode="fake")(x)
+    seen = {}
+
+    def capture(graph, inputs, **kw):
+        seen["meta"] = dict(graph.graph.output_node().meta)
+        return lambda args: f(*args)
+
+    with mock.patch.object(compile_fx, "compile_fx_inner", capture):
+        compat.inductor_compile(gm, [x], is_backward=False)
+    assert seen["meta"]["user_visible_output_idxs"] == [0, 1]
+    assert seen["meta"]["original_output_strides"] == [(1, 32), ()]
