@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import operator
 from collections.abc import Callable, Iterator, Sequence
@@ -395,16 +396,23 @@ _FUSED_COMPOSITES = ("native_layer_norm", "_softmax", "_safe_softmax", "_log_sof
 (absent from the partitioner's lists, which are of decomposed ops)."""
 
 
+@functools.cache
+def _partitioner_op_types():
+    """torch's partitioner's op lists, built once (0.9 ms a build: once per node of a
+    BERT-base step was 4 s of planning)."""
+    from torch._functorch.partitioners import get_default_op_list
+
+    return get_default_op_list()
+
+
 def fuses_into_neighbours(node: fx.Node) -> bool:
     """Whether inductor fuses ``node`` into the kernels around it, so that running it again in
     backward costs about nothing: the ops torch's own partitioner recomputes freely (pointwise,
     views, cheap reductions: ``partitioners.get_default_op_list``), and the composites above.
     Random ops and matmuls/convolutions are not."""
-    from torch._functorch.partitioners import get_default_op_list
-
     if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
         return node.op == "call_function" and node.target is operator.getitem
-    ops = get_default_op_list()
+    ops = _partitioner_op_types()
     if ops.is_random(node) or ops.is_compute_intensive(node):
         return False
     return ops.is_recomputable(node) or ops.is_view(node) or node.target.is_view \
