@@ -391,7 +391,11 @@ def inductor_compile(gm: fx.GraphModule, example_inputs: list, *,
 
 _FUSED_COMPOSITES = ("native_layer_norm", "_softmax", "_safe_softmax", "_log_softmax",
                      "native_dropout_backward", "gelu", "silu", "_native_batch_norm_legit",
-                     "native_batch_norm", "cudnn_batch_norm", "new_ones", "new_zeros")
+                     "native_batch_norm", "cudnn_batch_norm", "new_ones", "new_zeros",
+                     "native_layer_norm_backward", "native_batch_norm_backward",
+                     "_softmax_backward_data", "_log_softmax_backward_data", "nll_loss_forward",
+                     "nll_loss_backward", "embedding", "native_group_norm",
+                     "native_group_norm_backward", "gelu_backward", "silu_backward")
 """Ops inductor decomposes into reductions and pointwise ops that it fuses with their neighbours
 (absent from the partitioner's lists, which are of decomposed ops)."""
 

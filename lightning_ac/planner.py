@@ -32,6 +32,7 @@ activation may still be picked for recomputation; it is then dropped instead of 
 from __future__ import annotations
 
 import dataclasses
+import operator
 import time
 from dataclasses import dataclass, field
 
@@ -191,18 +192,119 @@ def _pick_swaps(profile: Profile, target: int, sim: Simulation) -> tuple[list[fx
 
 
 def fused_costs(profile: Profile) -> Profile:
-    """``profile`` with the time of every forward and backward node that inductor fuses into
-    the kernels around it (pointwise ops, views, norms, softmax: :func:`~lightning_ac.
-    _torch_compat.fuses_into_neighbours`) set to zero: what recomputing it costs when the planned
-    step runs on inductor's kernels (``kernels="inductor"``), where it runs inside the kernel of
+    """``profile`` as the planned step runs on inductor's kernels (``kernels="inductor"``).
+
+    Time: every forward and backward node that inductor fuses into the kernels around it
+    (pointwise ops, views, norms, softmax: :func:`~lightning_ac._torch_compat.
+    fuses_into_neighbours`) costs nothing, to run or to recompute: it runs inside the kernel of
     the value that reads it. Matmuls, convolutions, attention, random ops and the optimizer keep
     their measured times; the step's timeline is shorter by what fuses, so the simulator finds
-    less compute to hide copies behind (as on fused kernels). The nodes and tables are
-    otherwise the same (a plan made on it applies to ``profile``)."""
+    less compute to hide copies behind (as on fused kernels).
+
+    Memory: a value that a fused op makes and only fused ops read is never written to memory
+    (column ``fused_away`` of the storages: the simulator counts it only where the plan saves it
+    for backward; ``fused_away_rerun``: its recomputation in backward is not written either),
+    a value that fused ops read lives until the kernel they are fused into has run (column
+    ``done_rank`` of the nodes: where that kernel runs), fused ops need no scratch space, and a
+    matmul whose sizes are not multiples of the
+    alignment inductor pads them to (:func:`padded_operands_B`) counts padded copies of its
+    operands as scratch. The nodes and tables are otherwise the same: a plan made on it applies
+    to ``profile``."""
     nodes = profile.nodes.copy()
-    free = nodes["node"].map(compat.fuses_into_neighbours) & (nodes["phase"] != "optimizer")
+    phase = dict(zip(nodes["node"], nodes["phase"]))
+    fused = {n for n, ph in phase.items()
+             if ph != "optimizer" and compat.fuses_into_neighbours(n)}
+    free = nodes["node"].isin(fused)
     nodes.loc[free, "runtime_ms"] = 0.0
-    return dataclasses.replace(profile, nodes=nodes)
+    nodes.loc[free, "workspace_B"] = 0
+    pads = nodes["node"].map(lambda n: padded_operands_B(n, fused)) if fused else 0
+    nodes["workspace_B"] += pads
+
+    def readers(aliases, phases):
+        """The nodes outside ``aliases`` that read them, in ``phases``, and whether the step's
+        output does."""
+        users = {u for a in aliases for u in a.users if u not in aliases}
+        return ([u for u in users if phase.get(u) in phases],
+                any(u.op == "output" for u in users))
+
+    # A fused kernel holds what it reads until it has written what it makes: a value read by
+    # an op fused into later kernels lives until the last of them has run (its "done" rank).
+    rank = profile.rank
+    done: dict[fx.Node, int] = {}
+    for n in sorted(rank, key=rank.__getitem__, reverse=True):
+        same = [u for u in _readers(n) if u in rank and phase.get(u) == phase.get(n)]
+        inlined = n in fused and same and all(u in fused for u in same) \
+            and not any(u.op == "output" for u in _readers(n))
+        done[n] = max(done[u] for u in same) if inlined else rank[n]
+    nodes["done_rank"] = nodes["node"].map(done).fillna(nodes["rank"]).astype(int)
+
+    storages = profile.storages.copy()
+    storages["stop"] = [max([stop, *(done[u] for a in aliases for u in a.users if u in done)])
+                        for stop, aliases in zip(storages["stop"], storages["aliases"])]
+    away, away_rerun = [], []
+    for creator, aliases in zip(storages["creator"], storages["aliases"]):
+        if creator not in fused or not aliases:
+            away.append(False)
+            away_rerun.append(False)
+            continue
+        here = ("forward",) if phase.get(creator) == "forward" else ("backward", "optimizer")
+        users, output = readers(aliases, here)
+        away.append(not output and all(u in fused for u in users))
+        users, output = readers(aliases, ("forward", "backward", "optimizer"))
+        away_rerun.append(not output and all(u in fused for u in users))
+    storages["fused_away"] = away
+    storages["fused_away_rerun"] = away_rerun
+    return dataclasses.replace(profile, nodes=nodes, storages=storages)
+
+
+def _readers(n: fx.Node):
+    """The nodes that read ``n``'s value, through views and tuple items (a view is not a
+    kernel: what reads the view reads the value)."""
+    for u in n.users:
+        if u.op == "call_function" and (u.target is operator.getitem or (
+                isinstance(u.target, torch._ops.OpOverload) and u.target.is_view)):
+            yield from _readers(u)
+        else:
+            yield u
+
+
+PAD_ALIGNMENT = {torch.float16: 8, torch.bfloat16: 8, torch.float32: 4}
+"""Elements inductor aligns a CUDA matmul's sizes to (its ``pad_mm`` pass)."""
+
+
+def padded_operands_B(node: fx.Node, fused: set[fx.Node] = frozenset()) -> int:
+    """Bytes of the operand copies inductor makes to pad a CUDA matmul (``mm``, ``addmm``,
+    ``bmm``) whose sizes are not multiples of :data:`PAD_ALIGNMENT` (a vocabulary of 30522);
+    0 for any other node. An operand made by a node in ``fused`` is written padded by its own
+    kernel (no copy: measured on BERT's logits gradient). Inductor pads where a benchmark at
+    compile time says it pays, so this is the most it allocates."""
+    ops = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+    if node.op != "call_function" or node.target not in ops:
+        return 0
+    a, b = (node.args[1], node.args[2]) if node.target is torch.ops.aten.addmm.default \
+        else node.args[:2]
+    va, vb = (x.meta.get("val") if isinstance(x, fx.Node) else None for x in (a, b))
+    if not all(isinstance(v, torch.Tensor) and v.is_cuda for v in (va, vb)):
+        return 0
+    align = PAD_ALIGNMENT.get(va.dtype, 0)
+    if not align or any(isinstance(d, torch.SymInt) for d in (*va.shape, *vb.shape)):
+        return 0
+    m, k, n = va.shape[-2], va.shape[-1], vb.shape[-1]
+
+    def off(x):
+        return x % align != 0 and x != 1
+
+    def copied(x, v):
+        while isinstance(x, fx.Node) and x.target in _VIEWS:
+            x = x.args[0]
+        return 0 if x in fused else v.numel() * v.element_size()
+
+    return (copied(a, va) if off(m) or off(k) else 0) + (copied(b, vb) if off(k) or off(n) else 0)
+
+
+_VIEWS = (torch.ops.aten.t.default, torch.ops.aten.view.default, torch.ops.aten.permute.default,
+          torch.ops.aten.transpose.int, torch.ops.aten._unsafe_view.default,
+          torch.ops.aten.expand.default)
 
 
 def plan(profile: Profile, budget_B: int | None, headroom: float = HEADROOM,

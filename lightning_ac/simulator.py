@@ -91,6 +91,10 @@ class _Index:
         self.rank = profile.rank
         self.phase = dict(zip(profile.nodes["node"], profile.nodes["phase"]))
         self.runtime = dict(zip(profile.nodes["node"], profile.nodes["runtime_ms"]))
+        # rank by which a node's value has been read: later where fused kernels inline it into
+        # the kernel of a later node (planner.fused_costs), else its own
+        self.done = dict(zip(profile.nodes["node"], profile.nodes["done_rank"])) \
+            if "done_rank" in profile.nodes else self.rank
         self.workspace = profile.nodes["workspace_B"].to_numpy()
         self.n_nodes = len(profile.nodes)
         # start time of each rank (and the end of the last) on the profiled timeline, in ms
@@ -249,6 +253,14 @@ def _timeline(profile: Profile, dropped: list[fx.Node], swapped: list[fx.Node] =
         st["bytes"].to_numpy()
     category = st["category"].to_numpy()
     rerun, _ = recompute_closure(profile, dropped, ix)
+    rerun_bytes = nbytes
+    if "fused_away" in st:  # (a profile of planner.fused_costs: the step on fused kernels)
+        # a value that fused kernels never write takes no memory, unless the plan saves it
+        away = st["fused_away"].to_numpy().copy()
+        dropped_rows = {ix.activation_row[n] for n in dropped}
+        away[list(ix.activation_rows - dropped_rows)] = False
+        nbytes = np.where(away, 0, nbytes)
+        rerun_bytes = np.where(st["fused_away_rerun"].to_numpy(), 0, rerun_bytes)
     rank = ix.rank
 
     # Each re-run node goes just before its first consumer in backward; a re-run node consumed
@@ -262,7 +274,7 @@ def _timeline(profile: Profile, dropped: list[fx.Node], swapped: list[fx.Node] =
     # Dropped activations die after their last forward use.
     for node in dropped:
         row = ix.activation_row[node]
-        fwd_uses = [rank[u] for a in st.at[row, "aliases"] for u in a.users
+        fwd_uses = [ix.done[u] for a in st.at[row, "aliases"] for u in a.users
                     if ix.phase.get(u) == "forward"]
         stops[row] = max(fwd_uses, default=starts[row])
 
@@ -284,11 +296,11 @@ def _timeline(profile: Profile, dropped: list[fx.Node], swapped: list[fx.Node] =
     for row in rerun_rows:
         aliases = [a for a in st.at[row, "aliases"] if a in rerun]
         b = min(pos[a] for a in aliases)
-        uses = [rank[u] for a in aliases for u in a.users if ix.is_backward(u)] + \
+        uses = [ix.done[u] for a in aliases for u in a.users if ix.is_backward(u)] + \
                [pos[u] for a in aliases for u in a.users if u in pos]
         extra_begin.append(b)
         extra_end.append(max(uses + [b]))
-        extra_bytes.append(nbytes[row])
+        extra_bytes.append(rerun_bytes[row])
     # Kept values that a re-run node reads stay alive until it has run.
     for n, where in pos.items():
         for inp in n.all_input_nodes:
@@ -362,4 +374,22 @@ def peak_breakdown(profile: Profile, dropped: Iterable[fx.Node] = (),
         out[c] += int(b)
     for c in CATEGORIES:
         out[c] += int(amount[live & (cats == c)].sum())
+    return out
+
+
+def phase_peaks(profile: Profile, dropped: Iterable[fx.Node] = (),
+                swapped: Iterable[fx.Node] = ()) -> dict[str, int]:
+    """Simulated bytes under a plan, phase by phase: the peak of each phase of the step
+    (``"forward"``, ``"backward"``, ``"optimizer"``, where the step has it) and what is live when
+    forward ends (``"after_forward"``), persistent memory included: what a measurement of each
+    phase compares with."""
+    times, until, amount, *_ = _timeline(profile, list(dropped), list(swapped))
+    during, at = _sweep(times, until, amount)
+    during = during + profile.persistent_B
+    ranks = np.minimum(np.floor(at).astype(int), len(profile.nodes) - 1)
+    phases = profile.nodes["phase"].to_numpy()[ranks]
+    out = {ph: int(during[phases == ph].max()) for ph in ("forward", "backward", "optimizer")
+           if (phases == ph).any()}
+    if "forward" in out:
+        out["after_forward"] = int(during[phases == "forward"][-1])
     return out

@@ -275,7 +275,7 @@ def test_auto_checkpoint_plans_fused_steps_by_fused_costs():
     for kernels in ("eager", "inductor"):
         w, ref = (make_workload("tiny-bert", 16, seq_len=32) for _ in range(2))
         ac = auto_checkpoint(w.loss, module=w.model, kernels=kernels, always_rewrite=True,
-                             budget=lambda prof: int(prof.peak_bytes * 0.97))
+                             budget=lambda prof: int(prof.peak_bytes * 0.9))  # (below both peaks)
         with mock.patch.object(compat, "inductor_compile", _op_by_op):
             _steps(w, ref, ac, n=2)
         plans[kernels] = ac.plan

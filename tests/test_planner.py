@@ -3,6 +3,8 @@ from unittest import mock
 
 import pytest
 import torch
+import torch.fx as fx
+from torch import nn
 
 from benchmarks.zoo import make_workload
 from lightning_ac.planner import plan, rerun_by_op, swappable
@@ -220,19 +222,100 @@ def test_fused_costs_zero_what_inductor_fuses_and_nothing_else():
 def test_a_plan_for_fused_kernels_recomputes_everything_that_costs_nothing_first():
     """With recompute_free, a step that needs a plan drops every activation whose rebuild
     costs no time (on fused kernels: pointwise chains), even those the budget does not need,
-    at no predicted cost; the plan on eager costs drops fewer for the same budget."""
+    at no predicted cost; without recompute_free the plan drops fewer for the same budget."""
     from lightning_ac.planner import fused_costs
 
     _, prof = _profile("tiny-bert")
     fused = fused_costs(prof)
-    budget = int(prof.peak_bytes * 0.97)
-    eager_plan = plan(prof, budget, swap=False)
+    budget = int(simulate(fused).peak_B * 0.97)
+    only_needed = plan(fused, budget, swap=False)
     p = plan(fused, budget, swap=False, recompute_free=True)
     assert p.stop_reason == "fits" and p.predicted_peak_B <= budget
     free = [s for s in p.steps if s["marginal_ms"] == 0.0]
     assert len(free) >= 5 and p.predicted_extra_ms == pytest.approx(
         sum(s["marginal_ms"] for s in p.steps), abs=1e-3)
-    assert len(p.recomputed) > len(eager_plan.recomputed)
-    assert p.predicted_peak_B < eager_plan.predicted_peak_B
+    assert len(p.recomputed) > len(only_needed.recomputed)
+    assert p.predicted_peak_B <= only_needed.predicted_peak_B
+    assert p.predicted_extra_ms <= only_needed.predicted_extra_ms + 1e-6
     # without a plan needed it stays as it was: the step that fits runs as it is
     assert plan(fused, prof.peak_bytes * 2, recompute_free=True).stop_reason == "already fits"
+
+
+def _chain_profile():
+    """A step whose forward is an mm, a pointwise chain of three ops, and an mm: what fused
+    kernels never write is the chain's middle."""
+    model = nn.Sequential(nn.Linear(64, 4096), _Chain(), nn.Linear(4096, 8))
+    x = torch.randn(32, 64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return profile_step(lambda x: model(x).square().mean(), [x], model, opt)
+
+
+class _Chain(nn.Module):
+    def forward(self, h):
+        return torch.tanh(torch.sigmoid(h * 2.0)) + 1.0
+
+
+def test_fused_costs_count_no_memory_for_what_fused_kernels_never_write():
+    """On fused kernels a value that a fused op makes and only fused ops read takes no memory,
+    unless the plan saves it; what such a value reads lives until the kernel it is fused into
+    has run; fused ops have no scratch space. The fused step's simulated peak is below the
+    eager one's, and a plan still counts what it keeps."""
+    from lightning_ac.planner import fused_costs
+    from lightning_ac.simulator import phase_peaks
+
+    prof = _chain_profile()
+    fused = fused_costs(prof)
+    st = fused.storages.assign(op=[c.target.__name__ if callable(c.target) else str(c.target)
+                                   for c in fused.storages.creator])
+    away = set(st.op[st.fused_away])
+    assert away and not any(op.startswith(("mm", "addmm")) for op in away)
+    assert not st.fused_away[st.op.str.startswith("addmm")].any()  # a matmul writes its output
+    # the chain's input (the first matmul's output) is read by the fused kernel that writes
+    # the chain's end: its storage lives until that kernel's rank
+    first_mm = next(n for n in fused.nodes.node if str(n.target).startswith("aten.addmm"))
+    row = st.index[st.creator == first_mm][0]
+    assert fused.storages.stop[row] >= prof.storages.stop[row]
+    assert (fused.nodes.done_rank >= fused.nodes["rank"]).all()
+    assert (fused.nodes.done_rank > fused.nodes["rank"]).any()
+    fused_ops = fused.nodes.node.map(lambda n: n in set(st.creator[st.fused_away]))
+    assert (fused.nodes.workspace_B[fused_ops] == 0).all()
+    # the chain's activations: kept, they are written (the same step as eager's); dropped,
+    # neither forward nor their recomputation writes them, where eager kernels write both
+    chain = [n for n in fused.activations.node
+             if st.fused_away[fused.storages.node == n].any()]
+    assert len(chain) >= 2
+    assert simulate(fused).peak_B <= simulate(prof).peak_B
+    eager, on_fused = phase_peaks(prof, chain), phase_peaks(fused, chain)
+    assert on_fused["forward"] <= eager["forward"]
+    assert on_fused["backward"] < eager["backward"]
+    assert max(on_fused[p] for p in ("forward", "backward", "optimizer")) \
+        == simulate(fused, chain).peak_B
+    assert on_fused["after_forward"] <= on_fused["forward"]
+
+
+def test_padded_operands_count_copies_of_misaligned_cuda_matmul_operands():
+    """Inductor pads a CUDA matmul whose sizes are not multiples of 8 (half precision) or 4
+    (fp32): a copy of each operand along a padded size, unless a fused kernel writes that
+    operand (it writes it padded). Not on the CPU, not for aligned sizes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lightning_ac.planner import padded_operands_B
+
+    def mm(m, k, n, device="cuda", dtype=torch.bfloat16):
+        g = fx.Graph()
+        a, b = g.placeholder("a"), g.placeholder("b")
+        with FakeTensorMode():
+            a.meta["val"] = torch.empty(m, k, device=device, dtype=dtype)
+            b.meta["val"] = torch.empty(k, n, device=device, dtype=dtype)
+        out = g.call_function(torch.ops.aten.mm.default, (a, b))
+        g.output(out)
+        return out, a, b
+
+    node, a, b = mm(16384, 768, 30522)  # logits: only the weight (k, n) is padded
+    assert padded_operands_B(node) == 768 * 30522 * 2
+    node, a, b = mm(16384, 30522, 768)  # its input gradient: both operands
+    assert padded_operands_B(node) == (16384 + 768) * 30522 * 2
+    assert padded_operands_B(node, {a}) == 768 * 30522 * 2  # a fused kernel writes a padded
+    assert padded_operands_B(mm(64, 128, 256)[0]) == 0
+    assert padded_operands_B(mm(64, 128, 30522, device="cpu")[0]) == 0
+    assert padded_operands_B(mm(64, 128, 30522, dtype=torch.float32)[0]) == 128 * 30522 * 4
