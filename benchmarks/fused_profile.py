@@ -9,7 +9,10 @@ to the peak (``mutwo-ind@0.3``). Every option trains a fresh model in this proce
 Writes ``<out>/fused_profile_<model>_<precision>.json`` (one entry per option),
 ``<out>/kernels_<model>_<precision>_<option>.txt`` (torch.profiler's table over two steps, by
 CUDA time) and, for ``mutwo-ind``, inductor's generated forward and backward
-(``code_<model>_<precision>_<option>_{fwd,bwd}.py``).
+(``code_<model>_<precision>_<option>_{fwd,bwd}.py``). With ``--phases`` each entry also has
+one more step measured phase by phase (peak of forward, backward, optimizer; allocated after
+forward) beside the simulator's figures for the same phases under the plan, on the profile the
+plan was made on (:func:`lightning_ac.planner.fused_costs` of it for a fused step).
 
     PYTHONPATH=. python benchmarks/fused_profile.py --model bert --batch-size 32 \\
         --precision bf16-mixed --configs eager,compile,mutwo-ind,mutwo --out reports/fused
@@ -25,6 +28,8 @@ import torch
 
 from benchmarks.common import NO_LIMIT, load_workload, planned_step, with_precision, workload_parser
 from lightning_ac.measure import measure_steps, train_step
+from lightning_ac.planner import fused_costs
+from lightning_ac.simulator import peak_breakdown, phase_peaks, simulate
 
 GIB = 2**30
 
@@ -41,6 +46,13 @@ def build(option: str, w, optimizer):
                           kernels="inductor" if kind == "mutwo-ind" else "eager")
         return ac, ac
     raise ValueError(f"unknown option {option!r}")
+
+
+def planned_profile(ac):
+    """The profile ``ac``'s plan was made on (:func:`~lightning_ac.planner.fused_costs` of the
+    measured one for a fused step)."""
+    fused = ac.last.planned is not None and ac.last.planned[0].fused
+    return fused_costs(ac.profile) if fused else ac.profile
 
 
 def run(option: str, args, device: torch.device) -> dict:
@@ -84,6 +96,13 @@ def run(option: str, args, device: torch.device) -> dict:
     if ac is not None and ac.plan is not None:
         row.update(predicted_peak_GiB=ac.plan.predicted_peak_B / GIB,
                    recomputed=len(ac.plan.recomputed), swapped=len(ac.plan.swapped))
+        profile = planned_profile(ac)
+        sim = simulate(profile, ac.plan.recomputed, ac.plan.swapped)
+        at = profile.nodes.iloc[min(sim.peak_rank, len(profile.nodes) - 1)]
+        row["predicted_peak_at"] = str(at.get("name", at.name))
+        row["predicted_peak_GiB_by_category"] = {
+            c: round(b / GIB, 3) for c, b in peak_breakdown(
+                profile, ac.plan.recomputed, ac.plan.swapped).items() if b}
         planned = ac.last.planned[0] if ac.last.planned is not None else None
         if planned is not None and planned.fused:
             row["compiled"] = planned._run_fwd.compiled and planned._run_bwd.compiled
@@ -92,13 +111,47 @@ def run(option: str, args, device: torch.device) -> dict:
                 source = getattr(g._run, "source_code", None)
                 if source:
                     (args.out / f"code_{tag}_{side}.py").write_text(source)
+    if args.phases:
+        row["measured_phases"] = measured_phases(step, w.inputs, optimizer, device, base)
+        if ac is not None and ac.plan is not None:
+            row["predicted_phases"] = {
+                f"{k}_GiB" if k == "after_forward" else f"{k}_peak_GiB": b / GIB
+                for k, b in phase_peaks(planned_profile(ac), ac.plan.recomputed,
+                                        ac.plan.swapped).items()}
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
+
+
+def measured_phases(step, inputs, optimizer, device: torch.device, base: int) -> dict:
+    """One more step, phase by phase: the allocator's peak in forward, backward and the
+    optimizer step, and what is allocated after forward (GiB above ``base``)."""
+    out = {}
+
+    def mark(name):
+        torch.cuda.synchronize(device)
+        out[f"{name}_peak_GiB"] = (torch.cuda.max_memory_allocated(device) - base) / GIB
+        torch.cuda.reset_peak_memory_stats(device)
+
+    optimizer.zero_grad(set_to_none=True)
+    mark("before")
+    loss = step(*inputs)
+    mark("forward")
+    out["after_forward_GiB"] = (torch.cuda.memory_allocated(device) - base) / GIB
+    loss.backward()
+    del loss
+    mark("backward")
+    optimizer.step()
+    mark("optimizer")
+    del out["before_peak_GiB"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = workload_parser(__doc__, "bert", 32, out="reports/fused")
     ap.add_argument("--configs", default="eager,compile,mutwo-ind,mutwo",
                     help="comma-separated options (see above)")
+    ap.add_argument("--phases", action="store_true",
+                    help="also measure and predict the peak of each phase (forward, backward, "
+                         "optimizer)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type != "cuda":
