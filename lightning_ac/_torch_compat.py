@@ -385,8 +385,33 @@ def inductor_compile(gm: fx.GraphModule, example_inputs: list, *,
                          tracing_mode="fake")(*example_inputs)
     decomposed = inductor_graph_passes(decomposed)
     _keep_output_strides(decomposed)
-    with config.patch(reorder_for_peak_memory=False):
+    # Under a tracing context with the graph's fake mode, as torch.compile compiles: inductor's
+    # FX graph cache needs its shape environment (without it every compile bypasses the cache,
+    # and a second fit of the same model compiles from scratch).
+    # It is then given the graph's fake inputs, as torch.compile gives them.
+    fakes = [n.meta.get("val") for n in decomposed.graph.find_nodes(op="placeholder")]
+    fake_mode = torch._guards.detect_fake_mode(fakes)
+    context = contextlib.nullcontext()
+    if fake_mode is not None and fake_mode.shape_env is not None and len(fakes) == len(
+            example_inputs) and all(isinstance(f, torch.Tensor) == isinstance(x, torch.Tensor)
+                                    for f, x in zip(fakes, example_inputs)):
+        context = torch._guards.tracing(torch._guards.TracingContext(fake_mode))
+        example_inputs = [f if isinstance(f, torch.Tensor) else x
+                          for f, x in zip(fakes, example_inputs)]
+    with config.patch(reorder_for_peak_memory=False), context:
         return compile_fx_inner(decomposed, example_inputs, is_backward=is_backward)
+
+
+def warm_inductor_workers() -> None:
+    """Start inductor's pool of kernel-compiling processes now, as ``torch.compile``'s inductor
+    backend does when it is created (``async_compile.maybe_warm_pool``): kernels compiled before
+    the pool is up compile one by one in this process. Does nothing where the pool is not used
+    (one compile thread, no Triton) or the call is missing."""
+    try:
+        from torch._inductor.async_compile import maybe_warm_pool
+    except ImportError:
+        return
+    maybe_warm_pool()
 
 
 _FUSED_COMPOSITES = ("native_layer_norm", "_softmax", "_safe_softmax", "_log_softmax",

@@ -376,6 +376,7 @@ class AutoCheckpoint:
 
     def _plan_and_run(self, shapes: tuple, args, kwargs):
         """The first training call of ``shapes``: capture, profile and plan the step, then run it."""
+        self._warm_compilers(args, kwargs)
         step = ShapePlan(shapes, foreign_B=self._foreign_bytes(args, kwargs),
                          tensor_shapes=[tuple(t.shape) for t in input_tensors(args, kwargs)])
         split = next((s.not_one_graph for s in self.plans.values() if s.graphs is not None), "")
@@ -404,6 +405,12 @@ class AutoCheckpoint:
         self._keep(step)
         self._announce(step)
         return out
+
+    def _warm_compilers(self, args, kwargs) -> None:
+        """For fused kernels on the GPU: start inductor's kernel-compiling processes before the
+        capture and the profile, so that they are up when the planned graphs compile."""
+        if self.kernels == "inductor" and any(t.is_cuda for t in input_tensors(args, kwargs)):
+            compat.warm_inductor_workers()
 
     # -- inputs whose sizes vary: one graph traced with dynamic sizes ------------------------
 

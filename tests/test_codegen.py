@@ -283,3 +283,22 @@ def test_auto_checkpoint_plans_fused_steps_by_fused_costs():
     assert len(fused.recomputed) > len(eager.recomputed)
     assert sum(s["marginal_ms"] == 0.0 for s in fused.steps) >= 5
     assert fused.predicted_extra_ms <= eager.predicted_extra_ms
+
+
+@pytest.mark.parametrize("kernels,cuda,warmed", [("inductor", True, True),
+                                                 ("inductor", False, False),
+                                                 ("eager", True, False)])
+def test_a_new_shape_on_fused_gpu_kernels_starts_inductors_compile_workers_first(
+        kernels, cuda, warmed):
+    """Before the capture and profile of a new shape, fused kernels on the GPU start inductor's
+    kernel-compiling processes (as torch.compile's backend does when created), so that the
+    planned graphs compile in parallel; not on the CPU, nor for eager kernels."""
+    from lightning_ac import auto_checkpoint
+
+    w = make_workload("mlp", 4)
+    ac = auto_checkpoint(w.loss, module=w.model, kernels=kernels, budget="1GB")
+    x = mock.Mock(spec=torch.Tensor, is_cuda=cuda)
+    with mock.patch.object(compat, "warm_inductor_workers") as warm, \
+            mock.patch("lightning_ac.install.input_tensors", return_value=[x]):
+        ac._warm_compilers((x,), {})
+    assert warm.called == warmed

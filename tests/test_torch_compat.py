@@ -309,3 +309,36 @@ def test_inductor_compile_asks_inductor_for_every_output_at_its_traced_strides()
         compat.inductor_compile(gm, [x], is_backward=False)
     assert seen["meta"]["user_visible_output_idxs"] == [0, 1]
     assert seen["meta"]["original_output_strides"] == [(1, 32), ()]
+
+
+def test_inductor_compile_uses_inductors_fx_graph_cache():
+    """The same graph compiled twice: the second compile is a hit of inductor's FX graph cache
+    (compiled under a tracing context with the graph's fake mode; without one, inductor
+    bypasses the cache for want of a shape environment), and both results compute the same."""
+    from torch._dynamo.utils import counters
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(x, w):
+        return [torch.relu(x @ w) * 3 - 1, (x @ w).sum()]
+
+    x, w = torch.randn(16, 8), torch.randn(8, 4)
+    before = dict(counters["inductor"])
+    runs = [compat.inductor_compile(make_fx(f, tracing_mode="fake")(x, w), [x, w],
+                                    is_backward=False) for _ in range(2)]
+    after = counters["inductor"]
+    assert after["fxgraph_cache_bypass"] == before.get("fxgraph_cache_bypass", 0)
+    assert after["fxgraph_cache_hit"] >= before.get("fxgraph_cache_hit", 0) + 1
+    for run in runs:
+        out = run([x, w])
+        torch.testing.assert_close(out[0], torch.relu(x @ w) * 3 - 1)
+
+
+def test_warm_inductor_workers_starts_torch_compiles_worker_pool():
+    """It calls what torch.compile's inductor backend calls when created (maybe_warm_pool)."""
+    from unittest import mock
+
+    from torch._inductor import async_compile
+
+    with mock.patch.object(async_compile, "maybe_warm_pool") as warm:
+        compat.warm_inductor_workers()
+    warm.assert_called_once_with()
