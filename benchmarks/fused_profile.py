@@ -6,7 +6,10 @@ own partition); ``mutwo`` and ``mutwo-ind`` (MuTwoAC op by op / ``kernels="induc
 with nothing recomputed, or ``@share`` for a budget that share of the way from the plan's floor
 to the peak (``mutwo-ind@0.3``). Every option trains a fresh model in this process (Adam).
 
-Writes ``<out>/fused_profile_<model>_<precision>.json`` (one entry per option),
+Each entry also has every step's own peak over as many more steps (``step_peaks_GiB``), the
+graphs dynamo captured after the first step (a recompile would capture, profile and compile
+again inside a measured step) and the re-plans. Writes
+``<out>/fused_profile_<model>_<precision>.json`` (one entry per option),
 ``<out>/kernels_<model>_<precision>_<option>.txt`` (torch.profiler's table over two steps, by
 CUDA time) and, for ``mutwo-ind``, inductor's generated forward and backward
 (``code_<model>_<precision>_<option>_{fwd,bwd}.py``). With ``--phases`` each entry also has
@@ -25,6 +28,7 @@ import json
 import time
 
 import torch
+from torch._dynamo.utils import counters
 
 from benchmarks.common import NO_LIMIT, load_workload, planned_step, with_precision, workload_parser
 from lightning_ac.measure import measure_steps, train_step
@@ -71,7 +75,18 @@ def run(option: str, args, device: torch.device) -> dict:
     train_step(step, w.inputs, optimizer)
     torch.cuda.synchronize(device)
     first_s = time.perf_counter() - t0
+    graphs = counters["stats"]["unique_graphs"]
     m = measure_steps(step, w.inputs, optimizer, steps=args.steps, warmup=args.warmup)
+    # each step's own peak, and whether anything was captured again meanwhile (a dynamo
+    # recompile would capture, profile and compile anew inside a measured step)
+    step_peaks = []
+    for _ in range(args.steps):
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        train_step(step, w.inputs, optimizer)
+        torch.cuda.synchronize(device)
+        step_peaks.append(round((torch.cuda.max_memory_allocated(device) - base) / GIB, 3))
+    recaptured = counters["stats"]["unique_graphs"] - graphs
     # host time per step: the loop without a sync, then the sync (the GPU's lag behind it)
     torch.cuda.synchronize(device)
     t0 = time.perf_counter()
@@ -90,9 +105,12 @@ def run(option: str, args, device: torch.device) -> dict:
     (args.out / f"kernels_{tag}.txt").write_text(
         events.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
     row = {"step_ms": m.step_ms, "peak_GiB": (m.peak_B - base) / GIB, "first_step_s": first_s,
+           "step_peaks_GiB": step_peaks, "graphs_captured_after_first_step": recaptured,
            "host_ms": host_s * 1e3, "wall_ms": wall_s * 1e3,
            "kernel_ms": sum(e.device_time_total for e in kernels) / 2 / 1e3,
            "kernels": sum(e.count for e in kernels) / 2}
+    if ac is not None:
+        row["replans"] = ac.replans
     if ac is not None and ac.plan is not None:
         row.update(predicted_peak_GiB=ac.plan.predicted_peak_B / GIB,
                    recomputed=len(ac.plan.recomputed), swapped=len(ac.plan.swapped))
