@@ -11,6 +11,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
+    FSDPStrategy,
     ModelParallelStrategy,
     SingleDeviceStrategy,
 )
@@ -251,14 +252,15 @@ class MuTwoAC(StepMonitor):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Check, before the first batch, that this fit is one MuTwoAC can plan: on one device,
-        under data parallelism (DDP) or under FSDP2 (``ModelParallelStrategy`` with
-        ``fully_shard``: each rank plans its step, the gathering hooks running eagerly between
-        its graphs); not yet under ``FSDPStrategy`` (FSDP1's flat parameters) or DeepSpeed."""
+        under data parallelism (DDP), or under FSDP (``FSDPStrategy`` with its default
+        ``use_orig_params=True``, or ``ModelParallelStrategy`` with ``fully_shard``: each rank
+        plans its step, the gathering hooks running eagerly between its graphs); not under
+        DeepSpeed."""
         self._disabled = None
         if stage != "fit":
             return
         strategy = trainer.strategy
-        supported = isinstance(strategy, (SingleDeviceStrategy, DDPStrategy,
+        supported = isinstance(strategy, (SingleDeviceStrategy, DDPStrategy, FSDPStrategy,
                                           ModelParallelStrategy)) and \
             not isinstance(strategy, DeepSpeedStrategy)
         if not supported:
@@ -266,6 +268,14 @@ class MuTwoAC(StepMonitor):
             rank_zero_warn(
                 f"MuTwoAC does not plan under {self._disabled} yet (its parameters are sharded "
                 "and gathered per unit); training continues without activation checkpointing.")
+        elif isinstance(strategy, FSDPStrategy) and \
+                not getattr(strategy, "kwargs", {}).get("use_orig_params", True):
+            # (dynamo cannot trace FSDP1's flat parameters without their original views)
+            self._disabled = "FSDPStrategy(use_orig_params=False)"
+            rank_zero_warn(
+                "MuTwoAC plans under FSDPStrategy only with use_orig_params=True (its default): "
+                "the step cannot be captured through flat parameters alone; training continues "
+                "without activation checkpointing.")
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

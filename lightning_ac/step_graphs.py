@@ -323,7 +323,10 @@ class StepGraphs:
         self.eager = self._eager_memory()
         params = [p for p in self.module.parameters() if p.requires_grad]
         in_graphs = {id(v) for g in captured for v in g.joint.primal_values if v is not None}
-        eager_param_B = sum(_nbytes(p) for p in params if id(p) not in in_graphs)
+        # by storage: parameters that are views of one storage (FSDP1's flat parameters with
+        # use_orig_params) take its bytes once
+        eager_param_B = sum({_ptr(p) or id(p): _nbytes(p)
+                             for p in params if id(p) not in in_graphs}.values())
         order = [i for i in self.backward_order]
         position = {g.index: k for k, g in enumerate(captured)}
         self.profile = profile_graphs(

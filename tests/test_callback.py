@@ -319,20 +319,31 @@ def test_a_step_that_does_not_fit_even_swapped_raises_a_budget_error(tmp_path, m
         _fit(tmp_path, "cnn", MuTwoAC(budget=10**6), steps=2)
 
 
-def test_setup_turns_it_off_where_parameters_are_sharded_before_the_first_batch():
-    """Checked in setup(), before anything is captured: FSDP (and DeepSpeed, model parallelism)
-    is not planned yet, and the warning says so; one device and DDP are."""
+def test_setup_plans_under_ddp_and_fsdp_and_turns_it_off_where_it_cannot():
+    """Checked in setup(), before anything is captured: one device, DDP and FSDP (with its
+    default use_orig_params=True, which dynamo needs) are planned; FSDP over flat parameters
+    alone and DeepSpeed are not, and the warning says why."""
     from types import SimpleNamespace
 
-    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
+    from lightning.pytorch.strategies import (
+        DDPStrategy,
+        DeepSpeedStrategy,
+        FSDPStrategy,
+        SingleDeviceStrategy,
+    )
 
     cb = MuTwoAC(budget="1GB")
-    with pytest.warns(UserWarning, match="does not plan under FSDPStrategy yet"):
-        cb.setup(SimpleNamespace(strategy=FSDPStrategy(), world_size=2), None, "fit")
-    assert cb.state == "off"
-    for strategy in (DDPStrategy(), SingleDeviceStrategy("cpu")):
+    for strategy in (DDPStrategy(), SingleDeviceStrategy("cpu"), FSDPStrategy()):
         cb.setup(SimpleNamespace(strategy=strategy, world_size=2), None, "fit")
-        assert cb.state == "idle"
+        assert cb.state == "idle", type(strategy).__name__
+    with pytest.warns(UserWarning, match="only with use_orig_params=True"):
+        cb.setup(SimpleNamespace(strategy=FSDPStrategy(use_orig_params=False), world_size=2),
+                 None, "fit")
+    assert cb.state == "off"
+    deepspeed = object.__new__(DeepSpeedStrategy)  # (without the deepspeed package)
+    with pytest.warns(UserWarning, match="does not plan under DeepSpeedStrategy yet"):
+        cb.setup(SimpleNamespace(strategy=deepspeed, world_size=2), None, "fit")
+    assert cb.state == "off"
 
 
 def test_the_budget_round_trips_through_a_checkpoint():

@@ -1,6 +1,7 @@
-"""MuTwoAC under Lightning's DDP and FSDP2 on the CPU: two ranks (gloo). Under DDP each rank plans
-its step and runs rank 0's plan; under FSDP2 (ModelParallelStrategy, fully_shard) each rank plans
-the graphs between FSDP's gathering hooks; both train exactly as without AC."""
+"""MuTwoAC under Lightning's DDP and FSDP2, and torch's FSDP1, on the CPU: two ranks (gloo). Under
+DDP each rank plans its step and runs rank 0's plan; under FSDP2 (ModelParallelStrategy,
+fully_shard) and FSDP1 each rank plans the graphs between FSDP's gathering hooks; all train
+exactly as without AC."""
 
 import json
 import subprocess
@@ -149,3 +150,24 @@ def test_a_plan_moves_between_ranks_only_onto_the_same_graph():
     other = make_workload("cnn", 8)
     with pytest.raises(CaptureError, match="another graph"):
         decode_plan(message, capture_joint(other.loss, other.inputs, other.model).graph)
+
+
+FSDP1_WORKER = Path(__file__).with_name("fsdp1_worker.py")
+
+
+def test_fsdp1_with_mutwoac_trains_as_fsdp1_without_it(tmp_path):
+    """FSDP1 (flat parameters, FULL_SHARD, ``use_orig_params=True``, as Lightning's FSDPStrategy
+    wraps a model), 2 ranks: each rank plans the graphs between FSDP's gathering hooks as one
+    step, keeps its budget in the plan, counts its own shard of the parameters (once: the
+    original parameters are views of one flat parameter), saves less for backward, and trains
+    exactly as FSDP1 without AC."""
+    ref, _ = _fit(tmp_path / "ref", worker=FSDP1_WORKER)
+    # each rank's step peaks at about 4 MiB un-checkpointed
+    ranks, _ = _fit(tmp_path / "ac", 3_000_000, FSDP1_WORKER)
+    for r, r_ref in zip(ranks, ref):
+        assert r["graphs"] == 4 and r["recomputed"] > 0  # one graph per FSDP unit (block)
+        assert r["predicted_peak_B"] <= 3_000_000
+        assert r["persistent_B"]["parameter"] == r["shard_B"]  # this rank's shard, once
+        assert r["saved_B"] < r_ref["saved_B"]
+        assert r["losses"] == r_ref["losses"]
+    _assert_same_parameters(tmp_path / "ac", tmp_path / "ref")
