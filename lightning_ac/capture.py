@@ -147,12 +147,16 @@ class _Captured(Exception):
 
 
 def _roles(example_inputs: Sequence, module: nn.Module | None,
-           lasting: set[int] | None = None) -> list[PrimalRole]:
+           lasting: set[int] | None = None,
+           lasting_storages: frozenset[int] = frozenset()) -> list[PrimalRole]:
     """Name each dynamo graph input by identity with the module's parameters and buffers. With
     ``lasting`` (ids of the tensors that last through the step: its arguments, and the module's
     parameters and buffers as the step began), any other input is ``"carried"``: a value made
-    inside the same step, by an earlier graph, by eager code, or by FSDP2 gathering a sharded
-    parameter for this graph (a module parameter while it runs, gone after)."""
+    inside the same step, by an earlier graph, by eager code, or by FSDP gathering a sharded
+    parameter for this graph (a module parameter while it runs, gone after); except a view of
+    a storage in ``lasting_storages`` (the parameters' storages), which is a ``"parameter"``:
+    FSDP1 with one rank hands its graphs views of the flat parameter itself, memory that
+    lasts (counted as carried, it was counted twice)."""
     named: dict[int, PrimalRole] = {}
     if module is not None:
         for name, p in module.named_parameters(remove_duplicate=False):
@@ -166,13 +170,23 @@ def _roles(example_inputs: Sequence, module: nn.Module | None,
             continue
         role = named.get(id(t))
         if lasting is not None and id(t) not in lasting:
-            role = PrimalRole("carried", f"carried{n_inputs}")
+            if lasting_storages and _storage_ptr(t) in lasting_storages:
+                role = PrimalRole("parameter", f"view{n_inputs}")
+            else:
+                role = PrimalRole("carried", f"carried{n_inputs}")
             n_inputs += 1
         elif role is None:
             role = PrimalRole("input", f"input{n_inputs}")
             n_inputs += 1
         roles.append(role)
     return roles
+
+
+def _storage_ptr(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except RuntimeError:  # (a tensor subclass without a storage of its own)
+        return 0
 
 
 def _build_joint(joint_gm: fx.GraphModule, example_inputs: list, roles: list[PrimalRole],
@@ -315,14 +329,15 @@ def compile_joint(fn: Callable, module: nn.Module | None,
 
 def aot_compile(gm: fx.GraphModule, example_inputs: list, module: nn.Module | None,
                 partition: Callable[[JointGraph], tuple[fx.GraphModule, fx.GraphModule]], *,
-                lasting: set[int] | None = None,
+                lasting: set[int] | None = None, lasting_storages: frozenset[int] = frozenset(),
                 on_backward: Callable[[], None] | None = None) -> Callable:
     """Compile dynamo's graph ``gm`` with AOTAutograd, ``partition(joint)`` choosing the forward
     and backward modules (boxed, ready to run) from the :class:`JointGraph` built on
-    ``example_inputs`` (real tensors; ``lasting`` as for the primals' roles, see :func:`_roles`).
+    ``example_inputs`` (real tensors; ``lasting`` and ``lasting_storages`` as for the primals'
+    roles, see :func:`_roles`).
     ``on_backward`` is called each time the backward runs.
     Returns AOTAutograd's compiled function."""
-    roles = _roles(example_inputs, module, lasting)
+    roles = _roles(example_inputs, module, lasting, lasting_storages)
     # What AOTAutograd keeps of partition_fn (torch 2.11 keeps it with the compiled step) must
     # not hold the real tensors (parameters, the first batch): they are reached through a list
     # emptied once the partition is done.

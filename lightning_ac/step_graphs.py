@@ -124,6 +124,9 @@ class StepGraphs:
         """Region → the allocator's peak above what was allocated when it began (CUDA)."""
         self._region_base: int | None = None
         self._own_ptrs: set[int] = set()
+        self._param_ptrs: frozenset[int] = frozenset()
+        """Storages of the module's parameters as the step began: a graph input that is a view
+        of one is parameter memory (FSDP1 with one rank), not a value made in the step."""
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
         self._changed = False
         self.recaptures = 0
@@ -191,6 +194,7 @@ class StepGraphs:
         self._lasting = {id(t) for t in [*_tensors([*args, *kwargs.values()]),
                                          *self.module.parameters(), *self.module.buffers()]}
         self._own_ptrs = {_ptr(t) for t in [*self.module.parameters(), *self.module.buffers()]}
+        self._param_ptrs = frozenset(_ptr(p) for p in self.module.parameters()) - {0}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
         self._region_starts()
         try:
@@ -296,6 +300,7 @@ class StepGraphs:
         try:
             g.compiled = aot_compile(g.slot.gm, args, self.module, first_partition,
                                      lasting=self._lasting,
+                                     lasting_storages=self._param_ptrs,
                                      on_backward=functools.partial(_backward_ran,
                                                                    weakref.ref(self), g.index))
         except torch.cuda.OutOfMemoryError:
@@ -322,11 +327,12 @@ class StepGraphs:
             raise RuntimeError("no graph of the step could be captured")
         self.eager = self._eager_memory()
         params = [p for p in self.module.parameters() if p.requires_grad]
-        in_graphs = {id(v) for g in captured for v in g.joint.primal_values if v is not None}
         # by storage: parameters that are views of one storage (FSDP1's flat parameters with
-        # use_orig_params) take its bytes once
-        eager_param_B = sum({_ptr(p) or id(p): _nbytes(p)
-                             for p in params if id(p) not in in_graphs}.values())
+        # use_orig_params) take its bytes once, and none where a graph takes in a view of it
+        in_graphs = {_ptr(v) or id(v) for g in captured for v in g.joint.primal_values
+                     if v is not None}
+        eager_param_B = sum({_ptr(p) or id(p): _nbytes(p) for p in params
+                             if (_ptr(p) or id(p)) not in in_graphs}.values())
         order = [i for i in self.backward_order]
         position = {g.index: k for k, g in enumerate(captured)}
         self.profile = profile_graphs(

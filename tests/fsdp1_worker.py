@@ -1,8 +1,9 @@
 """FSDP1 (``FullyShardedDataParallel``, FULL_SHARD, ``use_orig_params=True``, one unit per block)
-on the CPU, 2 ranks (gloo), run by tests/test_distributed.py as a script: the step planned with
-``auto_checkpoint`` on the wrapped module. Lightning's ``FSDPStrategy`` refuses the CPU, so this
-drives torch's FSDP1 directly, as that strategy wraps the model. Writes what each rank saw to
---out (``rank_<r>.json``, ``params_<r>.pt``: its shards)."""
+on the CPU, 2 ranks (gloo; ``--ranks 1``: one, where FSDP1 keeps the parameters whole), run by
+tests/test_distributed.py as a script: the step planned with ``auto_checkpoint`` on the wrapped
+module (``--no-fsdp``: on the model itself). Lightning's ``FSDPStrategy`` refuses the CPU, so
+this drives torch's FSDP1 directly, as that strategy wraps the model. Writes what each rank saw
+to --out (``rank_<r>.json``, ``params_<r>.pt``: its shards)."""
 
 import argparse
 import json
@@ -35,15 +36,17 @@ class Net(nn.Module):
         return nn.functional.cross_entropy(self.head(x.mean(1)), y)
 
 
-def rank_main(rank: int, port: int, budget: int, out: Path) -> None:
+def rank_main(rank: int, port: int, budget: int, out: Path, ranks: int, fsdp: bool) -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", rank=rank, world_size=ranks)
     torch.manual_seed(0)
-    model = FSDP(Net(), auto_wrap_policy=ModuleWrapPolicy({Block}), use_orig_params=True,
-                 device_id=torch.device("cpu"))
+    model = Net()
+    if fsdp:
+        model = FSDP(model, auto_wrap_policy=ModuleWrapPolicy({Block}), use_orig_params=True,
+                     device_id=torch.device("cpu"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     step = auto_checkpoint(model, optimizer, budget=budget, verbose=False) if budget else model
     torch.manual_seed(1 + rank)  # each rank its own data
@@ -61,8 +64,11 @@ def rank_main(rank: int, port: int, budget: int, out: Path) -> None:
     seen = {"rank": rank, "losses": losses, "saved_B": saved_B,
             "shard_B": sum(p.numel() * p.element_size() for p in model.parameters())}
     if budget:
-        seen.update(graphs=len(step.last.graphs.captured), recomputed=len(step.plan.recomputed),
+        graphs = step.last.graphs
+        seen.update(graphs=len(graphs.captured) if graphs is not None else 1,
+                    recomputed=len(step.plan.recomputed),
                     predicted_peak_B=step.plan.predicted_peak_B,
+                    baseline_peak_B=step.plan.baseline_peak_B,
                     persistent_B=step.profile.summary["persistent_B"])
     torch.save([p.detach().clone() for p in model.parameters()], out / f"params_{rank}.pt")
     (out / f"rank_{rank}.json").write_text(json.dumps(seen, default=str))
@@ -73,11 +79,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=int, default=0, help="0: no AC")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--no-fsdp", action="store_true")
     args = ap.parse_args()
     with socket.socket() as s:  # a free port for the process group
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(rank_main, args=(port, args.budget, args.out), nprocs=2)
+    mp.spawn(rank_main, args=(port, args.budget, args.out, args.ranks, not args.no_fsdp),
+             nprocs=args.ranks)
 
 
 if __name__ == "__main__":

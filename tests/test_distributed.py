@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -171,3 +172,19 @@ def test_fsdp1_with_mutwoac_trains_as_fsdp1_without_it(tmp_path):
         assert r["saved_B"] < r_ref["saved_B"]
         assert r["losses"] == r_ref["losses"]
     _assert_same_parameters(tmp_path / "ac", tmp_path / "ref")
+
+
+def test_fsdp1_on_one_rank_plans_as_without_it(tmp_path):
+    """FSDP1 with one rank keeps every parameter whole (NO_SHARD) and hands its graphs views
+    of the flat parameters: those are parameter memory, so the step is profiled and planned as
+    the same model without FSDP (the un-checkpointed peak within 1%, parameters counted once;
+    which values each recomputes depends on its own timings), and trains the same."""
+    (fsdp,), _ = _fit(tmp_path / "fsdp", 4_300_000, FSDP1_WORKER, "--ranks", "1", ranks=1)
+    (plain,), _ = _fit(tmp_path / "plain", 4_300_000, FSDP1_WORKER, "--ranks", "1",
+                       "--no-fsdp", ranks=1)
+    assert fsdp["graphs"] == 4 and plain["graphs"] == 1
+    assert abs(fsdp["baseline_peak_B"] - plain["baseline_peak_B"]) <= 0.01 * plain["baseline_peak_B"]
+    for run in (fsdp, plain):
+        assert run["recomputed"] > 0 and run["predicted_peak_B"] <= 4_300_000
+    assert fsdp["persistent_B"]["parameter"] == plain["persistent_B"]["parameter"]
+    assert fsdp["losses"] == pytest.approx(plain["losses"], rel=1e-6)
