@@ -816,11 +816,13 @@ class AutoCheckpoint:
     def _plan(self, profile: Profile, budget: int | None, reserve_B: int) -> Plan:
         """The planner on ``profile`` as the step will run: on inductor's kernels
         (``kernels="inductor"``, a step of fixed sizes) by their costs, every recomputation
-        that costs nothing there taken first (:func:`~lightning_ac.planner.fused_costs`)."""
+        that costs nothing there taken first (:func:`~lightning_ac.planner.fused_costs`).
+        Where swapping is allowed and the budget is otherwise out of reach, eager code's saved
+        tensors may go to host memory (``Plan.offload_eager_B``)."""
         fused = self.kernels == "inductor" and not any(
             has_symbolic_sizes(j.gm) for j in (profile.graphs or [profile.joint]))
         return plan(fused_costs(profile) if fused else profile, budget, swap=self.swap,
-                    reserve_B=reserve_B, recompute_free=fused)
+                    reserve_B=reserve_B, recompute_free=fused, offload_eager=self.swap)
 
     def _plan_profile(self, step: ShapePlan, profile: Profile) -> Plan:
         """Plan ``profile`` (``step``'s) under the budget; an infeasible budget raises or warns,

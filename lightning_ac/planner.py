@@ -45,8 +45,8 @@ from lightning_ac.capture import node_value
 from lightning_ac.profiler import Profile, op_name, recompute_chain
 from lightning_ac.simulator import Simulation, profile_index, simulate, swap_ms, swap_schedule
 
-__all__ = ["Plan", "can_swap_value", "default_reserve_B", "fused_costs", "plan", "rerun_by_op",
-           "swap_cost_ms", "swappable"]
+__all__ = ["Plan", "can_swap_value", "default_reserve_B", "fused_costs", "offload_eager_saves",
+           "plan", "rerun_by_op", "swap_cost_ms", "swappable"]
 
 _MIN_SHARE = 1e-3  # candidates below this share of the largest activation are left alone
 MIN_SWAP_B = 1 << 20  # smaller activations are not worth a copy's host work (tens of µs)
@@ -96,6 +96,10 @@ class Plan:
     """What the planner aimed the simulated peak at: the budget less its headroom and reserve
     for memory the profile does not see (see :func:`plan`)."""
     planning_s: float = 0.0
+    offload_eager_B: int = 0
+    """Bytes that eager code between graphs saves for backward and that the step keeps in
+    pinned host memory instead (0: none; only where the budget is out of reach without it:
+    :func:`plan`'s ``offload_eager``)."""
     steps: list[dict] = field(default_factory=list)
     """One entry per pick: the activation, its bytes and marginal ms, and the simulated peak
     after it (None where no simulation was needed: the budget was out of reach)."""
@@ -109,6 +113,8 @@ class Plan:
         budget = "none" if self.budget_B is None else fb(self.budget_B)
         swapped = (f"{len(self.swapped)} swapped to host ({fb(self.swapped_B)}), "
                    if self.swapped else "")
+        if self.offload_eager_B:
+            swapped += f"eager code's saved tensors in host memory ({fb(self.offload_eager_B)}), "
         return (f"budget {budget}, baseline peak {fb(self.baseline_peak_B)}, "
                 f"predicted peak {fb(self.predicted_peak_B)}, "
                 f"{len(self.recomputed)} activations recomputed ({fb(self.recomputed_B)}), "
@@ -308,7 +314,8 @@ _VIEWS = (torch.ops.aten.t.default, torch.ops.aten.view.default, torch.ops.aten.
 
 
 def plan(profile: Profile, budget_B: int | None, headroom: float = HEADROOM,
-         reserve_B: int | None = None, swap: bool = True, recompute_free: bool = False) -> Plan:
+         reserve_B: int | None = None, swap: bool = True, recompute_free: bool = False,
+         offload_eager: bool = False) -> Plan:
     """Choose activations to recompute so that the simulated peak is at most ``budget_B``.
 
     The planner aims ``headroom`` (a share of the budget) plus ``reserve_B`` bytes below it, for
@@ -329,6 +336,12 @@ def plan(profile: Profile, budget_B: int | None, headroom: float = HEADROOM,
     also recomputes every activation whose recomputation costs no time, before anything else
     and whatever the budget: on fused kernels that is what torch's own partitioner does, and it
     is faster than saving them (their values are never written to memory).
+
+    With ``offload_eager`` (and swapping possible), where the budget is out of reach, what eager
+    code between a split step's graphs saves for backward (an ``nn.LSTM``, code dynamo left
+    out), which no recomputation of the graphs can lower, is planned in pinned host memory
+    (:func:`offload_eager_saves`; each byte copied out and back, synchronously, counted in the
+    predicted time), if that reaches a lower peak.
     """
     t0 = time.perf_counter()
     if reserve_B is None:
@@ -350,9 +363,36 @@ def plan(profile: Profile, budget_B: int | None, headroom: float = HEADROOM,
                 best = alone
         elif alone.stop_reason == "fits" or alone.predicted_peak_B < best.predicted_peak_B:
             best = alone
+    if offload_eager and swap and best.stop_reason == "infeasible":
+        moved = offload_eager_saves(profile)
+        if moved is not None:
+            other = plan(moved[0], budget_B, headroom, reserve_B, swap, recompute_free)
+            if other.stop_reason != "infeasible" or \
+                    other.predicted_peak_B < best.predicted_peak_B:
+                other.offload_eager_B = moved[1]
+                other.predicted_extra_ms += swap_ms(profile, moved[1], "to_host") + \
+                    swap_ms(profile, moved[1], "to_device")
+                other.baseline_peak_B = baseline.peak_B
+                best = other
     best.target_B = target
     best.planning_s = time.perf_counter() - t0
     return best
+
+
+def offload_eager_saves(profile: Profile) -> tuple[Profile, int] | None:
+    """``profile`` with what eager code between graphs saves for backward (the storages
+    ``eager_saved``) kept in host memory: none of it on the device. And the bytes moved. None
+    where there is nothing to move or the host link was not measured (CPU profiles)."""
+    st = profile.storages
+    if "eager_saved" not in st or not profile_index(profile).can_swap:
+        return None
+    rows = st["eager_saved"].to_numpy()
+    moved = int(st["bytes"][rows].sum())
+    if not moved:
+        return None
+    storages = st.copy()
+    storages.loc[rows, "bytes"] = 0
+    return dataclasses.replace(profile, storages=storages), moved
 
 
 def default_reserve_B(profile: Profile | torch.device | None) -> int:

@@ -919,7 +919,8 @@ def _assemble(joints: list[JointGraph], profilers: list[GraphProfiler],
         start = fwd_end[j.graph] if j is not None else 0
         stop = bwd_start[j.graph] if j is not None else n_joint - 1
         records.append({"node": order[start], "creator": order[start], "aliases": (),
-                        "bytes": e.saved_B, "category": "other", "start": start, "stop": stop})
+                        "bytes": e.saved_B, "category": "other", "start": start, "stop": stop,
+                        "eager_saved": True})
         if e.peak_B:
             records.append({"node": order[start], "creator": order[start], "aliases": (),
                             "bytes": e.peak_B, "category": "other", "start": start,
@@ -936,7 +937,10 @@ def _assemble(joints: list[JointGraph], profilers: list[GraphProfiler],
         records += [{**r, "aliases": (), "start": 0, "stop": last}
                     for r in records if r["category"] == "gradient"]
     table = pd.DataFrame(records, columns=["node", "creator", "aliases", "bytes", "category",
-                                           "start", "stop"])
+                                           "start", "stop", "eager_saved"])
+    # (eager_saved: what eager code between graphs saves for its backward, which the step can
+    # keep in host memory instead: planner.offload_eager_saves)
+    table["eager_saved"] = table["eager_saved"].eq(True)
     after, during = {}, {}
     for c in CATEGORIES:
         sel = table[table["category"] == c]

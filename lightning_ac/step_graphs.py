@@ -55,12 +55,16 @@ from lightning_ac.rewriter import PlannedStep, restrict
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MAX_RECAPTURES", "CapturedGraph", "StepGraphs"]
+__all__ = ["MAX_RECAPTURES", "MIN_OFFLOAD_B", "CapturedGraph", "StepGraphs"]
 
 MAX_RECAPTURES = 3
 """How many times a step whose graphs change after its capture call (dynamo compiled a graph
 again: a value it had specialized on changed) is captured again before the new graphs are left
 to run unplanned."""
+
+MIN_OFFLOAD_B = 1 << 20
+"""Saved tensors smaller than this stay on the device when eager code's saves go to the host
+(a copy each way costs more than the memory is worth)."""
 
 
 @dataclass(eq=False)
@@ -174,9 +178,33 @@ class StepGraphs:
         if self.profile is None and self.graphs and not self._capturing:
             self.finalize()
         if self.graphs:
-            with running(self), forwards_uncompiled(self.module):
+            with running(self), forwards_uncompiled(self.module), self._offloading():
                 return self.compiled(*args, **kwargs)
         return self._capture_call(args, kwargs)
+
+    @contextlib.contextmanager
+    def _offloading(self):
+        """Where the plan keeps eager code's saved tensors in host memory
+        (``Plan.offload_eager_B``): what eager code saves for backward goes to pinned host
+        memory as it is saved and comes back when backward reads it (torch's ``save_on_cpu``,
+        less the module's own parameters and buffers, tensors under :data:`MIN_OFFLOAD_B` and
+        what the graphs save: their hooks are paused while they run)."""
+        if self.plan is None or not self.plan.offload_eager_B or self._capturing:
+            yield
+            return
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._to_host, _from_host)
+        try:
+            with self._hooks:
+                yield
+        finally:
+            self._hooks = None
+
+    def _to_host(self, t: torch.Tensor):
+        if not t.is_cuda or _ptr(t) in self._own_ptrs or _nbytes(t) < MIN_OFFLOAD_B:
+            return t
+        host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return t.device, host
 
     def _forget(self) -> None:
         """Drop the graphs, measurements and plan (their step changed): capture again."""
@@ -511,3 +539,11 @@ def _nbytes(t: torch.Tensor) -> int:
 
 def _unpack(t: torch.Tensor) -> torch.Tensor:
     return t
+
+
+def _from_host(packed):
+    """A saved tensor as backward reads it: back on its device if it went to the host."""
+    if isinstance(packed, tuple):
+        device, host = packed
+        return host.to(device, non_blocking=True)
+    return packed

@@ -320,3 +320,78 @@ def test_a_users_compiled_forward_inside_a_split_step_is_planned_and_kept():
     assert all(g.plan.recomputed for g in ac.last.graphs.captured)
     assert model.forward is compiled  # the user's own, outside the step
     assert losses == pytest.approx(_train(ref, ref, x, ref_opt, 3), rel=1e-6)
+
+
+def _lstm_step(budget):
+    torch.manual_seed(0)
+    model = Broken("lstm")
+    ref = copy.deepcopy(model)
+    x = torch.randn(4, 32, 64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    ac = auto_checkpoint(model, opt, budget=budget, on_infeasible="warn", always_rewrite=True)
+    return model, ref, x, opt, ac
+
+
+def test_an_out_of_reach_budget_plans_eager_codes_saved_tensors_in_host_memory():
+    """What eager code between graphs saves (an nn.LSTM's) no recomputation of the graphs can
+    lower. Where the budget is out of reach without it, the planner keeps those tensors in
+    host memory: the predicted peak drops by up to their bytes, their copies out and back are
+    in the predicted time, and the summary says so. Not where the budget is reachable, not
+    without swapping, and not on a profile without a measured host link."""
+    import dataclasses
+
+    from lightning_ac.planner import HEADROOM, offload_eager_saves, plan
+
+    model, _, x, opt, ac = _lstm_step(10**12)
+    _train(model, model, x, opt, 2)
+    prof = ac.profile
+    eager = int(sum(prof.summary["eager_saved_B"]))
+    assert eager > 0 and offload_eager_saves(prof) is None  # (CPU: no host link measured)
+    linked = dataclasses.replace(prof, summary={**prof.summary, "host_device_bandwidth_GBps": 10.0,
+                                                "to_host_GBps": 10.0, "to_device_GBps": 10.0})
+    moved, moved_B = offload_eager_saves(linked)
+    assert moved_B == eager and simulate_peak(moved) < simulate_peak(linked)
+    floor = plan(linked, 1, swap=False).predicted_peak_B
+    budget = int((floor - eager // 2) / (1 - HEADROOM))
+    assert plan(linked, budget).stop_reason == "infeasible"  # (offload_eager off by default)
+    p = plan(linked, budget, offload_eager=True)
+    assert p.stop_reason == "fits" and p.offload_eager_B == eager
+    assert p.predicted_peak_B <= budget and p.predicted_extra_ms >= 2 * eager / 10e6
+    assert "eager code's saved tensors in host memory" in p.summary()
+    assert plan(linked, budget, offload_eager=True, swap=False).offload_eager_B == 0
+    assert plan(linked, prof.peak_bytes * 2, offload_eager=True).offload_eager_B == 0
+
+
+def simulate_peak(profile):
+    from lightning_ac.simulator import simulate
+
+    return simulate(profile).peak_B
+
+
+def test_a_plan_with_eager_saves_on_the_host_sends_eager_codes_saves_there_and_trains_the_same():
+    """At run time such a plan routes what eager code saves for backward through the host
+    hooks (here a spy: the CPU has no pinned host memory), and only that: the graphs' own
+    saves are not; the step trains as without AC."""
+    from unittest import mock
+
+    from lightning_ac.step_graphs import StepGraphs
+
+    model, ref, x, opt, ac = _lstm_step(10**12)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    _train(model, model, x, opt, 2)
+    graphs = ac.last.graphs
+    graphs.plan.offload_eager_B = 1  # (as the planner sets it where the budget needs it)
+    sent = []
+
+    def spy(self, t):
+        sent.append(tuple(t.shape))
+        return t
+
+    _train(ref, ref, x, ref_opt, 2)
+    with mock.patch.object(StepGraphs, "_to_host", spy):
+        losses = _train(model, model, x, opt, 2)
+    ref_losses = _train(ref, ref, x, ref_opt, 2)
+    assert sent and (4, 32, 64) in sent  # the LSTM's input, saved by the eager LSTM
+    assert all(len(s) for s in sent)  # (the graphs' saved handle is a 1-element tensor: not
+    assert (1,) not in sent           # sent: their hooks are paused while they run)
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
