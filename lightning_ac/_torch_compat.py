@@ -43,7 +43,9 @@ __all__ = [
     "real_tensor_mode",
     "reorder_backward",
     "rng_prims",
+    "storage_id",
     "use_boxed_calling_convention",
+    "warm_inductor_workers",
 ]
 
 
@@ -303,6 +305,13 @@ def current_cuda_stream_id(device_index: int = -1) -> tuple[int, int]:
     """
     stream_id, index, _ = torch._C._cuda_getCurrentStream(device_index)
     return stream_id, index
+
+
+def storage_id(t: torch.Tensor) -> int:
+    """What identifies ``t``'s storage itself (its ``StorageImpl``), not the memory it holds at
+    the moment: a storage freed in place (``resize_(0)``, FSDP's reshard) while views of it
+    live keeps its identity, and a new one made at the address it gave back has another."""
+    return t.untyped_storage()._cdata
 
 
 def gpu_spin(cycles: int) -> None:

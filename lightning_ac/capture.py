@@ -86,6 +86,10 @@ class JointGraph:
     """Small forward values always saved for backward, so that anything recomputed can read
     them: copies of buffers (:func:`pin_buffers`) and generator states
     (:func:`replayable_random_ops`)."""
+    resharded: set[fx.Node] = field(default_factory=set)
+    """Carried primals whose memory eager code frees when forward ends and makes again before
+    this graph's backward (FSDP's reshard after forward; seen in the capture call: their
+    storage was empty once forward had run). Not live in between, even where saved."""
 
     @property
     def graph(self) -> fx.Graph:

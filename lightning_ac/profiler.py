@@ -349,7 +349,10 @@ class GraphProfiler(fx.Interpreter):
                 continue
             nbytes = allocated_bytes(nbytes, t.is_cuda)
             entry = self._registry.get(ptr)
-            if entry is not None and any(r() is not None for r in entry[1]):
+            # (the same storage, not another made at an address a live one gave back: FSDP
+            # frees a gathered parameter's storage in place while views of it wait for backward)
+            if entry is not None and any(r() is not None and compat.storage_id(r()) ==
+                                         compat.storage_id(t) for r in entry[1]):
                 storage = entry[0]
                 entry[1].append(weakref.ref(t))
             else:
@@ -871,6 +874,7 @@ def _assemble(joints: list[JointGraph], profilers: list[GraphProfiler],
     peak_delta = {n: d for p in profilers for n, d in p.peak_delta.items()}
     _classify(joints, optimizer, storages, phase)
     handed_grads = _grads_handed_on(joints)
+    resharded = {p for j in joints for p in j.resharded}
     grads = {g for j in joints for g in j.grad_of} - handed_grads
     handed = set()
     for out, inp in handed_on:
@@ -908,9 +912,17 @@ def _assemble(joints: list[JointGraph], profilers: list[GraphProfiler],
             continue
         start, stop = rank[s.creator], max(last_use(a) for a in s.aliases)
         created_B[start] += s.nbytes
-        records.append({"node": _representative(s), "creator": s.creator,
-                        "aliases": tuple(s.aliases), "bytes": s.nbytes,
-                        "category": s.category, "start": start, "stop": stop})
+        record = {"node": _representative(s), "creator": s.creator, "aliases": tuple(s.aliases),
+                  "bytes": s.nbytes, "category": s.category, "start": start, "stop": stop}
+        again = bwd_start.get(s.creator.graph) if s.creator in resharded else None
+        if again is not None and stop >= again:
+            # freed when forward ends and made again before its graph's backward (FSDP's
+            # reshard): two lifetimes, the second the one a recomputation in backward reads
+            forward_uses = [rank[u] for a in s.aliases for u in a.users
+                            if u in rank and rank[u] < n_forward]
+            records.append({**record, "stop": max(forward_uses, default=start)})
+            record["start"] = again
+        records.append(record)
     # Memory no graph node makes (it aliases no node, so the simulator never maps one to it):
     # what eager code between graphs saves for its backward, and the gradients of parameters
     # only eager code uses (made during backward, used by the optimizer).

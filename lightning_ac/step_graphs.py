@@ -90,6 +90,9 @@ class CapturedGraph:
     """Storage addresses of its tensor inputs in the capture call, in order (its primals')."""
     outputs: list[tuple[int, tuple]] = field(default_factory=list)
     """Storage address and shape of each tensor it returned in the capture call."""
+    carried: list[tuple[fx.Node, weakref.ref]] = field(default_factory=list)
+    """Its carried primals and (weakly) their values, from its capture to the capture call's
+    end of forward (:meth:`StepGraphs._resharded`)."""
 
 
 class StepGraphs:
@@ -229,12 +232,24 @@ class StepGraphs:
             with running(self), forwards_uncompiled(self.module), self._hooks:
                 out = self.compiled(*args, **kwargs)
             self._region_ends()
+            self._resharded()
             return out
         finally:
             self._hooks = None
             self._region_base = None
             self._capturing = False
             self._lasting = set()
+
+    def _resharded(self) -> None:
+        """Forward has ended: a carried input still referenced (saved for backward) whose
+        storage is now empty was freed in place by eager code, to be made again before its
+        graph's backward (FSDP reshards gathered parameters so). Marked on its graph."""
+        for g in self.graphs:
+            for node, ref in g.carried:
+                t = ref()
+                if t is not None and _nbytes(t) == 0 and g.joint is not None:
+                    g.joint.resharded.add(node)
+            g.carried = []
 
     def run_graph(self, slot: GraphSlot, args: list):
         """Run one graph of the step (called by its :class:`GraphSlot`)."""
@@ -315,6 +330,9 @@ class StepGraphs:
             g.joint = joint
             g.measured = measure_joint(joint, registry=self._registry,
                                        swap=self.host_swap, **self.measure_options)
+            # (weakly: whether FSDP empties them when forward ends, _resharded says)
+            g.carried = [(p, weakref.ref(v)) for p, v, r in zip(
+                joint.primals, joint.primal_values, joint.primal_roles) if r.kind == "carried"]
             joint.primal_values = [v if r.kind == "parameter" else None
                                    for v, r in zip(joint.primal_values, joint.primal_roles)]
             # (op by op: the provisional partition runs for the capture call only)

@@ -36,6 +36,15 @@ class Net(nn.Module):
         return nn.functional.cross_entropy(self.head(x.mean(1)), y)
 
 
+def _reshard_gaps(profile) -> int:
+    """Storages of resharded parameters the profile holds as two lifetimes with a gap between
+    (forward's end to their graph's backward)."""
+    resharded = {p for j in profile.graphs for p in j.resharded}
+    st = profile.storages[profile.storages.creator.isin(resharded)]
+    return sum(1 for _, rows in st.groupby(st.creator.map(id))
+               if len(rows) == 2 and rows.stop.min() < rows.start.max())
+
+
 def rank_main(rank: int, port: int, budget: int, out: Path, ranks: int, fsdp: bool) -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
@@ -66,6 +75,9 @@ def rank_main(rank: int, port: int, budget: int, out: Path, ranks: int, fsdp: bo
     if budget:
         graphs = step.last.graphs
         seen.update(graphs=len(graphs.captured) if graphs is not None else 1,
+                    resharded=sum(len(g.joint.resharded) for g in graphs.captured)
+                    if graphs is not None else 0,
+                    reshard_gaps=_reshard_gaps(step.profile),
                     recomputed=len(step.plan.recomputed),
                     predicted_peak_B=step.plan.predicted_peak_B,
                     baseline_peak_B=step.plan.baseline_peak_B,

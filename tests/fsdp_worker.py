@@ -58,6 +58,8 @@ def main() -> None:
     fit_two_ranks(make, ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), 4,
                   lambda cb: {"recomputed": len(cb.plan.recomputed),
                               "graphs": len(cb.ac.last.graphs.captured),
+                              "resharded": sum(len(g.joint.resharded)
+                                               for g in cb.ac.last.graphs.captured),
                               "predicted_peak_B": cb.plan.predicted_peak_B})
 
 

@@ -123,6 +123,7 @@ def test_fsdp2_with_mutwoac_trains_as_fsdp2_without_it(tmp_path):
     for r, r_ref in zip(ranks, ref):
         assert r["state"] == "active" and r["recomputed"] > 0
         assert r["graphs"] == 4  # one per sharded block: FSDP's hooks run eagerly between them
+        assert r["resharded"] > 0  # gathered parameters FSDP2 frees after forward
         assert r["predicted_peak_B"] <= 3_000_000
         assert r["saved_B"] < r_ref["saved_B"]
         assert r["losses"] == r_ref["losses"]
@@ -167,6 +168,10 @@ def test_fsdp1_with_mutwoac_trains_as_fsdp1_without_it(tmp_path):
     ranks, _ = _fit(tmp_path / "ac", 3_000_000, FSDP1_WORKER)
     for r, r_ref in zip(ranks, ref):
         assert r["graphs"] == 4 and r["recomputed"] > 0  # one graph per FSDP unit (block)
+        # each block's 4 gathered parameters, freed after forward and gathered again for its
+        # backward (seen in the capture call), are not counted in between
+        assert r["resharded"] == 16
+        assert r["reshard_gaps"] == 4  # one gathered flat parameter per block, two lifetimes
         assert r["predicted_peak_B"] <= 3_000_000
         assert r["persistent_B"]["parameter"] == r["shard_B"]  # this rank's shard, once
         assert r["saved_B"] < r_ref["saved_B"]
@@ -182,7 +187,7 @@ def test_fsdp1_on_one_rank_plans_as_without_it(tmp_path):
     (fsdp,), _ = _fit(tmp_path / "fsdp", 4_300_000, FSDP1_WORKER, "--ranks", "1", ranks=1)
     (plain,), _ = _fit(tmp_path / "plain", 4_300_000, FSDP1_WORKER, "--ranks", "1",
                        "--no-fsdp", ranks=1)
-    assert fsdp["graphs"] == 4 and plain["graphs"] == 1
+    assert fsdp["graphs"] == 4 and plain["graphs"] == 1 and fsdp["resharded"] == 0
     assert abs(fsdp["baseline_peak_B"] - plain["baseline_peak_B"]) <= 0.01 * plain["baseline_peak_B"]
     for run in (fsdp, plain):
         assert run["recomputed"] > 0 and run["predicted_peak_B"] <= 4_300_000

@@ -342,3 +342,15 @@ def test_warm_inductor_workers_starts_torch_compiles_worker_pool():
     with mock.patch.object(async_compile, "maybe_warm_pool") as warm:
         compat.warm_inductor_workers()
     warm.assert_called_once_with()
+
+
+def test_storage_id_names_the_storage_not_the_address():
+    """Views share their storage's id, and keep it when the storage is freed in place (FSDP's
+    reshard); another tensor's storage has another id."""
+    a = torch.zeros(1024)
+    view = a[16:]
+    before = compat.storage_id(a)
+    assert compat.storage_id(view) == before
+    a.untyped_storage().resize_(0)
+    assert compat.storage_id(view) == before and view.untyped_storage().nbytes() == 0
+    assert compat.storage_id(torch.zeros(1024)) != before
