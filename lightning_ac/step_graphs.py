@@ -203,8 +203,9 @@ class StepGraphs:
             self._hooks = None
 
     def _to_host(self, t: torch.Tensor):
-        if not t.is_cuda or _ptr(t) in self._own_ptrs or _nbytes(t) < MIN_OFFLOAD_B:
-            return t
+        if type(t) is not torch.Tensor or not t.is_cuda or t.layout != torch.strided \
+                or _ptr(t) in self._own_ptrs or _nbytes(t) < MIN_OFFLOAD_B:
+            return t  # (a subclass, DTensor's say, has sizes that are not its local memory's)
         host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=True)
         host.copy_(t, non_blocking=True)
         return t.device, host
