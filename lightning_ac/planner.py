@@ -212,10 +212,9 @@ def fused_costs(profile: Profile) -> Profile:
     for backward; ``fused_away_rerun``: its recomputation in backward is not written either),
     a value that fused ops read lives until the kernel they are fused into has run (column
     ``done_rank`` of the nodes: where that kernel runs), fused ops need no scratch space, and a
-    matmul whose sizes are not multiples of the
-    alignment inductor pads them to (:func:`padded_operands_B`) counts padded copies of its
-    operands as scratch. The nodes and tables are otherwise the same: a plan made on it applies
-    to ``profile``."""
+    matmul whose sizes are not multiples of the alignment inductor pads them to
+    (:func:`padded_operands_B`) counts padded copies of its operands as scratch. The nodes and
+    tables are otherwise the same: a plan made on it applies to ``profile``."""
     nodes = profile.nodes.copy()
     phase = dict(zip(nodes["node"], nodes["phase"]))
     fused = {n for n, ph in phase.items()
@@ -245,7 +244,10 @@ def fused_costs(profile: Profile) -> Profile:
     nodes["done_rank"] = nodes["node"].map(done).fillna(nodes["rank"]).astype(int)
 
     storages = profile.storages.copy()
-    storages["stop"] = [max([stop, *(done[u] for a in aliases for u in a.users if u in done)])
+    # (only the users within a row's lifetime: a lifetime that ends before a later one of the
+    # same storage begins, FSDP's resharded parameters', keeps its gap)
+    storages["stop"] = [max([stop, *(done[u] for a in aliases for u in a.users
+                                     if u in done and rank[u] <= stop)])
                         for stop, aliases in zip(storages["stop"], storages["aliases"])]
     away, away_rerun = [], []
     for creator, aliases in zip(storages["creator"], storages["aliases"]):
