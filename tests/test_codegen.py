@@ -17,7 +17,14 @@ from lightning_ac import codegen, rewriter, swapping
 from lightning_ac.planner import plan
 from lightning_ac.profiler import profile_iteration
 from lightning_ac.rewriter import compile_with_plan
-from tests.test_rewriter import _drop_dropout_masks, _floor, _planned, _swapping, step_both
+from tests.test_rewriter import (
+    SWAP_AND_RECOMPUTE_GBPS,
+    _drop_dropout_masks,
+    _floor,
+    _planned,
+    _swapping,
+    step_both,
+)
 
 FUSED_RTOL = 1e-3
 """Gradients of the fused step against eager's, relative to each tensor's norm (fp32): inductor
@@ -73,7 +80,8 @@ def test_swaps_batch_norm_and_dropout_replays_become_ops_inductor_keeps():
     graph returns the buffers; the random draws are torch's RNG ops."""
     mutwo, rng = torch.ops.mutwo, compat.rng_prims()
     w = make_workload("tiny-bert", 16, seq_len=32)
-    with _swapping(w, 0.1, _floor, swap_host_ms=-float("inf")) as (step, made, graphs):
+    with _swapping(w, SWAP_AND_RECOMPUTE_GBPS, _floor,
+                   swap_host_ms=-float("inf")) as (step, made, graphs):
         step(*w.inputs).backward()
     fwd, bwd = codegen.for_inductor(graphs["fwd"]), codegen.for_inductor(graphs["bwd"])
     assert made["plan"].swapped and made["plan"].recomputed
@@ -149,7 +157,7 @@ def test_a_swapping_plan_runs_translated():
     buffers are reused from step to step as the op-by-op step reuses them."""
     w, ref = make_workload("tiny-bert", 16, seq_len=32), make_workload("tiny-bert", 16, seq_len=32)
     with mock.patch.object(compat, "inductor_compile", _op_by_op):
-        with _swapping(w, 0.1, _floor, swap_host_ms=-float("inf"),
+        with _swapping(w, SWAP_AND_RECOMPUTE_GBPS, _floor, swap_host_ms=-float("inf"),
                        kernels="inductor") as (step, made, graphs):
             _steps(w, ref, step, n=1)
         _steps(w, ref, step, n=2)
@@ -245,7 +253,7 @@ def test_a_fused_step_with_swaps_and_dropout_matches_eager_with_eager_draws():
 
     w, ref = make_workload("tiny-bert", 16, seq_len=32), make_workload("tiny-bert", 16, seq_len=32)
     with config.patch(fallback_random=True):
-        with _swapping(w, 0.1, _floor, swap_host_ms=-float("inf"),
+        with _swapping(w, SWAP_AND_RECOMPUTE_GBPS, _floor, swap_host_ms=-float("inf"),
                        kernels="inductor") as (step, made, graphs):
             _steps(w, ref, step, n=1, rtol=FUSED_RTOL)
         _steps(w, ref, step, n=1, rtol=FUSED_RTOL)
