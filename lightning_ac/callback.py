@@ -144,8 +144,11 @@ class MuTwoAC(StepMonitor):
     forward. ``state_dict()`` and the parameters are untouched.
 
     Under DDP (``strategy="ddp"``) the budget is per rank: each rank's step must fit in it on its
-    own device. Each rank profiles its step; after the first step every rank runs rank 0's plan,
-    and the logged figures are the maximum over the ranks.
+    own device. Each rank profiles its step; after the first step every rank runs rank 0's plan
+    (one graph; a step split into several graphs keeps each rank's own), and the logged figures
+    are the maximum over the ranks. Under FSDP (``FSDPStrategy``, or ``ModelParallelStrategy``
+    with ``fully_shard``) the budget is per rank too, each rank counting its own shards, and each
+    rank plans the graphs between FSDP's gathering hooks as its own step.
 
     Args:
         budget: peak memory of a training step, in bytes (int) or as a string with a unit:
