@@ -394,19 +394,17 @@ def inductor_compile(gm: fx.GraphModule, example_inputs: list, *,
                          tracing_mode="fake")(*example_inputs)
     decomposed = inductor_graph_passes(decomposed)
     _keep_output_strides(decomposed)
-    # Under a tracing context with the graph's fake mode, as torch.compile compiles: inductor's
-    # FX graph cache needs its shape environment (without it every compile bypasses the cache,
-    # and a second fit of the same model compiles from scratch).
-    # It is then given the graph's fake inputs, as torch.compile gives them.
+    # As torch.compile compiles: under a tracing context with the graph's fake mode, given its
+    # fake inputs. Inductor's FX graph cache needs that fake mode's shape environment (without
+    # it every compile bypasses the cache, and a second fit of the same model compiles from
+    # scratch). make_fx made one placeholder per input, in order.
     fakes = [n.meta.get("val") for n in decomposed.graph.find_nodes(op="placeholder")]
     fake_mode = torch._guards.detect_fake_mode(fakes)
     context = contextlib.nullcontext()
-    if fake_mode is not None and fake_mode.shape_env is not None and len(fakes) == len(
-            example_inputs) and all(isinstance(f, torch.Tensor) == isinstance(x, torch.Tensor)
-                                    for f, x in zip(fakes, example_inputs)):
+    if fake_mode is not None and fake_mode.shape_env is not None:
         context = torch._guards.tracing(torch._guards.TracingContext(fake_mode))
         example_inputs = [f if isinstance(f, torch.Tensor) else x
-                          for f, x in zip(fakes, example_inputs)]
+                          for f, x in zip(fakes, example_inputs, strict=True)]
     with config.patch(reorder_for_peak_memory=False), context:
         return compile_fx_inner(decomposed, example_inputs, is_backward=is_backward)
 

@@ -174,7 +174,7 @@ def _roles(example_inputs: Sequence, module: nn.Module | None,
             continue
         role = named.get(id(t))
         if lasting is not None and id(t) not in lasting:
-            if lasting_storages and _storage_ptr(t) in lasting_storages:
+            if lasting_storages and storage_ptr(t) in lasting_storages:
                 role = PrimalRole("parameter", f"view{n_inputs}")
             else:
                 role = PrimalRole("carried", f"carried{n_inputs}")
@@ -186,10 +186,12 @@ def _roles(example_inputs: Sequence, module: nn.Module | None,
     return roles
 
 
-def _storage_ptr(t: torch.Tensor) -> int:
+def storage_ptr(t: torch.Tensor) -> int:
+    """Address of the storage that holds ``t``'s memory on this rank (a DTensor's local
+    shard's); 0 where it has none (a tensor subclass without a storage of its own)."""
     try:
-        return t.untyped_storage().data_ptr()
-    except RuntimeError:  # (a tensor subclass without a storage of its own)
+        return (t.to_local() if hasattr(t, "to_local") else t).untyped_storage().data_ptr()
+    except RuntimeError:
         return 0
 
 

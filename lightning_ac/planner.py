@@ -237,9 +237,10 @@ def fused_costs(profile: Profile) -> Profile:
     rank = profile.rank
     done: dict[fx.Node, int] = {}
     for n in sorted(rank, key=rank.__getitem__, reverse=True):
-        same = [u for u in _readers(n) if u in rank and phase.get(u) == phase.get(n)]
+        readers_n = list(_readers(n))
+        same = [u for u in readers_n if u in rank and phase.get(u) == phase.get(n)]
         inlined = n in fused and same and all(u in fused for u in same) \
-            and not any(u.op == "output" for u in _readers(n))
+            and not any(u.op == "output" for u in readers_n)
         done[n] = max(done[u] for u in same) if inlined else rank[n]
     nodes["done_rank"] = nodes["node"].map(done).fillna(nodes["rank"]).astype(int)
 
@@ -265,12 +266,16 @@ def fused_costs(profile: Profile) -> Profile:
     return dataclasses.replace(profile, nodes=nodes, storages=storages)
 
 
+def _is_view(n: fx.Node) -> bool:
+    """Whether ``n`` is a view of its input (no kernel of its own: what reads it reads that)."""
+    return n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and (
+        n.target.is_view or n.target is torch.ops.aten._unsafe_view.default)
+
+
 def _readers(n: fx.Node):
-    """The nodes that read ``n``'s value, through views and tuple items (a view is not a
-    kernel: what reads the view reads the value)."""
+    """The nodes that read ``n``'s value, through views and tuple items."""
     for u in n.users:
-        if u.op == "call_function" and (u.target is operator.getitem or (
-                isinstance(u.target, torch._ops.OpOverload) and u.target.is_view)):
+        if _is_view(u) or (u.op == "call_function" and u.target is operator.getitem):
             yield from _readers(u)
         else:
             yield u
@@ -286,8 +291,7 @@ def padded_operands_B(node: fx.Node, fused: set[fx.Node] = frozenset()) -> int:
     0 for any other node. An operand made by a node in ``fused`` is written padded by its own
     kernel (no copy: measured on BERT's logits gradient). Inductor pads where a benchmark at
     compile time says it pays, so this is the most it allocates."""
-    ops = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
-    if node.op != "call_function" or node.target not in ops:
+    if node.op != "call_function" or node.target not in _MATMULS:
         return 0
     a, b = (node.args[1], node.args[2]) if node.target is torch.ops.aten.addmm.default \
         else node.args[:2]
@@ -303,16 +307,14 @@ def padded_operands_B(node: fx.Node, fused: set[fx.Node] = frozenset()) -> int:
         return x % align != 0 and x != 1
 
     def copied(x, v):
-        while isinstance(x, fx.Node) and x.target in _VIEWS:
+        while isinstance(x, fx.Node) and _is_view(x):
             x = x.args[0]
         return 0 if x in fused else v.numel() * v.element_size()
 
     return (copied(a, va) if off(m) or off(k) else 0) + (copied(b, vb) if off(k) or off(n) else 0)
 
 
-_VIEWS = (torch.ops.aten.t.default, torch.ops.aten.view.default, torch.ops.aten.permute.default,
-          torch.ops.aten.transpose.int, torch.ops.aten._unsafe_view.default,
-          torch.ops.aten.expand.default)
+_MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
 
 
 def plan(profile: Profile, budget_B: int | None, headroom: float = HEADROOM,

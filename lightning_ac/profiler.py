@@ -351,8 +351,9 @@ class GraphProfiler(fx.Interpreter):
             entry = self._registry.get(ptr)
             # (the same storage, not another made at an address a live one gave back: FSDP
             # frees a gathered parameter's storage in place while views of it wait for backward)
-            if entry is not None and any(r() is not None and compat.storage_id(r()) ==
-                                         compat.storage_id(t) for r in entry[1]):
+            sid = compat.storage_id(t)
+            if entry is not None and any(r() is not None and compat.storage_id(r()) == sid
+                                         for r in entry[1]):
                 storage = entry[0]
                 entry[1].append(weakref.ref(t))
             else:

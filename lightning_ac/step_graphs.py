@@ -38,7 +38,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from lightning_ac.capture import GraphSlot, JointGraph, aot_compile, compile_graphs, running
+from lightning_ac.capture import (
+    GraphSlot,
+    JointGraph,
+    aot_compile,
+    compile_graphs,
+    running,
+    storage_ptr,
+)
 from lightning_ac.planner import Plan, can_swap_value
 from lightning_ac.profiler import (
     EagerMemory,
@@ -204,7 +211,7 @@ class StepGraphs:
 
     def _to_host(self, t: torch.Tensor):
         if type(t) is not torch.Tensor or not t.is_cuda or t.layout != torch.strided \
-                or _ptr(t) in self._own_ptrs or _nbytes(t) < MIN_OFFLOAD_B:
+                or storage_ptr(t) in self._own_ptrs or _nbytes(t) < MIN_OFFLOAD_B:
             return t  # (a subclass, DTensor's say, has sizes that are not its local memory's)
         host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=True)
         host.copy_(t, non_blocking=True)
@@ -225,8 +232,9 @@ class StepGraphs:
         # what lasts through the step; anything else a graph takes in is made inside it
         self._lasting = {id(t) for t in [*_tensors([*args, *kwargs.values()]),
                                          *self.module.parameters(), *self.module.buffers()]}
-        self._own_ptrs = {_ptr(t) for t in [*self.module.parameters(), *self.module.buffers()]}
-        self._param_ptrs = frozenset(_ptr(p) for p in self.module.parameters()) - {0}
+        self._own_ptrs = {storage_ptr(t)
+                          for t in [*self.module.parameters(), *self.module.buffers()]}
+        self._param_ptrs = frozenset(storage_ptr(p) for p in self.module.parameters()) - {0}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
         self._region_starts()
         try:
@@ -248,7 +256,7 @@ class StepGraphs:
         for g in self.graphs:
             for node, ref in g.carried:
                 t = ref()
-                if t is not None and _nbytes(t) == 0 and g.joint is not None:
+                if t is not None and _nbytes(t) == 0:
                     g.joint.resharded.add(node)
             g.carried = []
 
@@ -276,11 +284,11 @@ class StepGraphs:
         if g.compiled is None:
             return slot.gm(*args)
         if self._capturing:
-            g.input_ptrs = [_ptr(t) for t in _tensors(args)]
+            g.input_ptrs = [storage_ptr(t) for t in _tensors(args)]
         with self._paused_hooks():
             out = g.compiled(*args)
         if self._capturing:
-            g.outputs = [(_ptr(t), tuple(t.shape)) for t in _tensors(out)]
+            g.outputs = [(storage_ptr(t), tuple(t.shape)) for t in _tensors(out)]
             self._region_starts()
         return out
 
@@ -319,7 +327,7 @@ class StepGraphs:
             hooks.__enter__()
 
     def _pack(self, t: torch.Tensor):
-        ptr = _ptr(t)
+        ptr = storage_ptr(t)
         if ptr and ptr not in self._own_ptrs:
             self._eager_saved.setdefault(len(self.graphs) - 1, {})[ptr] = _nbytes(t)
         return t
@@ -376,10 +384,10 @@ class StepGraphs:
         params = [p for p in self.module.parameters() if p.requires_grad]
         # by storage: parameters that are views of one storage (FSDP1's flat parameters with
         # use_orig_params) take its bytes once, and none where a graph takes in a view of it
-        in_graphs = {_ptr(v) or id(v) for g in captured for v in g.joint.primal_values
+        in_graphs = {storage_ptr(v) or id(v) for g in captured for v in g.joint.primal_values
                      if v is not None}
-        eager_param_B = sum({_ptr(p) or id(p): _nbytes(p) for p in params
-                             if (_ptr(p) or id(p)) not in in_graphs}.values())
+        eager_param_B = sum({storage_ptr(p) or id(p): _nbytes(p) for p in params
+                             if (storage_ptr(p) or id(p)) not in in_graphs}.values())
         order = [i for i in self.backward_order]
         position = {g.index: k for k, g in enumerate(captured)}
         self.profile = profile_graphs(
@@ -539,14 +547,6 @@ def _one_behind(joint: JointGraph, swapped: list[fx.Node]) -> dict[fx.Node, fx.N
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The tensor that holds ``t``'s memory on this rank (a DTensor's local shard)."""
     return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _ptr(t: torch.Tensor) -> int:
-    """Address of ``t``'s storage (0 where it has none: a tensor subclass without one)."""
-    try:
-        return _local(t).untyped_storage().data_ptr()
-    except RuntimeError:
-        return 0
 
 
 def _nbytes(t: torch.Tensor) -> int:
