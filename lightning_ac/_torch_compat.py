@@ -76,6 +76,25 @@ def active_ddp_module() -> torch.nn.Module | None:
     return DistributedDataParallel._get_active_ddp_module()
 
 
+@contextlib.contextmanager
+def one_graph_under_one_rank_ddp(module: torch.nn.Module | None = None) -> Iterator[None]:
+    """Inside the forward of a ``DistributedDataParallel`` whose process group has one rank (or
+    calling ``module``, such a DDP module), dynamo's DDP optimizer off for what compiles in the
+    context. It cuts the step at gradient
+    buckets so that each bucket's all-reduce can run under the rest of backward; with one rank
+    there is nothing to overlap, and the cuts only split what the planner sees (BERT-base under
+    Lightning's DDP on one H200: the plan's floor rose from within a 7.45 GiB budget to 8.00 GiB).
+    Scoped to our own compilation: the user's settings and compiled functions are untouched."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = active_ddp_module() or (module if isinstance(module, DistributedDataParallel) else None)
+    if ddp is None or torch.distributed.get_world_size(ddp.process_group) > 1:
+        yield
+        return
+    with torch._dynamo.config.patch(optimize_ddp=False):
+        yield
+
+
 def backward_keeps_graph() -> bool:
     """Inside a backward: whether it was asked to keep the graph (``retain_graph=True``, or
     ``create_graph``), so that what it reads must stay for another backward (AOTAutograd's own

@@ -90,6 +90,10 @@ class JointGraph:
     """Carried primals whose memory eager code frees when forward ends and makes again before
     this graph's backward (FSDP's reshard after forward; seen in the capture call: their
     storage was empty once forward had run). Not live in between, even where saved."""
+    dropped_outputs: set[fx.Node] = field(default_factory=set)
+    """Forward outputs of a graph of a split step that nothing held when forward ended (seen in
+    the capture call: an HF model's ``logits`` beside the ``loss`` the step returns); their
+    memory lives until then, not through backward, unless something saved aliases it."""
 
     @property
     def graph(self) -> fx.Graph:
@@ -327,10 +331,11 @@ def compile_joint(fn: Callable, module: nn.Module | None,
             needs.compiled[key] = compiled
         return compiled
 
-    compiled = torch.compile(own_entry(fn), backend=backend, fullgraph=True,
-                             dynamic=None if dynamic else False)
-    compiled.mutwo_backend_needs = needs  # what keeps them alive
-    return compiled
+    step = _one_graph_under_one_rank_ddp(
+        torch.compile(own_entry(fn), backend=backend, fullgraph=True,
+                      dynamic=None if dynamic else False), module)
+    step.mutwo_backend_needs = needs  # what keeps them alive
+    return step
 
 
 def aot_compile(gm: fx.GraphModule, example_inputs: list, module: nn.Module | None,
@@ -410,7 +415,7 @@ def _graph_backend(gm: fx.GraphModule, example_inputs: list) -> GraphSlot:
     return GraphSlot(gm)
 
 
-def compile_graphs(fn: Callable) -> Callable:
+def compile_graphs(fn: Callable, module: nn.Module | None = None) -> Callable:
     """``torch.compile`` ``fn`` into as many graphs as dynamo needs; call the result inside
     :func:`running` so that each graph goes to that step's ``run_graph``.
 
@@ -419,8 +424,23 @@ def compile_graphs(fn: Callable) -> Callable:
     runs the frame uncompiled and no graph of it reaches a step (a ninth sequence length turned
     AC off). A size that changes is traced as varying from its second value on; each step still
     captures its graphs at its own call's sizes (AOTAutograd traces them outside dynamo, the
-    sizes as plain ints)."""
-    return torch.compile(own_entry(fn), backend=_graph_backend, dynamic=None)
+    sizes as plain ints). Under a DDP of one rank (``module``, or the DDP whose forward is
+    running) it is not cut at DDP's buckets (:func:`~lightning_ac._torch_compat.
+    one_graph_under_one_rank_ddp`)."""
+    return _one_graph_under_one_rank_ddp(
+        torch.compile(own_entry(fn), backend=_graph_backend, dynamic=None), module)
+
+
+def _one_graph_under_one_rank_ddp(compiled: Callable, module: nn.Module | None) -> Callable:
+    """``compiled``, called with dynamo's DDP optimizer off where DDP has one rank (the module
+    reached by a weak reference: the returned function must not keep it alive)."""
+    module_ref = weakref.ref(module) if module is not None else lambda: None
+
+    def step(*args, **kwargs):
+        with compat.one_graph_under_one_rank_ddp(module_ref()):
+            return compiled(*args, **kwargs)
+
+    return step
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """Plain PyTorch DDP compiled whole (``auto_checkpoint(DDP(model))``) on the CPU, 2 ranks (gloo),
 run by tests/test_distributed.py as a script. Dynamo's DDP optimizer splits the step at gradient
-bucket boundaries, so each graph's backward hands its bucket's gradients to DDP as it ends.
-Writes what each rank saw to --out."""
+bucket boundaries, so each graph's backward hands its bucket's gradients to DDP as it ends
+(``--ranks 1``: one rank, nothing to overlap). Writes what each rank saw to --out."""
 
 import argparse
 import json
@@ -30,9 +30,9 @@ class Model(nn.Module):
         return nn.functional.cross_entropy(self.head(self.blocks(x).mean(1)), y)
 
 
-def run(rank: int, budget: int, out: Path, port: int) -> None:
+def run(rank: int, budget: int, out: Path, port: int, ranks: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", rank=rank, world_size=ranks)
     torch.manual_seed(0)
     model = nn.parallel.DistributedDataParallel(Model(), bucket_cap_mb=1)  # 3 buckets
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -48,7 +48,8 @@ def run(rank: int, budget: int, out: Path, port: int) -> None:
         losses.append(loss.item())
     seen = {"losses": losses}
     if ac is not None:
-        seen.update(state=str(ac.state), graphs=len(ac.last.graphs.captured),
+        graphs = ac.last.graphs
+        seen.update(state=str(ac.state), graphs=len(graphs.captured) if graphs else 1,
                     recomputed=len(ac.plan.recomputed))
     torch.save([p.detach() for p in model.parameters()], out / f"params_{rank}.pt")
     (out / f"rank_{rank}.json").write_text(json.dumps(seen))
@@ -60,5 +61,6 @@ if __name__ == "__main__":
     ap.add_argument("--budget", type=int, default=0, help="0: no AC")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--port", type=int, default=29561)
+    ap.add_argument("--ranks", type=int, default=2)
     args = ap.parse_args()
-    mp.spawn(run, args=(args.budget, args.out, args.port), nprocs=2)
+    mp.spawn(run, args=(args.budget, args.out, args.port, args.ranks), nprocs=args.ranks)

@@ -97,6 +97,18 @@ def test_ddp_compiled_whole_is_planned_across_its_gradient_buckets(tmp_path):
     _assert_same_parameters(tmp_path / "ac", tmp_path / "ref")
 
 
+def test_ddp_with_one_rank_is_captured_as_one_graph_whatever_its_buckets(tmp_path):
+    """With one rank there is no all-reduce to overlap with backward: the step DDP would cut at
+    its 3 buckets is captured and planned as one graph (as without DDP), and trains the same."""
+    (ref,), _ = _fit(tmp_path / "ref", 0, BUCKETS_WORKER, "--ranks", "1", ranks=1)
+    (run,), _ = _fit(tmp_path / "ac", 10_000_000, BUCKETS_WORKER, "--ranks", "1", ranks=1)
+    assert run["state"] == "active" and run["graphs"] == 1 and run["recomputed"] > 0
+    assert run["losses"] == ref["losses"]
+    for p, q in zip(torch.load(tmp_path / "ac" / "params_0.pt"),
+                    torch.load(tmp_path / "ref" / "params_0.pt")):
+        assert (p - q).norm() <= 1e-6 * q.norm() + 1e-12
+
+
 def test_lightning_ddp_hands_buckets_to_the_all_reduce_during_backward(tmp_path):
     """Under Lightning's DDP the LightningModule's forward runs inside DDP's, so dynamo's DDP
     optimizer cuts it at bucket boundaries (3 buckets of 1 MB) and MuTwoAC plans the graphs as

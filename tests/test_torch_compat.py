@@ -79,6 +79,35 @@ def test_active_ddp_module_is_the_ddp_whose_forward_runs(tmp_path):
     assert seen == [ddp] and compat.active_ddp_module() is None
 
 
+def test_one_rank_ddp_turns_dynamos_ddp_optimizer_off_inside_the_context_only(tmp_path):
+    """Inside the forward of a one-rank DDP (or given such a module), dynamo's DDP optimizer
+    is off within the context and back as it was after; elsewhere it is left alone."""
+    import torch.distributed as dist
+    from torch import nn
+
+    seen = []
+
+    class Probe(nn.Linear):
+        def forward(self, x):
+            with compat.one_graph_under_one_rank_ddp():
+                seen.append(torch._dynamo.config.optimize_ddp)
+            return super().forward(x)
+
+    before = torch._dynamo.config.optimize_ddp
+    with compat.one_graph_under_one_rank_ddp(nn.Linear(2, 2)):  # no DDP: untouched
+        assert torch._dynamo.config.optimize_ddp == before
+    dist.init_process_group("gloo", rank=0, world_size=1,
+                            init_method=f"file://{tmp_path / 'store'}")
+    try:
+        ddp = nn.parallel.DistributedDataParallel(Probe(4, 4))
+        ddp(torch.randn(2, 4))
+        with compat.one_graph_under_one_rank_ddp(ddp):
+            seen.append(torch._dynamo.config.optimize_ddp)
+    finally:
+        dist.destroy_process_group()
+    assert seen == [False, False] and torch._dynamo.config.optimize_ddp == before
+
+
 def test_backward_keeps_graph_says_whether_retain_graph_was_asked():
     seen = []
     x = torch.randn(3, requires_grad=True)
