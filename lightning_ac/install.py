@@ -1004,7 +1004,9 @@ def infeasible_message(profile: Profile, result: Plan, foreign_B: int = 0) -> st
     smallest = (f"the smallest peak the planner reaches is {format_bytes(result.predicted_peak_B)} ("
                 + ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in parts.items())
                 + f") with {len(result.recomputed)} activations recomputed and "
-                f"{len(result.swapped)} kept in host memory")
+                f"{len(result.swapped)} kept in host memory"
+                + (f", eager code's saved tensors in host memory "
+                   f"({format_bytes(result.offload_eager_B)})" if result.offload_eager_B else ""))
     if result.target_B is not None and result.target_B <= 0:
         # nothing is left for the step: say what took it, not "planned to -1.81 GiB"
         held = f"tensors allocated before the step began take {format_bytes(foreign_B)}" \

@@ -345,7 +345,8 @@ def plan(profile: Profile, budget_B: int | None, headroom: float = HEADROOM,
     code between a split step's graphs saves for backward (an ``nn.LSTM``, code dynamo left
     out), which no recomputation of the graphs can lower, is planned in pinned host memory
     (:func:`offload_eager_saves`; each byte copied out and back, synchronously, counted in the
-    predicted time), if that reaches a lower peak.
+    predicted time), if that reaches a lower peak: only as many bytes as the budget needs,
+    the first saved first.
     """
     t0 = time.perf_counter()
     if reserve_B is None:
@@ -368,35 +369,71 @@ def plan(profile: Profile, budget_B: int | None, headroom: float = HEADROOM,
         elif alone.stop_reason == "fits" or alone.predicted_peak_B < best.predicted_peak_B:
             best = alone
     if offload_eager and swap and best.stop_reason == "infeasible":
-        moved = offload_eager_saves(profile)
-        if moved is not None:
-            other = plan(moved[0], budget_B, headroom, reserve_B, swap, recompute_free)
-            if other.stop_reason != "infeasible" or \
-                    other.predicted_peak_B < best.predicted_peak_B:
-                other.offload_eager_B = moved[1]
-                other.predicted_extra_ms += swap_ms(profile, moved[1], "to_host") + \
-                    swap_ms(profile, moved[1], "to_device")
-                other.baseline_peak_B = baseline.peak_B
-                best = other
+        best = _offloading_plan(profile, best, budget_B, headroom, reserve_B, recompute_free,
+                                baseline.peak_B)
     best.target_B = target
     best.planning_s = time.perf_counter() - t0
     return best
 
 
-def offload_eager_saves(profile: Profile) -> tuple[Profile, int] | None:
+def offload_eager_saves(profile: Profile, limit_B: int | None = None
+                        ) -> tuple[Profile, int] | None:
     """``profile`` with what eager code between graphs saves for backward (the storages
-    ``eager_saved``) kept in host memory: none of it on the device. And the bytes moved. None
+    ``eager_saved``) kept in host memory: none of it on the device, or, with ``limit_B``, the
+    first ``limit_B`` bytes of it in the order eager code saved them (as the step's hooks move
+    them: :meth:`~lightning_ac.step_graphs.StepGraphs._to_host`). And the bytes moved. None
     where there is nothing to move or the host link was not measured (CPU profiles)."""
     st = profile.storages
     if "eager_saved" not in st or not profile_index(profile).can_swap:
         return None
-    rows = st["eager_saved"].to_numpy()
-    moved = int(st["bytes"][rows].sum())
+    rows = st.index[st["eager_saved"].to_numpy()]
+    left = int(st["bytes"][rows].sum()) if limit_B is None else int(limit_B)
+    storages = st.copy()
+    moved = 0
+    for row in sorted(rows, key=lambda r: st.at[r, "start"]):  # (stable: region by region)
+        take = min(left, int(st.at[row, "bytes"]))
+        storages.at[row, "bytes"] -= take
+        moved, left = moved + take, left - take
     if not moved:
         return None
-    storages = st.copy()
-    storages.loc[rows, "bytes"] = 0
     return dataclasses.replace(profile, storages=storages), moved
+
+
+def _offloading_plan(profile: Profile, best: Plan, budget_B: int, headroom: float,
+                     reserve_B: int, recompute_free: bool, baseline_peak_B: int) -> Plan:
+    """For a budget out of reach (``best`` is infeasible): a plan with part or all of eager
+    code's saves in host memory that meets it, or, where even all of them do not, the lowest
+    peak. Each byte moved is copied out and back on the step's stream, and fewer bytes moved
+    can mean more recomputation in the graphs: the fewest bytes that meet the budget are found
+    by bisection (to a sixteenth of the whole), and the fastest of the plans tried that meet it
+    returned."""
+    def with_offload(limit_B: int | None) -> Plan | None:
+        moved = offload_eager_saves(profile, limit_B)
+        if moved is None:
+            return None
+        p = plan(moved[0], budget_B, headroom, reserve_B, True, recompute_free)
+        p.offload_eager_B = moved[1]
+        p.predicted_extra_ms += swap_ms(profile, moved[1], "to_host") + \
+            swap_ms(profile, moved[1], "to_device")
+        p.baseline_peak_B = baseline_peak_B
+        return p
+
+    every = with_offload(None)
+    if every is None:
+        return best
+    if every.stop_reason == "infeasible":
+        return every if every.predicted_peak_B < best.predicted_peak_B else best
+    lo, hi, met = 0, every.offload_eager_B, [every]  # (lo: not enough; hi: enough)
+    while hi - lo > every.offload_eager_B // 16:
+        mid = (lo + hi) // 2
+        p = with_offload(mid)
+        if p is not None and p.stop_reason != "infeasible":
+            hi = mid
+            met.append(p)
+        else:
+            lo = mid
+    # fewer bytes moved can mean more recomputed in the graphs: the fastest of those that meet it
+    return min(met, key=lambda p: (p.predicted_extra_ms, p.offload_eager_B))
 
 
 def default_reserve_B(profile: Profile | torch.device | None) -> int:

@@ -876,6 +876,7 @@ def _assemble(joints: list[JointGraph], profilers: list[GraphProfiler],
     _classify(joints, optimizer, storages, phase)
     handed_grads = _grads_handed_on(joints)
     resharded = {p for j in joints for p in j.resharded}
+    dropped = {n for j in joints for n in j.dropped_outputs}
     grads = {g for j in joints for g in j.grad_of} - handed_grads
     handed = set()
     for out, inp in handed_on:
@@ -895,6 +896,8 @@ def _assemble(joints: list[JointGraph], profilers: list[GraphProfiler],
                 pass  # the later graph's uses (its aliases) say how long it lives
             elif n in handed_grads:
                 users.append(bwd_end[n.graph])  # eager code takes it when the backward ends
+            elif n in dropped:
+                users.append(n_forward - 1)  # nothing held it once forward had ended
             else:
                 users.append(n_joint - 1 if phase[n] != "optimizer" else end)
         return max(users, default=rank[n])

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import logging
 import time
 import weakref
@@ -73,6 +74,11 @@ MIN_OFFLOAD_B = 1 << 20
 """Saved tensors smaller than this stay on the device when eager code's saves go to the host
 (a copy each way costs more than the memory is worth)."""
 
+# Autograd calls the saved-tensor hooks from eager code inside the step's dynamo-compiled call,
+# where dynamo would otherwise compile each hook as a frame of its own (and recompile it per
+# dtype until its recompile limit: measured on the H200 with an nn.LSTM between graphs).
+_not_traced = torch.compiler.disable
+
 
 @dataclass(eq=False)
 class CapturedGraph:
@@ -100,6 +106,9 @@ class CapturedGraph:
     carried: list[tuple[fx.Node, weakref.ref]] = field(default_factory=list)
     """Its carried primals and (weakly) their values, from its capture to the capture call's
     end of forward (:meth:`StepGraphs._resharded`)."""
+    returned: list[weakref.ref] = field(default_factory=list)
+    """(Weakly) the tensors it returned in the capture call, to its end of forward
+    (:meth:`StepGraphs._dropped`)."""
 
 
 class StepGraphs:
@@ -120,7 +129,7 @@ class StepGraphs:
         self.host_swap = host_swap
         self.measure_options = measure_options
         self.previous_grads = previous_grads
-        self.compiled = compile_graphs(fn)
+        self.compiled = compile_graphs(fn, module)
         self.graphs: list[CapturedGraph] = []
         self._by_slot: dict[tuple[GraphSlot, int], CapturedGraph] = {}
         self._occurrence: dict[GraphSlot, int] = {}
@@ -198,21 +207,27 @@ class StepGraphs:
         (``Plan.offload_eager_B``): what eager code saves for backward goes to pinned host
         memory as it is saved and comes back when backward reads it (torch's ``save_on_cpu``,
         less the module's own parameters and buffers, tensors under :data:`MIN_OFFLOAD_B` and
-        what the graphs save: their hooks are paused while they run)."""
+        what the graphs save: their hooks are paused while they run), in the order they are
+        saved, until the plan's bytes have gone."""
         if self.plan is None or not self.plan.offload_eager_B or self._capturing:
             yield
             return
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._to_host, _from_host)
+        self._offload_left_B = self.plan.offload_eager_B
         try:
             with self._hooks:
                 yield
         finally:
             self._hooks = None
 
+    @_not_traced
     def _to_host(self, t: torch.Tensor):
         if type(t) is not torch.Tensor or not t.is_cuda or t.layout != torch.strided \
-                or storage_ptr(t) in self._own_ptrs or _nbytes(t) < MIN_OFFLOAD_B:
+                or storage_ptr(t) in self._own_ptrs or _nbytes(t) < MIN_OFFLOAD_B \
+                or self._offload_left_B <= 0:
             return t  # (a subclass, DTensor's say, has sizes that are not its local memory's)
+        # the plan's bytes, the first saved first (as planner.offload_eager_saves counts them)
+        self._offload_left_B -= _nbytes(t)
         host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=True)
         host.copy_(t, non_blocking=True)
         return t.device, host
@@ -242,6 +257,7 @@ class StepGraphs:
                 out = self.compiled(*args, **kwargs)
             self._region_ends()
             self._resharded()
+            self._dropped()
             return out
         finally:
             self._hooks = None
@@ -259,6 +275,26 @@ class StepGraphs:
                 if t is not None and _nbytes(t) == 0:
                     g.joint.resharded.add(node)
             g.carried = []
+
+    def _dropped(self) -> None:
+        """Forward has ended: the outputs of each graph that nothing holds any more (returned
+        beside what the step uses, and let go by eager code) are marked on its graph: they
+        live until here, not through backward."""
+        if any(ref() is not None for g in self.captured for ref in g.returned):
+            # dynamo traced the frames between the graphs in this call, and its tracer keeps
+            # the real values it saw (an HF model's output object) in reference cycles until
+            # the collector runs: only this call (a later step holds nothing of the kind)
+            gc.collect()
+        for g in self.captured:
+            fwd_outputs = g.joint.outputs()[:g.joint.num_fwd_outputs]
+            # (the user outputs come last among them, as in _handed_on)
+            for ref, (_, shape), node in zip(reversed(g.returned), reversed(g.outputs),
+                                             reversed(fwd_outputs)):
+                val = node.meta.get("val") if isinstance(node, fx.Node) else None
+                if ref() is None and isinstance(val, torch.Tensor) and tuple(val.shape) == shape:
+                    g.joint.dropped_outputs.add(node)
+        for g in self.graphs:
+            g.returned = []
 
     def run_graph(self, slot: GraphSlot, args: list):
         """Run one graph of the step (called by its :class:`GraphSlot`)."""
@@ -289,6 +325,7 @@ class StepGraphs:
             out = g.compiled(*args)
         if self._capturing:
             g.outputs = [(storage_ptr(t), tuple(t.shape)) for t in _tensors(out)]
+            g.returned = [weakref.ref(t) for t in _tensors(out)]
             self._region_starts()
         return out
 
@@ -326,6 +363,7 @@ class StepGraphs:
         finally:
             hooks.__enter__()
 
+    @_not_traced
     def _pack(self, t: torch.Tensor):
         ptr = storage_ptr(t)
         if ptr and ptr not in self._own_ptrs:
@@ -556,10 +594,12 @@ def _nbytes(t: torch.Tensor) -> int:
         return 0
 
 
+@_not_traced
 def _unpack(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+@_not_traced
 def _from_host(packed):
     """A saved tensor as backward reads it: back on its device if it went to the host."""
     if isinstance(packed, tuple):

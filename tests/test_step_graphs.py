@@ -335,9 +335,10 @@ def _lstm_step(budget):
 def test_an_out_of_reach_budget_plans_eager_codes_saved_tensors_in_host_memory():
     """What eager code between graphs saves (an nn.LSTM's) no recomputation of the graphs can
     lower. Where the budget is out of reach without it, the planner keeps those tensors in
-    host memory: the predicted peak drops by up to their bytes, their copies out and back are
-    in the predicted time, and the summary says so. Not where the budget is reachable, not
-    without swapping, and not on a profile without a measured host link."""
+    host memory, the first saved first, as many bytes as the budget needs where copies are
+    dear: the predicted peak drops by up to them, their copies out and back are in the
+    predicted time, and the summary says so. Not where the budget is reachable, not without
+    swapping, and not on a profile without a measured host link."""
     import dataclasses
 
     from lightning_ac.planner import HEADROOM, offload_eager_saves, plan
@@ -347,16 +348,27 @@ def test_an_out_of_reach_budget_plans_eager_codes_saved_tensors_in_host_memory()
     prof = ac.profile
     eager = int(sum(prof.summary["eager_saved_B"]))
     assert eager > 0 and offload_eager_saves(prof) is None  # (CPU: no host link measured)
-    linked = dataclasses.replace(prof, summary={**prof.summary, "host_device_bandwidth_GBps": 10.0,
-                                                "to_host_GBps": 10.0, "to_device_GBps": 10.0})
+    def link(gbps):  # the profile with a measured host link of that speed
+        return dataclasses.replace(prof, summary={
+            **prof.summary, "host_device_bandwidth_GBps": gbps, "to_host_GBps": gbps,
+            "to_device_GBps": gbps})
+
+    linked = link(10.0)
     moved, moved_B = offload_eager_saves(linked)
     assert moved_B == eager and simulate_peak(moved) < simulate_peak(linked)
     floor = plan(linked, 1, swap=False).predicted_peak_B
     budget = int((floor - eager // 2) / (1 - HEADROOM))
     assert plan(linked, budget).stop_reason == "infeasible"  # (offload_eager off by default)
+    half, half_B = offload_eager_saves(linked, eager // 2)  # the first saved bytes only
+    assert half_B == eager // 2
+    assert simulate_peak(moved) < simulate_peak(half) < simulate_peak(linked)
     p = plan(linked, budget, offload_eager=True)
-    assert p.stop_reason == "fits" and p.offload_eager_B == eager
-    assert p.predicted_peak_B <= budget and p.predicted_extra_ms >= 2 * eager / 10e6
+    assert p.stop_reason == "fits" and p.predicted_peak_B <= budget
+    assert p.offload_eager_B >= eager // 2 and p.predicted_extra_ms >= 2 * p.offload_eager_B / 10e6
+    # where copies are dear, as many bytes as the budget needs (about half), not all of them
+    slow = plan(link(0.01), budget, offload_eager=True)
+    assert slow.stop_reason == "fits" and eager // 2 <= slow.offload_eager_B <= eager * 5 // 8, \
+        (slow.offload_eager_B, eager)
     assert "eager code's saved tensors in host memory" in p.summary()
     assert plan(linked, budget, offload_eager=True, swap=False).offload_eager_B == 0
     assert plan(linked, prof.peak_bytes * 2, offload_eager=True).offload_eager_B == 0
@@ -395,3 +407,38 @@ def test_a_plan_with_eager_saves_on_the_host_sends_eager_codes_saves_there_and_t
     assert all(len(s) for s in sent)  # (the graphs' saved handle is a 1-element tensor: not
     assert (1,) not in sent           # sent: their hooks are paused while they run)
     assert losses == pytest.approx(ref_losses, rel=1e-5)
+
+
+class _Outputs(nn.Module):
+    """A split step whose last graph returns a large tensor beside the loss (as HF models return
+    their logits), which the step drops."""
+
+    def __init__(self, d=64):
+        super().__init__()
+        self.first, self.head = Block(d), nn.Linear(d, 512)
+
+    def forward(self, x):
+        h = self.first(x)
+        print(end="")  # a break
+        logits = self.head(h)
+        return {"loss": logits.mean() + h.pow(2).mean(), "logits": logits}
+
+
+def test_a_graph_output_the_step_drops_lives_until_forward_ends_not_through_backward():
+    """The last graph returns the logits beside the loss, and the step keeps only the loss:
+    seen in the capture call, the logits are marked dropped and the profile frees them when
+    forward ends (it kept them through backward, where nothing holds them)."""
+    torch.manual_seed(0)
+    model = _Outputs()
+    x = torch.randn(4, 32, 64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    ac = auto_checkpoint(lambda x: model(x)["loss"], opt, module=model, budget=10**12,
+                         always_rewrite=True)
+    _train(model, ac, x, opt, 2)
+    last = ac.last.graphs.captured[-1].joint
+    (dropped,) = last.dropped_outputs
+    assert tuple(dropped.meta["val"].shape) == (4, 32, 512)
+    prof = ac.profile
+    n_forward = int((prof.nodes["phase"] == "forward").sum())
+    rows = prof.storages[prof.storages["aliases"].map(lambda a: dropped in a)]
+    assert len(rows) == 1 and rows["stop"].iloc[0] <= n_forward - 1
