@@ -24,6 +24,13 @@ class MaskedLM(L.LightningModule):
 
         self.bert = BertForMaskedLM(BertConfig(**config))
 
+    @property
+    def fsdp_blocks(self) -> set[type]:
+        """The classes ``--strategy fsdp`` wraps as one unit each: the encoder layer."""
+        from transformers.models.bert.modeling_bert import BertLayer
+
+        return {BertLayer}
+
     def forward(self, input_ids, attention_mask, labels):
         # attention_mask passed explicitly: without it HF checks the batch for padding on the
         # host, which breaks the graph capture

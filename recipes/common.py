@@ -108,6 +108,9 @@ def parser(description: str, batch_default_gpu: int, batch_default_cpu: int) -> 
     ac.add_argument("--no-ac", action="store_true", help="train without MuTwoAC")
     p.add_argument("--device-memory", default=None,
                    help='emulate a smaller GPU, e.g. "16GB" (per-process memory fraction)')
+    p.add_argument("--strategy", default="auto", choices=["auto", "ddp", "fsdp"],
+                   help="Lightning's strategy on this one device: ddp, or fsdp (FSDPStrategy, one "
+                        "unit per block; needs a GPU). For scripts written for several GPUs")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=0)
@@ -127,6 +130,7 @@ def run(name: str, args: argparse.Namespace, model: L.LightningModule,
         torch.cuda.set_per_process_memory_fraction(min(1.0, parse_budget(args.device_memory) / total))
     monitor: StepMonitor = StepMonitor() if args.no_ac else MuTwoAC(budget=args.budget)
     trainer = L.Trainer(accelerator="gpu" if gpu else "cpu", devices=1, max_steps=args.steps,
+                        strategy=_strategy(args, model, gpu),
                         precision=args.precision, callbacks=[monitor], log_every_n_steps=1,
                         logger=L.loggers.CSVLogger(args.log_dir, name=name),
                         enable_model_summary=False, num_sanity_val_steps=0)
@@ -147,8 +151,14 @@ def run(name: str, args: argparse.Namespace, model: L.LightningModule,
                else "no measured steps (the first steps plan and warm up: raise --steps)")
     print(f"[{name}] batch {batch_size}, {args.precision}, AC {ac}: "
           f"peak {format_bytes(peak) if peak else 'n/a (CPU)'}, {figures}", flush=True)
+    loss = trainer.callback_metrics.get("train_loss")
     result = {"peak_B": peak, "step_ms": step, "step_ms_mean": m.get("mutwo/step_time_ms"),
               "state": getattr(monitor, "state", "no-ac"),
+              "strategy": type(trainer.strategy).__name__,
+              "final_loss": float(loss) if loss is not None else None,
+              "recomputed": len(plan.recomputed) if plan else None,
+              "swapped": len(plan.swapped) if plan else None,
+              "baseline_peak_B": plan.baseline_peak_B if plan else None,
               "batch_size": batch_size, "samples_per_s": throughput,
               "budget_B": plan.budget_B if plan else None,
               "predicted_peak_B": plan.predicted_peak_B if plan else None,
@@ -162,6 +172,18 @@ def run(name: str, args: argparse.Namespace, model: L.LightningModule,
     return result
 
 
+
+
+def _strategy(args: argparse.Namespace, model: L.LightningModule, gpu: bool):
+    """Lightning's strategy for ``--strategy``: FSDP wraps each of the model's blocks
+    (``model.fsdp_blocks``: the layer classes its transformer or residual stack repeats)."""
+    if args.strategy != "fsdp":
+        return args.strategy
+    if not gpu:
+        sys.exit("--strategy fsdp needs a GPU (Lightning's FSDPStrategy does not run on the CPU)")
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return FSDPStrategy(auto_wrap_policy=set(model.fsdp_blocks))
 
 
 def _on_gpu(args: argparse.Namespace) -> bool:

@@ -22,6 +22,13 @@ class ImageClassifier(L.LightningModule):
 
         self.net = getattr(tvm, arch)(num_classes=classes)
 
+    @property
+    def fsdp_blocks(self) -> set[type]:
+        """The classes ``--strategy fsdp`` wraps as one unit each: the residual blocks."""
+        from torchvision.models.resnet import BasicBlock, Bottleneck
+
+        return {BasicBlock, Bottleneck}
+
     def forward(self, x):
         return self.net(x)
 

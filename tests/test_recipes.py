@@ -149,3 +149,30 @@ def test_sweep_merges_csvs_and_draws_a_sweep_where_nothing_trained(tmp_path):
     assert pd.read_csv(out / "bert_sweep.csv")["status"].tolist() == ["ok", "ok", "OOM", "OOM"]
     summary = (out / "bert_sweep_summary.json").read_text()
     assert '"largest_batch_ac": 8' in summary
+
+
+def test_recipe_under_ddp_on_one_device_plans_as_without_a_strategy(tmp_path):
+    """``--strategy ddp`` on one device (a script written for several GPUs): MuTwoAC is active
+    under Lightning's DDPStrategy, the plan starts from the same un-checkpointed peak (within
+    1%: DDP adds nothing the step keeps), and the budget holds in the plan."""
+    runs = {}
+    for strategy in ("auto", "ddp"):
+        runs[strategy] = main(bert.build, "bert", _args(
+            bert, "--budget", "4.5MB", "--steps", "3", "--strategy", strategy,
+            "--log-dir", str(tmp_path / strategy), "--result-json",
+            str(tmp_path / f"{strategy}.json")))
+    plain, ddp = runs["auto"], runs["ddp"]
+    assert ddp["strategy"] == "DDPStrategy" != plain["strategy"]
+    for r in (plain, ddp):
+        assert r["state"] == "active" and r["recomputed"] > 0
+        assert r["predicted_peak_B"] <= r["budget_B"]
+    assert abs(ddp["baseline_peak_B"] - plain["baseline_peak_B"]) <= 0.01 * plain["baseline_peak_B"]
+
+
+def test_fsdp_recipe_needs_a_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    with pytest.raises(SystemExit, match="needs a GPU"):
+        main(bert.build, "bert", _args(bert, "--strategy", "fsdp", "--log-dir", str(tmp_path)))
