@@ -9,6 +9,9 @@ same batch and seed:
 
 * ``engaged``: the step was captured, planned and ran rewritten; ``reason``: why not;
 * ``recomputed``, ``predicted_peak_B``, ``budget_B``, ``baseline_peak_B``: the plan;
+  ``eager_saved_B`` and ``offload_eager_B``: what eager code between graphs saves for backward,
+  and how much of it the plan keeps in host memory; ``foreign_B``: device memory allocated
+  when the AC run's first step began that is not the step's (the budget counts it);
 * ``max_rel_loss_diff``: the losses with AC against without, step by step (and
   ``first_rel_loss_diff``: the first step's, before any update: on inductor's kernels later
   steps drift as AdamW turns each rounding difference in a near-zero gradient into a full step);
@@ -314,7 +317,8 @@ def run_model(name: str, family: str, make: Callable[[int], Workload], batch: in
         w = make(batch)
         w.model.to(device).train()
         w = replace(w, inputs=tuple(t.to(device) for t in w.inputs))
-        state = {k: v.clone() for k, v in w.model.state_dict().items()}
+        # (kept in host memory: held on the device, it would take from the AC run's budget)
+        state = {k: v.detach().to("cpu", copy=True) for k, v in w.model.state_dict().items()}
         opt = torch.optim.AdamW(w.model.parameters(), lr=1e-3)
         torch.manual_seed(1)
         ref = _steps(w.loss, w, opt, steps)
@@ -343,6 +347,8 @@ def run_model(name: str, family: str, make: Callable[[int], Workload], batch: in
         reason="" if engaged else (said[0].splitlines()[0][:300] if said else str(ac.state)),
         graphs=(len(graphs.captured) if graphs is not None else 1) if engaged else 0,
         eager_saved_B=sum(ac.profile.summary.get("eager_saved_B", [])) if ac.profile else None,
+        offload_eager_B=ac.plan.offload_eager_B if ac.plan else None,
+        foreign_B=ac.last.foreign_B if ac.last is not None else None,
         split_by=ac.last.not_one_graph[:200] if ac.last is not None else "",
         recomputed=len(ac.plan.recomputed) if ac.plan else None,
         swapped=len(ac.plan.swapped) if ac.plan else None,
