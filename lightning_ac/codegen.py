@@ -20,7 +20,9 @@ move an op anywhere its inputs allow. So :func:`for_inductor` rewrites a copy of
   generator, fused into the neighbouring kernels: the draws are not eager's; with inductor's
   ``fallback_random`` they are);
 * views by size become reshapes (a re-trace through inductor's decompositions may lay a value
-  out otherwise than the first trace did).
+  out otherwise than the first trace did);
+* cuDNN's BatchNorm (forward and backward) becomes the native one, which inductor decomposes
+  and fuses as ``torch.compile`` does; cuDNN's it could only call as kernels of their own.
 
 :class:`InductorGraph` compiles the result at its first call, with that call's inputs, under
 inductor settings that keep the plan's order (no memory-driven reordering: the plan already
@@ -239,6 +241,44 @@ def _replay_random(g, n):
     g.erase_node(state)
 
 
+def _cudnn_batch_norm(g, n):
+    """cuDNN's training BatchNorm without running statistics (what
+    :func:`~lightning_ac.graph_passes.batch_norm_without_buffers` picks where eager runs cuDNN)
+    becomes ``_native_batch_norm_legit.no_stats``, which inductor decomposes and fuses with its
+    neighbours (ReLU, the residual add), as ``torch.compile`` does; cuDNN's op it could only
+    call as a kernel of its own. Its reserve space becomes an empty tensor (a saved value of
+    the forward may be it): the backward no longer reads it (:func:`_cudnn_batch_norm_backward`)."""
+    x, w, b, rm, rv, training, momentum, eps = n.args
+    if rm is not None or rv is not None:
+        return  # (running statistics: not one of ours)
+    for u in list(n.users):
+        if u.target is operator.getitem and u.args[1] == 3:
+            with g.inserting_before(u):
+                empty = g.call_function(torch.ops.aten.new_empty.default, (x, [0]),
+                                        {"dtype": torch.uint8})
+            if "val" in u.meta:
+                empty.meta["val"] = u.meta["val"].new_empty([0])
+            u.replace_all_uses_with(empty)
+            g.erase_node(u)
+    new = _replace(g, n, torch.ops.aten._native_batch_norm_legit.no_stats,
+                   (x, w, b, training, momentum, eps))
+    if "val" in n.meta:
+        new.meta["val"] = tuple(n.meta["val"][:3])
+    n.replace_all_uses_with(new)
+    g.erase_node(n)
+
+
+def _cudnn_batch_norm_backward(g, n):
+    """cuDNN's BatchNorm backward becomes the native one (same saved mean and inverse standard
+    deviation), which inductor decomposes: see :func:`_cudnn_batch_norm`."""
+    x, grad, w, rm, rv, mean, invstd, eps, _reserve = n.args
+    affine = w is not None
+    new = _replace(g, n, torch.ops.aten.native_batch_norm_backward.default,
+                   (grad, x, w, rm, rv, mean, invstd, True, eps, [True, affine, affine]))
+    n.replace_all_uses_with(new)
+    g.erase_node(n)
+
+
 _VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
 
 _REWRITES: dict[Callable, Callable] = {
@@ -249,6 +289,8 @@ _REWRITES: dict[Callable, Callable] = {
     runtime_ops.update_running_stats: _in_place(_mutwo.update_running_stats.default, 2),
     runtime_ops.increment_counters: _in_place(_mutwo.increment_counters.default, 1),
     runtime_ops.replay_random: _replay_random,
+    torch.ops.aten.cudnn_batch_norm.default: _cudnn_batch_norm,
+    torch.ops.aten.cudnn_batch_norm_backward.default: _cudnn_batch_norm_backward,
 }
 
 

@@ -125,6 +125,40 @@ def _plan_at(joint, share):
     return plan(prof, int(floor + share * (prof.peak_bytes - floor)))
 
 
+def test_cudnn_batch_norm_becomes_the_native_one_inductor_fuses():
+    """The cuDNN BatchNorm the graph passes pick on CUDA (no running statistics, a reserve
+    space for backward) is translated to the native forward and backward, which inductor
+    decomposes and fuses: same output and gradients as autograd's BatchNorm (run here on the
+    CPU, where cuDNN's ops themselves cannot)."""
+    aten = torch.ops.aten
+    g = torch.fx.Graph()
+    x, w, b, grad = (g.placeholder(n) for n in ("x", "w", "b", "grad"))
+    bn = g.call_function(aten.cudnn_batch_norm.default, (x, w, b, None, None, True, 0.1, 1e-5))
+    out, mean, invstd, reserve = (g.call_function(operator.getitem, (bn, i)) for i in range(4))
+    back = g.call_function(aten.cudnn_batch_norm_backward.default,
+                           (x, grad, w, None, None, mean, invstd, 1e-5, reserve))
+    grads = [g.call_function(operator.getitem, (back, i)) for i in range(3)]
+    g.output([out, reserve, *grads])
+    new = codegen.for_inductor(torch.fx.GraphModule(torch.nn.Module(), g))
+    targets = {n.target for n in new.graph.nodes if n.op == "call_function"}
+    assert aten.cudnn_batch_norm.default not in targets
+    assert aten.cudnn_batch_norm_backward.default not in targets
+    assert {aten._native_batch_norm_legit.no_stats, aten.native_batch_norm_backward.default} \
+        <= targets
+
+    torch.manual_seed(0)
+    xs = torch.randn(4, 3, 5, 5, requires_grad=True)
+    ws, bs = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    dy = torch.randn(4, 3, 5, 5)
+    y, r, dx, dw, db = new(xs.detach(), ws.detach(), bs.detach(), dy)
+    ref = torch.nn.functional.batch_norm(xs, None, None, ws, bs, training=True, eps=1e-5)
+    ref.backward(dy)
+    assert r.numel() == 0
+    for a, e in ((y, ref), (dx, xs.grad), (dw, ws.grad), (db, bs.grad)):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+
 @pytest.mark.parametrize("name", ["cnn", "tiny-bert"])
 def test_translated_graphs_compute_what_eager_computes(name):
     """The translated graphs, run op by op in place of inductor's code: the same losses,
