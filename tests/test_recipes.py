@@ -155,12 +155,18 @@ def test_recipe_under_ddp_on_one_device_plans_as_without_a_strategy(tmp_path):
     """``--strategy ddp`` on one device (a script written for several GPUs): MuTwoAC is active
     under Lightning's DDPStrategy, the plan starts from the same un-checkpointed peak (within
     1%: DDP adds nothing the step keeps), and the budget holds in the plan."""
+    import torch.distributed as dist
+
     runs = {}
-    for strategy in ("auto", "ddp"):
-        runs[strategy] = main(bert.build, "bert", _args(
-            bert, "--budget", "4.5MB", "--steps", "3", "--strategy", strategy,
-            "--log-dir", str(tmp_path / strategy), "--result-json",
-            str(tmp_path / f"{strategy}.json")))
+    try:
+        for strategy in ("auto", "ddp"):
+            runs[strategy] = main(bert.build, "bert", _args(
+                bert, "--budget", "4.5MB", "--steps", "3", "--strategy", strategy,
+                "--log-dir", str(tmp_path / strategy), "--result-json",
+                str(tmp_path / f"{strategy}.json")))
+    finally:  # Lightning's DDP leaves its process group to the process: not to later tests
+        if dist.is_initialized():
+            dist.destroy_process_group()
     plain, ddp = runs["auto"], runs["ddp"]
     assert ddp["strategy"] == "DDPStrategy" != plain["strategy"]
     for r in (plain, ddp):
