@@ -32,7 +32,7 @@ import logging
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -286,13 +286,8 @@ class StepGraphs:
             # the collector runs: only this call (a later step holds nothing of the kind)
             gc.collect()
         for g in self.captured:
-            fwd_outputs = g.joint.outputs()[:g.joint.num_fwd_outputs]
-            # (the user outputs come last among them, as in _handed_on)
-            for ref, (_, shape), node in zip(reversed(g.returned), reversed(g.outputs),
-                                             reversed(fwd_outputs)):
-                val = node.meta.get("val") if isinstance(node, fx.Node) else None
-                if ref() is None and isinstance(val, torch.Tensor) and tuple(val.shape) == shape:
-                    g.joint.dropped_outputs.add(node)
+            g.joint.dropped_outputs |= {node for i, node in _returned_nodes(g)
+                                        if g.returned[i]() is None}
         for g in self.graphs:
             g.returned = []
 
@@ -477,14 +472,20 @@ class StepGraphs:
             for ptr, primal in zip(g.input_ptrs, g.joint.primals):
                 if ptr in made:
                     pairs.append((made[ptr], primal))
-            # the compiled function returns the user outputs, which AOTAutograd puts last among
-            # the joint graph's forward outputs (after updated buffers); shapes must agree
-            fwd_outputs = g.joint.outputs()[:g.joint.num_fwd_outputs]
-            for (ptr, shape), node in zip(reversed(g.outputs), reversed(fwd_outputs)):
-                val = node.meta.get("val") if isinstance(node, fx.Node) else None
-                if isinstance(val, torch.Tensor) and tuple(val.shape) == shape:
-                    made.setdefault(ptr, node)
+            for i, node in _returned_nodes(g):
+                made.setdefault(g.outputs[i][0], node)
         return pairs
+
+
+def _returned_nodes(g: CapturedGraph) -> Iterator[tuple[int, fx.Node]]:
+    """(index among the tensors ``g`` returned in the capture call, the joint graph's forward
+    output it is). The compiled function returns the user outputs, which AOTAutograd puts last
+    among the forward outputs (after updated buffers); shapes must agree."""
+    fwd_outputs = g.joint.outputs()[:g.joint.num_fwd_outputs]
+    for i, node in zip(reversed(range(len(g.outputs))), reversed(fwd_outputs)):
+        val = node.meta.get("val") if isinstance(node, fx.Node) else None
+        if isinstance(val, torch.Tensor) and tuple(val.shape) == g.outputs[i][1]:
+            yield i, node
 
 
 @contextlib.contextmanager
